@@ -1,0 +1,5 @@
+"""``python -m nndiag`` runs the CLI."""
+
+from nndiag.cli.app import main
+
+main()

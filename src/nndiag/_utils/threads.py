@@ -1,0 +1,59 @@
+"""Control of BLAS/OpenMP thread counts.
+
+Oversubscribed BLAS threads on a small machine make SVDs many times slower; every
+heavy analysis runs inside :func:`limit_threads`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+
+def default_threads() -> int:
+    """Number of threads nndiag uses by default: ``NNDIAG_THREADS`` or the usable cores."""
+    env = os.environ.get("NNDIAG_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def limit_threads(n: int | None = None) -> Iterator[int]:
+    """Limit BLAS, OpenMP and torch intra-op threads inside the block.
+
+    Parameters
+    ----------
+    n : int, optional
+        Thread count; defaults to :func:`default_threads`.
+
+    Yields
+    ------
+    int
+        The thread count in force.
+
+    Examples
+    --------
+    >>> with limit_threads(1) as n:
+    ...     n
+    1
+    """
+    from threadpoolctl import threadpool_limits
+
+    import torch
+
+    n = default_threads() if n is None else max(1, int(n))
+    old = torch.get_num_threads()
+    with threadpool_limits(limits=n):
+        torch.set_num_threads(n)
+        try:
+            yield n
+        finally:
+            torch.set_num_threads(old)

@@ -1,0 +1,334 @@
+"""Data specifications: ``digits``, ``mnist1d``, ``.npz`` files, image folders.
+
+A DATA spec is ``NAME[?key=value&key=value]``:
+
+- ``digits`` — scikit-learn's bundled 8×8 handwritten digits (1,797 images, 1×8×8, /16);
+- ``mnist1d`` — generated offline by the ``mnist1d`` package (40-long signals);
+- ``path/to/file.npz`` — arrays ``x`` and ``y`` (uint8 images are scaled to [0, 1]
+  and turned channel-first);
+- ``path/to/folder`` — one sub-folder of images per class.
+
+Options: ``split=train|test|all`` (digits and mnist1d; a fixed seeded 75/25 split for
+digits), ``normalize=none|imagenet|cifar|standard``, ``flatten=1``.
+
+From Python, :func:`as_data` also accepts ``(x, y)`` tensors or arrays, a
+``DataLoader`` and a :class:`DataBundle`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+
+from nndiag.errors import DataError
+
+BUILTIN_DATA = ("digits", "mnist1d")
+_NORMS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+_OPTIONS = ("split", "normalize", "flatten")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """A labelled classification data set held as tensors.
+
+    Attributes
+    ----------
+    x : torch.Tensor
+        Inputs, float32, first axis = examples.
+    y : torch.Tensor
+        Integer class labels (int64).
+    name : str
+        The spec it came from.
+    num_classes : int
+        Number of classes (max label + 1, or the known count).
+    meta : dict
+        Facts about the source (class names, normalisation, split).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    name: str
+    num_classes: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def subset(self, n: int | None, seed: int | None = 0) -> DataBundle:
+        """A seeded random subset of ``n`` examples (all of them when ``n`` is None)."""
+        if n is None or n >= len(self):
+            if n is not None and n > len(self):
+                raise DataError(f"{self.name}: asked for {n} samples but it has only {len(self)}")
+            return self
+        if n < 1:
+            raise DataError(f"{self.name}: n_samples must be at least 1, got {n}")
+        g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        idx = torch.randperm(len(self), generator=g)[:n]
+        return self.take(idx)
+
+    def take(self, idx: torch.Tensor | np.ndarray | list[int]) -> DataBundle:
+        """The examples at ``idx``."""
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        return replace(self, x=self.x[idx_t], y=self.y[idx_t])
+
+    def split(self, test_fraction: float = 0.25, seed: int = 0) -> tuple[DataBundle, DataBundle]:
+        """A seeded random (train, test) split."""
+        g = torch.Generator().manual_seed(int(seed))
+        perm = torch.randperm(len(self), generator=g)
+        n_test = int(round(len(self) * test_fraction))
+        return self.take(perm[n_test:]), self.take(perm[:n_test])
+
+    def loader(self, batch_size: int = 128, shuffle: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
+        """A ``DataLoader`` over the bundle."""
+        ds = torch.utils.data.TensorDataset(self.x, self.y)
+        g = torch.Generator().manual_seed(int(seed)) if shuffle else None
+        return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g)
+
+    def batches(self, batch_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive ``(x, y)`` batches without a DataLoader's overhead."""
+        return [(self.x[i:i + batch_size], self.y[i:i + batch_size]) for i in range(0, len(self), batch_size)]
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Split ``NAME?key=value&...`` into the name and its options."""
+    name, _, query = spec.partition("?")
+    opts = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+    bad = [k for k in opts if k not in _OPTIONS]
+    if bad:
+        raise DataError(f"{spec}: unknown data option(s) {', '.join(bad)}; valid: {', '.join(_OPTIONS)}")
+    return name, opts
+
+
+def _bundle(x: Any, y: Any, name: str, num_classes: int | None = None, **meta: Any) -> DataBundle:
+    xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    if xt.ndim == 0 or yt.ndim != 1:
+        raise DataError(f"{name}: x must have an example axis and y must be 1-D (got shapes "
+                        f"{tuple(xt.shape)} and {tuple(yt.shape)})")
+    if xt.shape[0] != yt.shape[0]:
+        raise DataError(f"{name}: x has {xt.shape[0]} examples but y has {yt.shape[0]}")
+    if xt.shape[0] == 0:
+        raise DataError(f"{name}: no examples")
+    if yt.is_floating_point():
+        if not torch.all(yt == yt.round()):
+            raise DataError(f"{name}: y must hold integer class labels")
+    yt = yt.long()
+    if int(yt.min()) < 0:
+        raise DataError(f"{name}: class labels must be >= 0 (found {int(yt.min())})")
+    xt = xt.float() if not xt.is_floating_point() else xt.to(torch.float32)
+    if not torch.isfinite(xt).all():
+        raise DataError(f"{name}: x contains NaN or Inf")
+    k = int(yt.max()) + 1
+    if num_classes is not None:
+        if k > num_classes:
+            raise DataError(f"{name}: label {k - 1} out of range for {num_classes} classes")
+        k = num_classes
+    return DataBundle(xt, yt, name, k, dict(meta))
+
+
+def _images_to_float(x: np.ndarray) -> np.ndarray:
+    """uint8 images (N,H,W), (N,H,W,C) or (N,C,H,W) → float32 channel-first in [0, 1]."""
+    x = x.astype(np.float32) / 255.0
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        return np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
+    return x
+
+
+def _digits(split: str, seed: int = 0) -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None]
+    y = d.target.astype(np.int64)
+    bundle = _bundle(x, y, "digits", 10, classes=[str(i) for i in range(10)])
+    if split == "all":
+        return bundle
+    train, test = bundle.split(0.25, seed=0)
+    return replace(train if split == "train" else test, name=f"digits?split={split}")
+
+
+def _mnist1d(split: str) -> DataBundle:
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise DataError("mnist1d: the 'mnist1d' package is needed: pip install 'nndiag[mnist1d]'") from None
+    args = get_dataset_args()
+    args.seed = 42
+    data = make_dataset(args)  # the generator: no download
+    if split == "train":
+        x, y = data["x"], data["y"]
+    elif split == "test":
+        x, y = data["x_test"], data["y_test"]
+    else:
+        x, y = np.concatenate([data["x"], data["x_test"]]), np.concatenate([data["y"], data["y_test"]])
+    return _bundle(x.astype(np.float32), y, "mnist1d" if split == "all" else f"mnist1d?split={split}", 10)
+
+
+def _npz(path: Path) -> DataBundle:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.keys())
+            if "x" not in keys or "y" not in keys:
+                raise DataError(f"{path}: .npz must contain arrays 'x' and 'y' (found: {', '.join(keys) or 'none'})")
+            x, y = f["x"], f["y"]
+            classes = [str(c) for c in f["classes"]] if "classes" in keys else None
+    except DataError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{path}: cannot read .npz ({first})") from None
+    if x.dtype == np.uint8:
+        x = _images_to_float(x)
+    meta = {"classes": classes} if classes else {}
+    return _bundle(x, y, str(path), len(classes) if classes else None, **meta)
+
+
+def _image_folder(path: Path) -> DataBundle:
+    from PIL import Image
+
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{path}: folder has no class sub-folders (expected one folder of images per class)")
+    xs, ys, size, mode = [], [], None, None
+    for label, cls in enumerate(classes):
+        for f in sorted((path / cls).iterdir()):
+            if f.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(f) as im:
+                    mode = mode or ("L" if im.mode in ("L", "1", "I;16") else "RGB")
+                    arr = np.asarray(im.convert(mode))
+            except Exception as exc:
+                raise DataError(f"{f}: cannot read image ({exc})") from None
+            if size is None:
+                size = arr.shape
+            elif arr.shape != size:
+                raise DataError(f"{f}: image shape {arr.shape} differs from {size}; resize images to one size")
+            xs.append(arr)
+            ys.append(label)
+    if not xs:
+        raise DataError(f"{path}: no images found in its class folders")
+    x = _images_to_float(np.stack(xs).astype(np.uint8))
+    return _bundle(x, np.asarray(ys), str(path), len(classes), classes=classes)
+
+
+def _apply_options(b: DataBundle, opts: dict[str, str]) -> DataBundle:
+    norm = opts.get("normalize", "none")
+    x = b.x
+    if norm in _NORMS:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise DataError(f"{b.name}: normalize={norm} needs 3-channel images, got shape {tuple(x.shape)}")
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in _NORMS[norm])
+        x = (x - mean) / std
+    elif norm == "standard":
+        x = (x - x.mean(0, keepdim=True)) / x.std(0, keepdim=True).clamp_min(1e-8)
+    elif norm != "none":
+        raise DataError(f"{b.name}: unknown normalize={norm}; valid: none, {', '.join(_NORMS)}, standard")
+    if opts.get("flatten", "0") not in ("0", "false", ""):
+        x = x.reshape(x.shape[0], -1)
+    meta = dict(b.meta, normalize=norm)
+    return replace(b, x=x, meta=meta)
+
+
+def load_data(
+    spec: str | Path,
+    *,
+    n_samples: int | None = None,
+    seed: int | None = 0,
+    split: str | None = None,
+    normalize: str | None = None,
+) -> DataBundle:
+    """Load a DATA spec into a :class:`DataBundle`.
+
+    Parameters
+    ----------
+    spec : str or Path
+        ``digits``, ``mnist1d``, a ``.npz`` path or an image folder, optionally with
+        ``?split=...&normalize=...&flatten=1``.
+    n_samples : int, optional
+        Keep a seeded random subset of this size.
+    seed : int, optional
+        Seed for the subset.
+    split, normalize : str, optional
+        Same as the spec options (the spec's own options win).
+
+    Raises
+    ------
+    DataError
+        The spec names nothing, the file lacks ``x``/``y``, lengths differ, etc.
+
+    Examples
+    --------
+    >>> d = load_data("digits", n_samples=100)
+    >>> len(d), d.input_shape
+    (100, (1, 8, 8))
+    """
+    name, opts = parse_spec(str(spec))
+    if split is not None:
+        opts.setdefault("split", split)
+    if normalize is not None:
+        opts.setdefault("normalize", normalize)
+    sp = opts.get("split", "all")
+    if sp not in ("train", "test", "all"):
+        raise DataError(f"{spec}: unknown split '{sp}'; valid: train, test, all")
+    path = Path(name).expanduser()
+    if name == "digits":
+        bundle = _digits(sp)
+    elif name == "mnist1d":
+        bundle = _mnist1d(sp)
+    elif path.is_file():
+        if path.suffix.lower() != ".npz":
+            raise DataError(f"{path}: unsupported data file type '{path.suffix}'; expected .npz with x and y")
+        bundle = _npz(path)
+    elif path.is_dir():
+        bundle = _image_folder(path)
+    else:
+        raise DataError(
+            f"{spec}: names no data set; expected one of {', '.join(BUILTIN_DATA)}, a .npz file or an image folder"
+        )
+    bundle = _apply_options(bundle, opts)
+    return bundle.subset(n_samples, seed)
+
+
+def as_data(obj: Any, *, n_samples: int | None = None, seed: int | None = 0, name: str = "data") -> DataBundle:
+    """Coerce a spec, ``(x, y)`` pair, ``DataLoader`` or :class:`DataBundle` into a bundle.
+
+    A ``DataLoader`` is read until ``n_samples`` examples are collected (all of it
+    when ``n_samples`` is None).
+    """
+    if isinstance(obj, DataBundle):
+        return obj.subset(n_samples, seed)
+    if isinstance(obj, (str, Path)):
+        return load_data(obj, n_samples=n_samples, seed=seed)
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:
+        return _bundle(obj[0], obj[1], name).subset(n_samples, seed)
+    if isinstance(obj, torch.utils.data.DataLoader):
+        xs, ys, n = [], [], 0
+        for batch in obj:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise DataError(f"{name}: DataLoader batches must be (x, y) pairs")
+            xs.append(torch.as_tensor(batch[0]))
+            ys.append(torch.as_tensor(batch[1]))
+            n += len(ys[-1])
+            if n_samples is not None and n >= n_samples:
+                break
+        if not xs:
+            raise DataError(f"{name}: DataLoader yielded no batches")
+        b = _bundle(torch.cat(xs), torch.cat(ys), name)
+        return b.take(torch.arange(min(len(b), n_samples))) if n_samples else b
+    raise DataError(f"cannot use {type(obj).__name__} as data; pass a spec, (x, y), a DataLoader or a DataBundle")

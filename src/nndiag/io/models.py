@@ -1,0 +1,247 @@
+"""Load a model from whatever the user has.
+
+:func:`load_model` accepts an ``nn.Module``, a checkpoint file, ``.safetensors``
+(single or sharded), a Hugging Face model folder, an ONNX file, a
+``package.module:factory`` string or a built-in architecture name, and returns a
+:class:`LoadedModel`: named tensors (read lazily where the format allows) and,
+where possible, a runnable ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nndiag.errors import AnalysisError, InputError, ModelLoadError
+from nndiag.io.checkpoint import CHECKPOINT_SUFFIXES, read_checkpoint
+from nndiag.io.tensors import DictSource, ModuleSource, SafetensorsSource, TensorSource
+from nndiag.models.registry import available_models, build_model, is_builtin
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+SUPPORTED = (
+    "an nn.Module, a checkpoint (.pt .pth .th .bin .ckpt), .safetensors, "
+    "a *.safetensors.index.json, a Hugging Face folder, .onnx, 'package.module:factory', "
+    f"or a built-in name ({', '.join(available_models())})"
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model as nndiag sees it.
+
+    Attributes
+    ----------
+    tensors : TensorSource
+        Named weight tensors; metadata without loading values, values one at a time.
+    module : nn.Module or None
+        A runnable module when the input allows one (module, factory, built-in name,
+        or a weights file together with an architecture).
+    name : str
+        Display name (file stem, class name or spec).
+    origin : str
+        ``module``, ``checkpoint``, ``safetensors``, ``hf``, ``onnx``, ``factory`` or ``builtin``.
+    path : str or None
+        The file or folder it came from.
+    meta : dict
+        Extra facts (e.g. Hugging Face ``config.json``).
+    """
+
+    tensors: TensorSource
+    module: nn.Module | None
+    name: str
+    origin: str
+    path: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def require_module(self, purpose: str = "this analysis") -> nn.Module:
+        """The runnable module, or a clear error saying how to provide one."""
+        if self.module is None:
+            raise AnalysisError(
+                f"{self.name}: {purpose} needs a runnable model, but {self.origin} input gives "
+                "weights only; pass an architecture (--arch NAME or 'package.module:factory') "
+                "with --weights"
+            )
+        return self.module
+
+
+def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``module.load_state_dict(state, strict=True)`` with a one-line error on mismatch."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0])
+        raise ModelLoadError(f"{source}: weights do not fit the architecture ({detail})") from None
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys e.g. {', '.join(unexpected[:3])}")
+        raise ModelLoadError(f"{source}: weights do not fit the architecture ({'; '.join(parts)})")
+
+
+def _state_from_file(path: Path) -> tuple[TensorSource, str, dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if path.name.endswith(".safetensors.index.json"):
+        return SafetensorsSource.from_index(path), "safetensors", {}
+    if suffix == ".safetensors":
+        if path.stat().st_size == 0:
+            raise ModelLoadError(f"{path}: file is empty")
+        return SafetensorsSource([path]), "safetensors", {}
+    if suffix in CHECKPOINT_SUFFIXES:
+        return DictSource(read_checkpoint(path)), "checkpoint", {}
+    if suffix == ".onnx":
+        from nndiag.io.onnx_source import OnnxSource
+
+        return OnnxSource(path), "onnx", {}
+    raise ModelLoadError(f"{path}: unknown model file type '{suffix or path.name}'; expected {SUPPORTED}")
+
+
+def _state_from_dir(path: Path) -> tuple[TensorSource, str, dict[str, Any]]:
+    meta: dict[str, Any] = {}
+    cfg = path / "config.json"
+    if cfg.is_file():
+        try:
+            meta["config"] = json.loads(cfg.read_text())
+        except ValueError as exc:
+            raise ModelLoadError(f"{cfg}: invalid JSON ({exc})") from None
+    origin = "hf" if cfg.is_file() else "safetensors"
+    for index in sorted(path.glob("*.safetensors.index.json")):
+        return SafetensorsSource.from_index(index), origin, meta
+    st = sorted(path.glob("*.safetensors"))
+    if st:
+        return SafetensorsSource(st), origin, meta
+    for index in sorted(path.glob("*.bin.index.json")):
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index}: not a valid index ({exc})") from None
+        merged: dict[str, torch.Tensor] = {}
+        for s in shards:
+            merged.update(read_checkpoint(path / s))
+        return DictSource(merged), "hf" if cfg.is_file() else "checkpoint", meta
+    ckpts = sorted(p for p in path.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES)
+    if len(ckpts) == 1:
+        return DictSource(read_checkpoint(ckpts[0])), "hf" if cfg.is_file() else "checkpoint", meta
+    if len(ckpts) > 1:
+        raise ModelLoadError(f"{path}: several checkpoint files, name one: {', '.join(p.name for p in ckpts[:5])}")
+    raise ModelLoadError(f"{path}: directory holds no weights (.safetensors, .bin, .pt, index.json)")
+
+
+def _hf_module(path: Path, state: TensorSource) -> nn.Module | None:
+    """Build a runnable transformers model from a local folder when transformers is installed."""
+    try:
+        transformers = importlib.import_module("transformers")
+    except ImportError:
+        return None
+    try:
+        return transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
+    except Exception:  # pragma: no cover - depends on the folder and the library version
+        return None
+
+
+def _factory(spec: str) -> nn.Module:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ModelLoadError(f"{spec}: cannot import module '{mod_name}' ({exc})") from None
+    fn = getattr(mod, fn_name, None)
+    if fn is None or not callable(fn):
+        raise ModelLoadError(f"{spec}: '{mod_name}' has no callable '{fn_name}'")
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{spec}: factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _weights_state(weights: str | Path) -> dict[str, torch.Tensor]:
+    src, _, _ = _state_from_file(Path(weights)) if Path(weights).is_file() else _state_from_dir(Path(weights))
+    return src.to_dict()
+
+
+def load_model(
+    source: nn.Module | str | Path,
+    *,
+    weights: str | Path | None = None,
+    arch: str | None = None,
+    hf_module: bool = False,
+) -> LoadedModel:
+    """Load a model for analysis.
+
+    Parameters
+    ----------
+    source : nn.Module, str or Path
+        The model: a module, a weights file or folder, ``package.module:factory``,
+        or a built-in architecture name (see :func:`nndiag.models.available_models`).
+    weights : str or Path, optional
+        Weights to load (strict) into the module built from ``source`` when
+        ``source`` is a factory or built-in name.
+    arch : str, optional
+        An architecture (built-in name or factory) to build when ``source`` is a
+        weights file, giving a runnable module.
+    hf_module : bool
+        For a Hugging Face folder, also build a runnable ``transformers`` model
+        (needs ``nndiag[hf]``; never contacts a hub).
+
+    Returns
+    -------
+    LoadedModel
+
+    Raises
+    ------
+    ModelLoadError
+        Unknown file type, corrupt or truncated file, unsafe pickle, no weights,
+        weights that do not fit the architecture.
+
+    Examples
+    --------
+    >>> lm = load_model("resnet20")
+    >>> lm.module is not None, len(lm.tensors) > 0
+    (True, True)
+    """
+    if isinstance(source, nn.Module):
+        if weights is not None:
+            load_state_dict_into(source, _weights_state(weights), str(weights))
+        return LoadedModel(ModuleSource(source), source, type(source).__name__, "module")
+    if not isinstance(source, (str, Path)):
+        raise InputError(f"cannot load a model from {type(source).__name__}; expected {SUPPORTED}")
+    spec = str(source)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            tensors, origin, meta = _state_from_dir(path)
+        else:
+            tensors, origin, meta = _state_from_file(path)
+        module: nn.Module | None = None
+        if arch is not None:
+            module = build_model(arch) if is_builtin(arch) else _factory(arch)
+            load_state_dict_into(module, tensors.to_dict(), spec)
+            tensors = ModuleSource(module)
+        elif origin == "hf" and hf_module:
+            module = _hf_module(path, tensors)
+        name = path.name if path.is_dir() else path.stem
+        return LoadedModel(tensors, module, name, origin, str(path), meta)
+    if weights is not None and not Path(weights).exists():
+        raise ModelLoadError(f"{weights}: no such weights file")
+    if is_builtin(spec):
+        module = build_model(spec)
+        origin = "builtin"
+    elif _FACTORY_RE.match(spec):
+        module = _factory(spec)
+        origin = "factory"
+    else:
+        looks_like_file = bool(Path(spec).suffix) or "/" in spec
+        what = "no such file or folder" if looks_like_file else "not a file, factory or built-in name"
+        raise ModelLoadError(f"{spec}: {what}; expected {SUPPORTED}")
+    if weights is not None:
+        load_state_dict_into(module, _weights_state(weights), str(weights))
+    return LoadedModel(ModuleSource(module), module, spec, origin, str(weights) if weights else None)

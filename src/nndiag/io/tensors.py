@@ -1,0 +1,202 @@
+"""Named-tensor sources: one interface over modules, state dicts, safetensors and ONNX.
+
+A :class:`TensorSource` lists tensor names with shape and dtype *without* loading
+their values, and loads one tensor at a time, so that a checkpoint larger than
+memory can be walked tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nndiag.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Metadata of one named tensor.
+
+    Attributes
+    ----------
+    name : str
+        Fully qualified name, e.g. ``"layer1.0.conv1.weight"``.
+    shape : tuple of int
+        Tensor shape.
+    dtype : str
+        dtype name without the ``torch.`` prefix, e.g. ``"float32"``.
+    module_type : str or None
+        Class name of the owning module when known (``"Conv2d"``, ``"Linear"``...).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    module_type: str | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+
+class TensorSource:
+    """Abstract lazy mapping of names to tensors."""
+
+    def infos(self) -> list[TensorInfo]:
+        """Metadata of every tensor, in storage order."""
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (on the CPU unless the source already lives elsewhere)."""
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        return [i.name for i in self.infos()]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for info in self.infos():
+            yield info.name, self.get(info.name)
+
+    def __len__(self) -> int:
+        return len(self.infos())
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Load everything into a plain dict (avoid for models larger than memory)."""
+        return dict(iter(self))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class ModuleSource(TensorSource):
+    """Parameters and buffers of a live ``nn.Module`` (no copies)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        owner: dict[str, str] = {}
+        for mname, mod in module.named_modules():
+            for pname, _ in list(mod.named_parameters(recurse=False)) + list(
+                mod.named_buffers(recurse=False)
+            ):
+                owner[f"{mname}.{pname}" if mname else pname] = type(mod).__name__
+        self._owner = owner
+        self._tensors = dict(module.state_dict(keep_vars=True))
+
+    def infos(self) -> list[TensorInfo]:
+        return [
+            TensorInfo(k, tuple(v.shape), _dtype_name(v.dtype), self._owner.get(k))
+            for k, v in self._tensors.items()
+            if isinstance(v, torch.Tensor)
+        ]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name].detach()
+
+
+class DictSource(TensorSource):
+    """An in-memory state dict."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+
+    def infos(self) -> list[TensorInfo]:
+        return [TensorInfo(k, tuple(v.shape), _dtype_name(v.dtype)) for k, v in self._tensors.items()]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+class SafetensorsSource(TensorSource):
+    """One or several ``.safetensors`` files, memory-mapped and read tensor by tensor.
+
+    Parameters
+    ----------
+    files : list of Path
+        The shard files (one for an unsharded checkpoint).
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = [Path(f) for f in files]
+        self._where: dict[str, Path] = {}
+        self._infos: list[TensorInfo] = []
+        for f in self.files:
+            for info in _read_safetensors_header(f):
+                self._where[info.name] = f
+                self._infos.append(info)
+
+    @classmethod
+    def from_index(cls, index: Path) -> SafetensorsSource:
+        """Open a sharded checkpoint from its ``*.safetensors.index.json``."""
+        try:
+            data = json.loads(Path(index).read_text())
+            shards = sorted(set(data["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"{index}: not a valid safetensors index ({exc})") from None
+        files = [Path(index).parent / s for s in shards]
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index}: shard files missing: {', '.join(missing[:5])}")
+        return cls(files)
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._where[name]
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return f.get_tensor(name)
+        except Exception as exc:  # safetensors raises several types
+            raise ModelLoadError(f"{path}: cannot read tensor '{name}' ({exc})") from None
+
+
+def _read_safetensors_header(path: Path) -> list[TensorInfo]:
+    """Parse a safetensors header (8-byte little-endian length + JSON) and validate it."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("file is shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n <= 0 or n > min(size - 8, 100_000_000):
+                raise ValueError("header length is out of range")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not a valid safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: not a valid safetensors file (header is not a mapping)")
+    infos = []
+    data_len = size - 8 - n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = meta["data_offsets"]
+            shape = tuple(int(s) for s in meta["shape"])
+            dtype = _ST_DTYPES.get(meta["dtype"], meta["dtype"].lower())
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{path}: malformed header entry for '{name}'") from None
+        if end > data_len:
+            raise ModelLoadError(f"{path}: truncated (tensor '{name}' runs past the end of file)")
+        infos.append(TensorInfo(name, shape, dtype))
+    return infos
