@@ -1,0 +1,1 @@
+"""nndiag.diagnosis (see docs/ARCHITECTURE.md)."""

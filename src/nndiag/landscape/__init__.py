@@ -1,0 +1,1 @@
+"""nndiag.landscape (see docs/ARCHITECTURE.md)."""

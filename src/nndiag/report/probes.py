@@ -1,0 +1,45 @@
+"""The probe contract: how ``nndiag diagnose`` runs each analysis family.
+
+A probe is a module (e.g. ``nndiag.spectral.probe``) that defines:
+
+``NAME: str``
+    The probe's name (also ``Result.kind``), e.g. ``"spectral"``.
+``NEEDS_DATA: bool``
+    Whether it needs a DATA set; probes needing data are skipped (with a note) without one.
+``run(model: LoadedModel, data: DataBundle | None, *, seed: int, device: torch.device, **options) -> Result``
+    Computes the analysis and returns a :class:`~nndiag.report.results.Result` with findings.
+    It must leave the user's model as it was (see ``nndiag._utils.model_state.preserved``).
+``figures(result: Result) -> dict[str, matplotlib.figure.Figure]``
+    Pictures built **only** from the result's tables/summary/params, so that a report
+    re-renders from its JSON without recomputation.
+
+:data:`PROBE_MODULES` lists the probes in report order; a probe whose module does
+not exist yet is skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+PROBE_MODULES: dict[str, str] = {
+    "spectral": "nndiag.spectral.probe",
+    "hessian": "nndiag.landscape.probe_hessian",
+    "landscape": "nndiag.landscape.probe_landscape",
+    "mdtree": "nndiag.diagnosis.probe",
+    "zerocost": "nndiag.zerocost.probe",
+    "slices": "nndiag.slices.probe",
+}
+
+
+def load_probe(name: str) -> ModuleType | None:
+    """The probe module for ``name``, or None when that family is not built."""
+    target = PROBE_MODULES.get(name)
+    if target is None:
+        return None
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        if exc.name == target:
+            return None
+        raise

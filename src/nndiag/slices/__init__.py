@@ -1,0 +1,1 @@
+"""nndiag.slices (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""nndiag.spectral (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""nndiag.zerocost (see docs/ARCHITECTURE.md)."""
