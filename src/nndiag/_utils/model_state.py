@@ -58,10 +58,10 @@ def preserved(model: nn.Module, *, values: bool = True) -> Iterator[nn.Module]:
                     live = current.get(k)
                     if live is not None and live.shape == v.shape:
                         live.data.copy_(v)
-            for p, flag, g in zip(params, flags, grads):
+            for p, flag, g in zip(params, flags, grads, strict=True):
                 p.requires_grad_(flag)
                 p.grad = g
-        for m, t, h in zip(modules, training, hooks):
+        for m, t, h in zip(modules, training, hooks, strict=True):
             m.training = t
             for name, saved in h.items():
                 live = getattr(m, name)
@@ -86,7 +86,7 @@ def same_snapshot(a: dict[str, Any], b: dict[str, Any]) -> bool:
         return False
     if a["hooks"] != b["hooks"]:
         return False
-    for ga, gb in zip(a["grads"], b["grads"]):
+    for ga, gb in zip(a["grads"], b["grads"], strict=False):
         if (ga is None) != (gb is None):
             return False
         if ga is not None and not torch.equal(ga, gb):

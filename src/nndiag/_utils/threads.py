@@ -45,9 +45,8 @@ def limit_threads(n: int | None = None) -> Iterator[int]:
     ...     n
     1
     """
-    from threadpoolctl import threadpool_limits
-
     import torch
+    from threadpoolctl import threadpool_limits
 
     n = default_threads() if n is None else max(1, int(n))
     old = torch.get_num_threads()

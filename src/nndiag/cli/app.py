@@ -25,6 +25,7 @@ app = typer.Typer(
 COMMAND_MODULES: list[str] = [
     "nndiag.cli.env_cmd",
     "nndiag.cli.layers_cmd",
+    "nndiag.cli.data_cmd",
     "nndiag.cli.spectral_cmd",
     "nndiag.cli.hessian_cmd",
     "nndiag.cli.mdtree_cmd",
@@ -42,7 +43,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """nndiag: diagnose neural networks."""
 

@@ -46,7 +46,10 @@ FailOnOpt = Annotated[FailOn, typer.Option("--fail-on", help="Exit 1 when a find
 DataOpt = Annotated[str | None, typer.Option("--data", help="DATA spec: digits, mnist1d, FILE.npz, image folder.")]
 NSamplesOpt = Annotated[int | None, typer.Option("--n-samples", help="Use a seeded subset of this many examples.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size for forward/backward passes.")]
-ArchOpt = Annotated[str | None, typer.Option("--arch", help="Architecture for a weights file: built-in name or package.module:factory.")]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option("--arch", help="Architecture for a weights file: built-in name or package.module:factory."),
+]
 WeightsOpt = Annotated[str | None, typer.Option("--weights", help="Weights to load into a factory or built-in model.")]
 
 

@@ -6,8 +6,8 @@ import typer
 
 from nndiag.cli.common import (
     ArchOpt,
-    DeviceOpt,
     Device,
+    DeviceOpt,
     Format,
     FormatOpt,
     SeedOpt,
@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
             "model": lm.name,
             "origin": lm.origin,
             "tensors": len(df),
-            "parameters": int(df["params"].sum()) if len(df) else 0,
+            "parameters": int(df.loc[df["kind"] != "buffer", "params"].sum()) if len(df) else 0,
             "used": int(df["used"].sum()) if len(df) else 0,
             "runnable": lm.module is not None,
         }
