@@ -196,3 +196,18 @@ def test_weights_that_do_not_fit(tmp_path):
     _raises("do not fit", tmp_path / "mlp.pt", arch="digits-cnn")
     torch.save(build_model("digits-cnn", width=8).state_dict(), tmp_path / "narrow.pt")
     _raises("do not fit", tmp_path / "narrow.pt", arch="digits-cnn")
+
+
+def test_hugging_face_runnable_module_offline(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    torch.manual_seed(0)
+    ref = transformers.GPT2Model(cfg).eval()
+    ref.save_pretrained(str(tmp_path))
+    lm = load_model(tmp_path, hf_module=True)
+    assert lm.origin == "hf" and lm.module is not None
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(lm.module(x).last_hidden_state, ref(x).last_hidden_state)
+    kinds = {i.name: i.module_type for i in lm.tensors.infos()}
+    assert kinds["h.0.attn.c_attn.weight"] == "Conv1D"  # GPT-2's transposed linear

@@ -45,3 +45,12 @@ def test_limit_threads_sets_and_restores():
 
         assert all(i["num_threads"] == 1 for i in threadpool_info())
     assert torch.get_num_threads() == old
+
+
+def test_atomic_write_keeps_old_file_on_error(tmp_path):
+    from nndiag._utils.files import atomic_write
+
+    p = atomic_write(tmp_path / "sub" / "r.json", "old")
+    with pytest.raises(TypeError):
+        atomic_write(p, 123)  # type: ignore[arg-type]
+    assert p.read_text() == "old" and sorted(x.name for x in p.parent.iterdir()) == ["r.json"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from nndiag.cli.common import (
+    Device,
+    DeviceOpt,
     Format,
     FormatOpt,
     NSamplesOpt,
@@ -25,11 +27,15 @@ def register(app: typer.Typer) -> None:
         n_samples: NSamplesOpt = None,
         seed: SeedOpt = 0,
         fmt: FormatOpt = Format.human,
+        device: DeviceOpt = Device.auto,
     ) -> int:
         """Describe a data set: examples, input shape, classes and their counts."""
         import torch
 
+        from nndiag._utils.device import resolve_device
         from nndiag.io.data import load_data
+
+        resolve_device(device.value)  # validates the choice; the data stays on the CPU
 
         d = load_data(spec, n_samples=n_samples, seed=seed)
         counts = torch.bincount(d.y, minlength=d.num_classes).tolist()

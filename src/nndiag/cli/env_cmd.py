@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from nndiag.cli.common import Format, FormatOpt, emit_json, handle_errors, human_table
+from nndiag.cli.common import Device, DeviceOpt, Format, FormatOpt, SeedOpt, emit_json, handle_errors, human_table
 
 _PACKAGES = ("torch", "numpy", "scipy", "pandas", "scikit-learn", "matplotlib", "safetensors",
              "onnx", "transformers", "mnist1d", "typer", "rich", "threadpoolctl")
@@ -57,9 +57,12 @@ def environment() -> dict[str, Any]:
 def register(app: typer.Typer) -> None:
     @app.command("env")
     @handle_errors
-    def env(fmt: FormatOpt = Format.human) -> int:
+    def env(fmt: FormatOpt = Format.human, device: DeviceOpt = Device.auto, seed: SeedOpt = 0) -> int:
         """Print versions, thread settings and available devices."""
+        from nndiag._utils.device import resolve_device
+
         info = environment()
+        info["device"] = str(resolve_device(device.value))
         if fmt is Format.json:
             emit_json(info)
             return 0

@@ -136,16 +136,16 @@ def _state_from_dir(path: Path) -> tuple[TensorSource, str, dict[str, Any]]:
     raise ModelLoadError(f"{path}: directory holds no weights (.safetensors, .bin, .pt, index.json)")
 
 
-def _hf_module(path: Path, state: TensorSource) -> nn.Module | None:
-    """Build a runnable transformers model from a local folder when transformers is installed."""
-    try:
-        transformers = importlib.import_module("transformers")
-    except ImportError:
-        return None
+def _hf_module(path: Path) -> nn.Module:
+    """Build a runnable ``transformers`` model from a local folder (never contacts a hub)."""
+    from nndiag.errors import require
+
+    transformers = require("transformers", "hf", "running Hugging Face models")
     try:
         return transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
-    except Exception:  # pragma: no cover - depends on the folder and the library version
-        return None
+    except Exception as exc:  # transformers raises many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"{path}: transformers cannot build this model ({first[:200]})") from None
 
 
 def _factory(spec: str) -> nn.Module:
@@ -227,7 +227,8 @@ def load_model(
             load_state_dict_into(module, tensors.to_dict(), spec)
             tensors = ModuleSource(module)
         elif origin == "hf" and hf_module:
-            module = _hf_module(path, tensors)
+            module = _hf_module(path)
+            tensors = ModuleSource(module)
         name = path.name if path.is_dir() else path.stem
         return LoadedModel(tensors, module, name, origin, str(path), meta)
     if weights is not None and not Path(weights).exists():
