@@ -24,7 +24,7 @@ setup: $(STAMP)
 
 # Debian packages the tests need (headless Chromium for the report's browser test).
 sysdeps:
-	@if ! command -v chromium >/dev/null 2>&1; then \
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	  else echo "chromium missing and not root: browser tests will be skipped" >&2; fi; \
 	fi

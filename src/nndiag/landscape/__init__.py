@@ -1,1 +1,48 @@
-"""nndiag.landscape (see docs/ARCHITECTURE.md)."""
+"""Loss-landscape and Hessian analysis (see docs/ARCHITECTURE.md).
+
+Public entry points (imported lazily):
+
+* :func:`hessian_spectrum` — top/bottom eigenvalues, trace, SLQ density, LLA criteria;
+* :class:`HessianOperator` — Hessian-vector products of a model's loss;
+* :func:`surface` — 1-D / 2-D loss landscapes around the weights;
+* pure kernels: :func:`eigsh`, :func:`hutchinson`, :func:`hutchpp`, :func:`slq`,
+  :func:`spectrum_criteria`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "hessian_spectrum": "nndiag.landscape.spectrum",
+    "HessianResult": "nndiag.landscape.spectrum",
+    "HessianOperator": "nndiag.landscape.hvp",
+    "eigsh": "nndiag.landscape.lanczos",
+    "lanczos_tridiag": "nndiag.landscape.lanczos",
+    "hutchinson": "nndiag.landscape.trace",
+    "hutchpp": "nndiag.landscape.trace",
+    "exact_trace": "nndiag.landscape.trace",
+    "slq": "nndiag.landscape.density",
+    "Density": "nndiag.landscape.density",
+    "spectrum_criteria": "nndiag.landscape.criteria",
+    "surface": "nndiag.landscape.surface",
+    "Surface": "nndiag.landscape.surface",
+    "directions": "nndiag.landscape.directions",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'nndiag.landscape' has no attribute {name!r}")
+    module = importlib.import_module(mod)
+    value = module if name == "directions" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

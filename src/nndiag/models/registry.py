@@ -25,7 +25,9 @@ _REGISTRY: dict[str, str] = {
     "mlp": "nndiag.models.small:mlp",
 }
 # prefixes whose factory takes a string argument: "prefix:arg"
-_PARAMETRIC: dict[str, str] = {}
+_PARAMETRIC: dict[str, str] = {
+    "nb201": "nndiag.models.nb201:nb201",
+}
 
 
 def register_model(name: str, target: str | Callable[..., nn.Module], parametric: bool = False) -> None:

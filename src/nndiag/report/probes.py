@@ -14,7 +14,12 @@ A probe is a module (e.g. ``nndiag.spectral.probe``) that defines:
     re-renders from its JSON without recomputation.
 
 :data:`PROBE_MODULES` lists the probes in report order; a probe whose module does
-not exist yet is skipped.
+not exist yet is skipped. ``evaluation`` (accuracy, loss and confusion on the given
+data) is the report's own probe; the others are the analysis families.
+
+Optional attributes a probe may define: ``OPTIONS: dict[str, str]`` (option name →
+how to give it, e.g. ``{"second_seed": "--second-seed CKPT"}``) for keyword options
+its ``run`` requires; without them it is skipped with that hint.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import importlib
 from types import ModuleType
 
 PROBE_MODULES: dict[str, str] = {
+    "evaluation": "nndiag.report.evaluation",
     "spectral": "nndiag.spectral.probe",
     "hessian": "nndiag.landscape.probe_hessian",
     "landscape": "nndiag.landscape.probe_landscape",

@@ -1,0 +1,101 @@
+"""``nndiag spectral MODEL``: data-free weight-spectrum diagnosis (WeightWatcher's metrics)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from nndiag.cli.common import (
+    ArchOpt,
+    Device,
+    DeviceOpt,
+    FailOn,
+    FailOnOpt,
+    Format,
+    FormatOpt,
+    SeedOpt,
+    WeightsOpt,
+    emit_json,
+    err,
+    fail_exit_code,
+    handle_errors,
+    human_table,
+)
+
+
+class ConvMode(str, Enum):
+    ww = "ww"
+    unfold = "unfold"
+
+
+class Conventions(str, Enum):
+    nndiag = "nndiag"
+    ww = "ww"
+
+
+class FixFingers(str, Enum):
+    none = "none"
+    xmin_peak = "xmin_peak"
+    clip_xmax = "clip_xmax"
+
+
+_SHOWN = ["name", "N", "M", "num_evals", "alpha", "D", "xmin", "lambda_max", "log_norm",
+          "stable_rank", "entropy", "warning", "status"]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("spectral")
+    @handle_errors
+    def spectral(
+        model: str = typer.Argument(..., help="Model: file, folder, package.module:factory or built-in name."),
+        arch: ArchOpt = None,
+        weights: WeightsOpt = None,
+        conv_mode: Annotated[ConvMode, typer.Option("--conv-mode", help="Conv kernels: per kernel position, pooled (ww) or unfolded out×(in·k·k).")] = ConvMode.ww,
+        conventions: Annotated[Conventions, typer.Option("--conventions", help="ww reproduces WeightWatcher 0.7.7's numbers (conv2d eigenvalues ×0.5).")] = Conventions.nndiag,
+        mp: Annotated[bool, typer.Option("--mp-fit", help="Add the Marchenko–Pastur fit columns.")] = False,
+        randomize: Annotated[bool, typer.Option("--randomize", help="Compare with element-shuffled weights (rand_distance, num_traps).")] = False,
+        fix_fingers: Annotated[FixFingers, typer.Option("--fix-fingers", help="Finite-size tail fix.")] = FixFingers.none,
+        tpl: Annotated[bool, typer.Option("--tpl", help="Also fit a truncated power law.")] = False,
+        min_evals: Annotated[int, typer.Option("--min-evals", help="Skip layers with fewer eigenvalues.")] = 8,
+        max_evals: Annotated[int, typer.Option("--max-evals", help="Skip layers with more eigenvalues (0 = no limit).")] = 15000,
+        plots: Annotated[str | None, typer.Option("--plots", help="Write PNG figures to this folder.")] = None,
+        fmt: FormatOpt = Format.human,
+        device: DeviceOpt = Device.auto,
+        seed: SeedOpt = 0,
+        fail_on: FailOnOpt = FailOn.never,
+    ) -> int:
+        """Judge each layer from the eigenvalue spectrum of its weights, without data."""
+        from nndiag._utils.device import resolve_device
+        from nndiag.io.models import load_model
+        from nndiag.spectral.analyze import analyze
+
+        dev = resolve_device(device.value)
+        lm = load_model(model, weights=weights, arch=arch)
+        res = analyze(
+            lm, conv_mode=conv_mode.value, conventions=conventions.value, mp_fit=mp,
+            randomize=randomize, fix_fingers=None if fix_fingers is FixFingers.none else fix_fingers.value,
+            fit="TPL" if tpl else "PL", min_evals=min_evals, max_evals=max_evals or None,
+            seed=seed, device=dev,
+        )
+        if plots:
+            from nndiag.spectral.probe import save_figures
+
+            written = save_figures(res, plots)
+            err(f"wrote {len(written)} figures to {plots}")
+        if fmt is Format.json:
+            emit_json(res.to_dict())
+        else:
+            df = res.layers
+            cols = [c for c in _SHOWN if c in df.columns]
+            human_table(df[cols].to_dict(orient="records"), title=f"{lm.name}: weight spectra")
+            s = res.summary
+            alpha = s.get("alpha")
+            typer.echo(
+                f"{s['layers_analysed']} layers analysed, {s['layers_skipped']} tensors skipped; "
+                f"mean alpha {alpha:.3f} over {s['layers_analysed'] - s['num_fits_failed']} fits"
+                if alpha is not None else f"{s['layers_analysed']} layers analysed, no valid fit")
+            for f in res.findings:
+                typer.echo(f"[{f.severity}] {f.code}: {f.message}")
+        return fail_exit_code([f.severity for f in res.findings], fail_on)

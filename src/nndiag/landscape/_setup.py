@@ -1,0 +1,180 @@
+"""Shared set-up for the Hessian and landscape analyses: data, loss, parameters, checks.
+
+Everything here works on *copies* of the user's parameters and buffers, so the model
+itself is never edited; :func:`nndiag._utils.model_state.preserved` guards the rest
+(mode, flags, grads, hooks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nndiag.errors import AnalysisError, DataError, InputError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MODES = ("eval", "train")
+
+
+def default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, the default loss of every Hessian/landscape analysis."""
+    return F.cross_entropy(logits, y)
+
+
+@dataclass(frozen=True)
+class Batches:
+    """Data cut into batches, moved to the compute device and dtype.
+
+    Attributes
+    ----------
+    batches : list of (x, y)
+        Input and label tensors.
+    weights : list of float
+        ``len(batch) / n`` — the weight of each batch's mean loss in the full-data loss.
+    n : int
+        Number of examples.
+    name : str
+        Where the data came from.
+    """
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    weights: list[float]
+    n: int
+    name: str
+
+
+def resolve_mode(mode: str) -> str:
+    """Validate a train/eval mode name."""
+    if mode not in MODES:
+        raise InputError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    return mode
+
+
+def make_batches(
+    data: Any,
+    *,
+    n_samples: int | None,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Batches:
+    """Coerce ``data`` (DataBundle, (x, y), spec, DataLoader) to device batches.
+
+    Raises
+    ------
+    DataError
+        When the data cannot be used.
+    InputError
+        When ``batch_size`` is not positive.
+    """
+    from nndiag.io.data import as_data
+
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    bundle = as_data(data, n_samples=n_samples, seed=seed)
+    x = bundle.x.to(device=device, dtype=dtype)
+    y = bundle.y.to(device)
+    n = int(x.shape[0])
+    out, weights = [], []
+    for i in range(0, n, batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        out.append((xb, yb))
+        weights.append(len(yb) / n)
+    return Batches(out, weights, n, bundle.name)
+
+
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters that require grad, by name (the Hessian's coordinates).
+
+    Raises
+    ------
+    AnalysisError
+        When no parameter requires grad.
+    """
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise AnalysisError(
+            f"{type(model).__name__} has no parameters with requires_grad=True; "
+            "the Hessian and the loss landscape are taken over trainable parameters"
+        )
+    return named
+
+
+def param_copies(
+    named: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Detached copies of parameters on ``device`` in ``dtype`` (leaves requiring grad)."""
+    return {
+        k: p.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
+        for k, p in named.items()
+    }
+
+
+def buffer_copies(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Copies of the model's buffers and frozen parameters, so running statistics stay put.
+
+    Floating buffers take ``dtype``; integer buffers (``num_batches_tracked``) keep theirs.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, b in model.named_buffers():
+        t = b.detach().to(device)
+        out[k] = (t.to(dtype) if t.is_floating_point() else t).clone()
+    for k, p in model.named_parameters():
+        if not p.requires_grad:
+            out[k] = p.detach().to(device=device, dtype=dtype).clone()
+    return out
+
+
+def checked_loss(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    check: bool = False,
+) -> torch.Tensor:
+    """The loss of ``model`` with ``tensors`` swapped in (``functional_call``) on one batch.
+
+    With ``check`` the forward error, label range and loss value are validated and
+    turned into one-line nndiag errors.
+    """
+    from torch.func import functional_call
+
+    if not check:
+        return loss_fn(functional_call(model, tensors, (xb,), strict=False), yb)
+    try:
+        out = functional_call(model, tensors, (xb,), strict=False)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(
+            f"data of shape {tuple(xb.shape[1:])} does not fit {type(model).__name__}: {first}"
+        ) from None
+    if not isinstance(out, torch.Tensor):
+        raise AnalysisError(
+            f"{type(model).__name__} returned {type(out).__name__}; the loss needs a tensor of logits"
+        )
+    if loss_fn is default_loss:
+        if out.ndim != 2:
+            raise DataError(f"model output has shape {tuple(out.shape)}; cross-entropy needs (batch, classes)")
+        if int(yb.max()) >= out.shape[1] or int(yb.min()) < 0:
+            raise DataError(
+                f"labels must lie in [0, {out.shape[1] - 1}] for a model with {out.shape[1]} outputs "
+                f"(found {int(yb.min())}..{int(yb.max())})"
+            )
+    try:
+        loss = loss_fn(out, yb)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"the loss cannot be computed on this data: {first}") from None
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise AnalysisError("the loss must return a scalar tensor")
+    if not torch.isfinite(loss):
+        raise AnalysisError(f"the loss is {float(loss.detach())} on this data; the Hessian is undefined there")
+    return loss.reshape(())

@@ -1,0 +1,226 @@
+"""Hessian-vector products of a model's loss over its trainable parameters.
+
+The Hessian is that of the full-data loss ``L = Σ_b (n_b / n) · mean-loss_b`` with
+respect to the parameters that require grad, taken through
+``torch.func.functional_call`` on *copies* of the parameters and buffers, so the
+user's model is never edited. For each batch the gradient graph is built once
+(``autograd.grad(create_graph=True)``) and reused for every probe vector; several
+probes at once go through ``is_grads_batched`` when ``batched=True`` works for the
+model (falls back to a loop otherwise).
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 3))
+>>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+>>> op = HessianOperator(model, (x, y))
+>>> op.matvec(torch.zeros(op.dim)).abs().max().item()
+0.0
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from nndiag._utils.device import model_device, resolve_device
+from nndiag.landscape._setup import (
+    Batches,
+    LossFn,
+    buffer_copies,
+    checked_loss,
+    default_loss,
+    make_batches,
+    param_copies,
+    resolve_mode,
+    trainable,
+)
+
+
+class HessianOperator:
+    """The Hessian of a model's loss as a linear operator on flat parameter vectors.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network; only read (its mode is set to ``mode`` while the operator is
+        built and used — wrap calls in :func:`nndiag._utils.model_state.preserved`).
+    data : DataBundle, (x, y), spec or DataLoader
+        The examples the loss is averaged over.
+    loss : callable, optional
+        ``loss(logits, y) -> scalar`` (mean over the batch); mean cross-entropy by default.
+    n_samples : int, optional
+        Use a seeded subset of this size.
+    batch_size : int
+        Examples per forward pass.
+    seed : int
+        Seed for the subset.
+    device : str or torch.device
+        ``auto`` uses the model's device.
+    dtype : torch.dtype
+        ``torch.float64`` for high-accuracy spectra.
+    mode : {"eval", "train"}
+        Module mode during the forward passes. ``train`` uses batch statistics in
+        BatchNorm (running statistics are updated only on copies).
+    cache : bool
+        Keep every batch's gradient graph (fast, memory ∝ batches); otherwise rebuild
+        the graph for each product.
+
+    Attributes
+    ----------
+    dim : int
+        Number of trainable parameters (the Hessian is ``dim × dim``).
+    names, shapes : list
+        The coordinates' parameter names and shapes, in flat order.
+    n_hvp : int
+        Hessian-vector products computed so far (a batched call with k probes counts k).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        *,
+        loss: LossFn | None = None,
+        n_samples: int | None = None,
+        batch_size: int = 128,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype = torch.float32,
+        mode: str = "eval",
+        cache: bool = True,
+    ) -> None:
+        self.model = model
+        self.loss_fn: LossFn = loss or default_loss
+        self.mode = resolve_mode(mode)
+        dev = model_device(model) if device == "auto" else resolve_device(device)
+        self.device, self.dtype = dev, dtype
+        named = trainable(model)
+        self.names = list(named)
+        self.shapes = [tuple(p.shape) for p in named.values()]
+        self.sizes = [p.numel() for p in named.values()]
+        self.dim = int(sum(self.sizes))
+        self.params = param_copies(named, dev, dtype)
+        self.buffers = buffer_copies(model, dev, dtype)
+        self.data: Batches = make_batches(
+            data, n_samples=n_samples, batch_size=batch_size, seed=seed, device=dev, dtype=dtype
+        )
+        self.cache = cache
+        self.n_hvp = 0
+        self._graphs: list[torch.Tensor] | None = None
+        self._batched_ok: bool | None = None
+        self.loss_value = float("nan")
+        self._set_mode()
+        self.loss_value = self._build() if cache else self._check()
+
+    # --- set-up ---------------------------------------------------------------------
+    def _set_mode(self) -> None:
+        self.model.train(self.mode == "train")
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.buffers, **self.params}
+
+    def _grad(self, xb: torch.Tensor, yb: torch.Tensor, w: float, check: bool) -> tuple[torch.Tensor, float]:
+        tensors = self._tensors()
+        loss = checked_loss(self.model, tensors, xb, yb, self.loss_fn, check=check)
+        grads = torch.autograd.grad(loss * w, list(self.params.values()), create_graph=True,
+                                    allow_unused=True)
+        flat = torch.cat([
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(grads, self.params.values(), strict=True)
+        ])
+        if not flat.requires_grad:  # loss is linear in every parameter: zero Hessian
+            flat = flat + 0.0 * sum(p.sum() for p in self.params.values())
+        return flat, float(loss.detach()) * w
+
+    def _build(self) -> float:
+        graphs, total = [], 0.0
+        with torch.enable_grad():
+            for (xb, yb), w in zip(self.data.batches, self.data.weights, strict=True):
+                g, lv = self._grad(xb, yb, w, check=True)
+                graphs.append(g)
+                total += lv
+        self._graphs = graphs
+        return total
+
+    def _check(self) -> float:
+        total = 0.0
+        with torch.enable_grad():
+            for (xb, yb), w in zip(self.data.batches, self.data.weights, strict=True):
+                _, lv = self._grad(xb, yb, w, check=True)
+                total += lv
+        return total
+
+    def _iter_graphs(self):
+        if self._graphs is not None:
+            yield from self._graphs
+            return
+        with torch.enable_grad():
+            for (xb, yb), w in zip(self.data.batches, self.data.weights, strict=True):
+                yield self._grad(xb, yb, w, check=False)[0]
+
+    # --- products -------------------------------------------------------------------
+    def gradient(self) -> torch.Tensor:
+        """The full-data gradient as a flat vector (detached)."""
+        return sum(g.detach() for g in self._iter_graphs())  # type: ignore[return-value]
+
+    def _vjp(self, g: torch.Tensor, v: torch.Tensor, batched: bool) -> torch.Tensor:
+        hv = torch.autograd.grad(g, list(self.params.values()), grad_outputs=v, retain_graph=True,
+                                 allow_unused=True, is_grads_batched=batched)
+        lead = (v.shape[0],) if batched else ()
+        return torch.cat([
+            (h if h is not None else torch.zeros(lead + tuple(p.shape), dtype=v.dtype, device=v.device))
+            .reshape(*lead, -1)
+            for h, p in zip(hv, self.params.values(), strict=True)
+        ], dim=-1)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a flat vector ``v`` of length :attr:`dim`."""
+        v = v.to(device=self.device, dtype=self.dtype)
+        out = torch.zeros_like(v)
+        self._set_mode()
+        with torch.enable_grad():
+            for g in self._iter_graphs():
+                out += self._vjp(g, v, batched=False)
+        self.n_hvp += 1
+        return out.detach()
+
+    def matmat(self, V: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
+        """``V Hᵀ`` (= rows ``H v_i``) for ``V`` of shape ``(k, dim)``.
+
+        Tries ``is_grads_batched`` (one vectorised backward for all k probes) the first
+        time when ``batched`` is None and remembers whether it worked; loops otherwise.
+        """
+        V = V.to(device=self.device, dtype=self.dtype)
+        use = self._batched_ok if batched is None else batched
+        if use is None or use:
+            try:
+                out = torch.zeros_like(V)
+                self._set_mode()
+                with torch.enable_grad():
+                    for g in self._iter_graphs():
+                        out += self._vjp(g, V, batched=True)
+                self._batched_ok = True
+                self.n_hvp += V.shape[0]
+                return out.detach()
+            except (RuntimeError, NotImplementedError):
+                if batched:
+                    raise
+                self._batched_ok = False
+        return torch.stack([self.matvec(v) for v in V])
+
+    def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat vector as a dict of parameter-shaped tensors."""
+        parts = torch.split(v, self.sizes)
+        return {n: p.reshape(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+    def flat_params(self) -> torch.Tensor:
+        """The current parameter values as one flat vector."""
+        return torch.cat([p.detach().reshape(-1) for p in self.params.values()])
+
+    def release(self) -> None:
+        """Free the cached graphs."""
+        self._graphs = None

@@ -1,0 +1,99 @@
+"""Pictures of spectra and loss landscapes (matplotlib object API, never ``plt.show``).
+
+Every function takes plain arrays (so reports re-render from JSON) and an optional
+``ax``; it returns the Figure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nndiag.errors import require
+
+
+def _fig_ax(ax: Any = None, projection: str | None = None) -> tuple[Any, Any]:
+    require("matplotlib", "plot", "plots")
+    if ax is not None:
+        return ax.figure, ax
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4.2), layout="constrained")
+    return fig, fig.add_subplot(1, 1, 1, projection=projection)
+
+
+def plot_density(x: np.ndarray, density: np.ndarray, *, ax: Any = None, log: bool = True,
+                 title: str = "Hessian eigenvalue density (SLQ)") -> Any:
+    """The smoothed SLQ density against the eigenvalue."""
+    fig, ax = _fig_ax(ax)
+    y = np.maximum(np.asarray(density, dtype=float), 1e-12) if log else density
+    ax.plot(x, y, color="C0")
+    if log:
+        ax.set_yscale("log")
+    ax.axvline(0.0, color="0.6", lw=0.8, ls="--")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    return fig
+
+
+def plot_eigenvalues(values: np.ndarray, *, ax: Any = None, title: str = "Top Hessian eigenvalues") -> Any:
+    """The computed eigenvalues as a bar chart by rank."""
+    fig, ax = _fig_ax(ax)
+    v = np.asarray(values, dtype=float)
+    ax.bar(np.arange(1, len(v) + 1), v, color="C1")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(title)
+    return fig
+
+
+def plot_line(alphas: np.ndarray, losses: np.ndarray, *, ax: Any = None, label: str | None = None,
+              title: str = "Loss along a direction") -> Any:
+    """A 1-D landscape: loss against the step along the direction."""
+    fig, ax = _fig_ax(ax)
+    ax.plot(alphas, losses, marker=".", label=label)
+    ax.axvline(0.0, color="0.6", lw=0.8, ls="--")
+    ax.set_xlabel("step α")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    if label:
+        ax.legend()
+    return fig
+
+
+def plot_contour(alphas: np.ndarray, betas: np.ndarray, losses: np.ndarray, *, ax: Any = None,
+                 levels: int = 30, title: str = "Loss landscape") -> Any:
+    """A 2-D landscape as filled contours, the origin and the grid minimum marked.
+
+    ``losses[i, j]`` is the loss at ``(alphas[i], betas[j])``.
+    """
+    fig, ax = _fig_ax(ax)
+    Z = np.asarray(losses, dtype=float).T  # rows = betas for contourf
+    A, B = np.meshgrid(alphas, betas)
+    finite = np.isfinite(Z)
+    if finite.any():
+        cs = ax.contourf(A, B, np.where(finite, Z, np.nanmax(Z[finite])), levels=levels, cmap="viridis")
+        fig.colorbar(cs, ax=ax, label="loss")
+        i, j = np.unravel_index(np.nanargmin(losses), np.shape(losses))
+        ax.plot(alphas[i], betas[j], marker="*", color="red", ms=12, ls="", label="grid minimum")
+    ax.plot(0, 0, marker="o", color="white", mec="black", ls="", label="weights")
+    ax.set_xlabel("direction 1 (α)")
+    ax.set_ylabel("direction 2 (β)")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize="small")
+    return fig
+
+
+def plot_surface3d(alphas: np.ndarray, betas: np.ndarray, losses: np.ndarray, *, ax: Any = None,
+                   title: str = "Loss surface") -> Any:
+    """A 2-D landscape as a 3-D surface."""
+    fig, ax = _fig_ax(ax, projection="3d")
+    A, B = np.meshgrid(alphas, betas)
+    ax.plot_surface(A, B, np.asarray(losses, dtype=float).T, cmap="viridis", linewidth=0, antialiased=True)
+    ax.set_xlabel("α")
+    ax.set_ylabel("β")
+    ax.set_zlabel("loss")
+    ax.set_title(title)
+    return fig

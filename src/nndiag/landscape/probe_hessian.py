@@ -1,0 +1,55 @@
+"""The ``hessian`` probe of ``nndiag diagnose`` (see :mod:`nndiag.report.probes`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from nndiag.report.results import Result
+
+NAME = "hessian"
+NEEDS_DATA = True
+#: Defaults that keep ``diagnose`` affordable on a CPU.
+DEFAULTS: dict[str, Any] = {"top_k": 3, "trace": True, "density": True, "n_samples": 512,
+                            "batch_size": 128, "slq_runs": 2, "slq_steps": 60, "trace_rtol": 0.02,
+                            "trace_probes": 100}
+
+
+def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | str = "auto",
+        **options: Any) -> Result:
+    """Top eigenvalues, trace, SLQ density and LLA criteria of the loss Hessian.
+
+    Parameters
+    ----------
+    model : LoadedModel or nn.Module
+        Needs a runnable module.
+    data : DataBundle
+        The examples.
+    seed : int
+    device : torch.device or str
+    **options
+        Passed to :func:`nndiag.landscape.hessian_spectrum` (over :data:`DEFAULTS`).
+    """
+    from nndiag.landscape.spectrum import hessian_spectrum
+
+    module = model.require_module("the Hessian analysis") if hasattr(model, "require_module") else model
+    opts = {**DEFAULTS, **options}
+    if opts.get("n_samples") and data is not None and opts["n_samples"] > len(data):
+        opts["n_samples"] = None
+    return hessian_spectrum(module, data, seed=seed, device=device, **opts).to_result()
+
+
+def figures(result: Result) -> dict[str, Any]:
+    """The density (when computed) and the top eigenvalues, from the result alone."""
+    from nndiag.landscape.plots import plot_density, plot_eigenvalues
+
+    figs: dict[str, Any] = {}
+    ev = result.summary.get("eigenvalues") or []
+    if ev:
+        figs["hessian_eigenvalues"] = plot_eigenvalues(np.asarray(ev, dtype=float))
+    dens = result.tables.get("density")
+    if dens is not None and len(dens):
+        figs["hessian_density"] = plot_density(dens["eigenvalue"].to_numpy(), dens["density"].to_numpy())
+    return figs

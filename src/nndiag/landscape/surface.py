@@ -1,0 +1,455 @@
+"""1-D and 2-D loss landscapes around a model's weights.
+
+``surface(model, data, dim=2, steps=21)`` evaluates ``L(θ + α d₁ + β d₂)`` on a regular
+grid. The parameters are swapped in through ``torch.func.functional_call`` (the model
+is never edited); several grid points go through one vectorised forward
+(``torch.func.vmap`` over stacked parameter sets) or a plain loop — ``strategy="auto"``
+times both on the first points and keeps the faster. Big grids can be resumed from a
+``.npz`` checkpoint written after every chunk.
+
+BatchNorm policy, recorded in the result: ``mode="eval"`` uses the model's running
+statistics (so the loss at the origin is the model's eval-mode loss); ``mode="train"``
+uses batch statistics, and the running statistics are updated only on copies.
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+>>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+>>> s = surface(model, (x, y), dim=1, steps=5)
+>>> s.losses.shape
+(5,)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from nndiag._utils.device import model_device, resolve_device
+from nndiag._utils.model_state import preserved
+from nndiag._utils.progress import progress_bar
+from nndiag._utils.threads import limit_threads
+from nndiag.errors import InputError
+from nndiag.landscape._setup import (
+    LossFn,
+    buffer_copies,
+    checked_loss,
+    default_loss,
+    make_batches,
+    resolve_mode,
+    trainable,
+)
+from nndiag.landscape.directions import (
+    Direction,
+    direction_table,
+    flat_to_direction,
+    normalize_direction,
+    random_direction,
+    toward,
+)
+from nndiag.report.results import Finding, Result, provenance
+
+STRATEGIES = ("auto", "vmap", "loop")
+#: Grids with more points than this are refused (override with ``max_points``).
+MAX_POINTS = 250_000
+
+
+@dataclass(frozen=True)
+class Surface:
+    """A loss landscape on a grid.
+
+    Attributes
+    ----------
+    alphas : ndarray
+        Steps along direction 1.
+    betas : ndarray or None
+        Steps along direction 2 (None for a line).
+    losses : ndarray
+        ``(steps,)`` or ``(steps, steps)`` with ``losses[i, j]`` at ``(alphas[i], betas[j])``.
+    origin_loss : float
+        The loss at the weights (α = β = 0) in the stated mode.
+    directions : pandas.DataFrame
+        Per parameter: name, shape, weight and direction norms.
+    params : dict
+        Settings (dim, steps, span, directions, norm, one_d, mode, BatchNorm, strategy...).
+    seed : int
+    timing : dict
+    """
+
+    alphas: np.ndarray
+    betas: np.ndarray | None
+    losses: np.ndarray
+    origin_loss: float
+    directions: pd.DataFrame
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    timing: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return 1 if self.betas is None else 2
+
+    def summary(self) -> dict[str, Any]:
+        finite = np.isfinite(self.losses)
+        s: dict[str, Any] = {"origin_loss": self.origin_loss, "dim": self.dim,
+                             "points": int(self.losses.size), "nonfinite": int((~finite).sum())}
+        if finite.any():
+            idx = np.unravel_index(np.nanargmin(np.where(finite, self.losses, np.nan)), self.losses.shape)
+            s["min_loss"] = float(self.losses[idx])
+            s["min_at"] = [float(self.alphas[idx[0]])] + ([float(self.betas[idx[1]])] if self.dim == 2 else [])
+            s["max_loss"] = float(np.nanmax(np.where(finite, self.losses, np.nan)))
+        return s
+
+    def findings(self) -> list[Finding]:
+        out: list[Finding] = []
+        s = self.summary()
+        if s["nonfinite"]:
+            out.append(Finding("LAND-NONFINITE", "warn",
+                               f"{s['nonfinite']} of {s['points']} grid points have a non-finite loss",
+                               {"metric": "nonfinite_points", "value": s["nonfinite"]},
+                               "shrink the span or check the model for overflow"))
+        if "min_loss" in s and np.isfinite(self.origin_loss):
+            drop = self.origin_loss - s["min_loss"]
+            rel = drop / max(abs(self.origin_loss), 1e-12)
+            if rel > 0.05:
+                out.append(Finding(
+                    "LAND-NOT-MINIMUM", "warn",
+                    f"the loss falls by {100 * rel:.1f}% from the weights to the grid minimum at "
+                    f"{s['min_at']}: the weights are not at a minimum along these directions",
+                    {"metric": "relative_drop", "value": rel, "threshold": 0.05, "min_at": s["min_at"]},
+                    "train longer or lower the learning rate at the end of training"))
+        return out
+
+    def table(self) -> pd.DataFrame:
+        """The grid in tidy form: ``name, alpha[, beta], loss``."""
+        if self.dim == 1:
+            return pd.DataFrame({"name": "line", "alpha": self.alphas, "loss": self.losses})
+        A, B = np.meshgrid(self.alphas, self.betas, indexing="ij")
+        return pd.DataFrame({"name": "plane", "alpha": A.ravel(), "beta": B.ravel(), "loss": self.losses.ravel()})
+
+    def to_result(self) -> Result:
+        return Result("landscape", tables={"grid": self.table(), "directions": self.directions},
+                      summary=self.summary(), findings=self.findings(), params=dict(self.params),
+                      seed=self.seed, timing=dict(self.timing), meta=dict(self.meta))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.to_result().to_dict()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the grid as ``.npz`` (arrays + JSON settings) or ``.json`` (the result)."""
+        path = Path(path)
+        if path.suffix == ".json":
+            path.write_text(self.to_result().to_json())
+        else:
+            np.savez(path, alphas=self.alphas, betas=self.betas if self.betas is not None else np.zeros(0),
+                     losses=self.losses, origin_loss=self.origin_loss,
+                     params=json.dumps(self.to_result().to_dict()["params"]))
+        return path
+
+    def plot(self, kind: str = "contour", ax: Any = None) -> Any:
+        """``line`` (1-D), ``contour`` or ``surface`` (2-D, 3-D view); returns the Figure."""
+        from nndiag.landscape import plots
+
+        if self.dim == 1 or kind == "line":
+            if self.dim != 1:
+                raise InputError("a line plot needs a 1-D landscape")
+            return plots.plot_line(self.alphas, self.losses, ax=ax)
+        if kind == "surface":
+            return plots.plot_surface3d(self.alphas, self.betas, self.losses, ax=ax)
+        if kind == "contour":
+            return plots.plot_contour(self.alphas, self.betas, self.losses, ax=ax)
+        raise InputError(f"unknown plot kind '{kind}'; choose line, contour or surface")
+
+
+class _Grid:
+    """Evaluates the loss at ``base + Σ_j c_j d_j`` for rows of coefficients."""
+
+    def __init__(self, model: nn.Module, base: Direction, dirs: list[Direction],
+                 buffers: dict[str, torch.Tensor], batches: Any, loss_fn: LossFn) -> None:
+        self.model, self.base, self.dirs = model, base, dirs
+        self.buffers, self.data, self.loss_fn = buffers, batches, loss_fn
+
+    def _params(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, b in self.base.items():
+            p = b.expand((c.shape[0],) + b.shape)
+            for j, d in enumerate(self.dirs):
+                p = p + c[:, j].reshape((-1,) + (1,) * b.ndim) * d[k]
+            out[k] = p
+        return out
+
+    def _loss(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        from torch.func import functional_call
+
+        total = 0.0
+        for (xb, yb), w in zip(self.data.batches, self.data.weights, strict=False):
+            out = functional_call(self.model, {**self.buffers, **p}, (xb,), strict=False)
+            total = total + w * self.loss_fn(out, yb)
+        return total
+
+    def vmap(self, c: torch.Tensor) -> torch.Tensor:
+        from torch.func import vmap
+
+        with torch.inference_mode():
+            return vmap(self._loss, randomness="same")(self._params(c)).reshape(-1)
+
+    def loop(self, c: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.stack([torch.as_tensor(self._loss({k: v[0] for k, v in self._params(c[i:i + 1]).items()}))
+                                for i in range(c.shape[0])]).reshape(-1)
+
+
+def _fingerprint(params: dict[str, Any], dirs: list[Direction]) -> str:
+    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for d in dirs:
+        for k in sorted(d):
+            h.update(k.encode())
+            h.update(np.float64(d[k].double().sum()).tobytes())
+            h.update(np.float64(d[k].double().abs().sum()).tobytes())
+    return h.hexdigest()
+
+
+def _load_resume(path: Path, fp: str, n: int) -> np.ndarray | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["fingerprint"]) != fp or f["flat"].shape != (n,):
+                raise InputError(f"{path}: checkpoint belongs to another landscape (different settings); "
+                                 "delete it or choose another --resume file")
+            return f["flat"].copy()
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read the landscape checkpoint ({exc})") from None
+
+
+def _save_resume(path: Path, fp: str, flat: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, fingerprint=np.asarray(fp), flat=flat)
+    os.replace(tmp, path)
+
+
+def _make_directions(
+    directions: Any, dim: int, weights: Direction, *, model: nn.Module, data: Any, norm: str, one_d: str,
+    seed: int, mode: str, loss: LossFn | None, n_samples: int | None, batch_size: int, device: Any,
+    dtype: torch.dtype,
+) -> tuple[list[Direction], str, str]:
+    if isinstance(directions, str):
+        if directions == "random":
+            gen = torch.Generator().manual_seed(int(seed))
+            raw = [random_direction(weights, generator=gen) for _ in range(dim)]
+            return [normalize_direction(d, weights, norm=norm, one_d=one_d) for d in raw], "random", norm
+        if directions == "hessian":
+            from nndiag.landscape.spectrum import hessian_spectrum
+
+            r = hessian_spectrum(model, data, top_k=dim, vectors=True, seed=seed, mode=mode, loss=loss,
+                                 n_samples=n_samples, batch_size=batch_size, device=device, dtype=dtype,
+                                 tol=1e-3)
+            raw = [flat_to_direction(v, weights) for v in r.eigenvectors]
+            if norm == "none":
+                return raw, "hessian", "none"
+            return [normalize_direction(d, weights, norm=norm, one_d=one_d) for d in raw], "hessian", norm
+        raise InputError(f"unknown directions '{directions}'; choose random, hessian, other models or direction dicts")
+    items = list(directions)
+    if len(items) != dim:
+        raise InputError(f"a {dim}-D landscape needs {dim} direction(s) or other model(s), got {len(items)}")
+    if all(isinstance(d, nn.Module) for d in items):
+        return [toward(weights, other) for other in items], "interpolation", "none"
+    if all(isinstance(d, dict) for d in items):
+        dirs = []
+        for d in items:
+            if set(d) != set(weights):
+                raise InputError("a direction dict must name exactly the trainable parameters")
+            dirs.append({k: torch.as_tensor(v).detach().to(weights[k].device, weights[k].dtype)
+                         for k, v in d.items()})
+        return [normalize_direction(d, weights, norm=norm, one_d=one_d) for d in dirs], "given", norm
+    raise InputError("directions must be 'random', 'hessian', a list of direction dicts or a list of nn.Modules")
+
+
+def surface(
+    model: nn.Module,
+    data: Any,
+    *,
+    dim: int = 2,
+    steps: int = 21,
+    span: float | tuple[float, float] = 1.0,
+    directions: Any = "random",
+    norm: str = "filter",
+    one_d: str = "zero",
+    mode: str = "eval",
+    loss: LossFn | None = None,
+    n_samples: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    strategy: str = "auto",
+    chunk: int | None = None,
+    resume: str | Path | None = None,
+    progress: bool | None = None,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float32,
+    threads: int | None = None,
+    max_points: int = MAX_POINTS,
+) -> Surface:
+    """The loss on a 1-D line or 2-D plane through the weights.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network; left exactly as it was.
+    data : DataBundle, (x, y), DATA spec or DataLoader
+        The fixed examples every grid point is evaluated on.
+    dim : {1, 2}
+        Line or plane.
+    steps : int
+        Grid points per axis (odd numbers put a point at the weights).
+    span : float or (lo, hi)
+        Steps range over ``[-span, span]`` (or ``[lo, hi]``). For interpolation toward
+        other models, 0 is this model and 1 the other (default range then (-0.25, 1.25)).
+    directions : "random", "hessian", list of direction dicts, or list of nn.Modules
+        Seeded Gaussian directions; the top ``dim`` Hessian eigenvectors (LLA's Hessian
+        axes); directions you give (normalised by ``norm``); or ``dim`` other models of
+        the same architecture (a line to one, a plane through three; no normalisation).
+    norm : {"filter", "layer", "model", "weight", "none"}
+        Direction normalisation (see :mod:`nndiag.landscape.directions`).
+    one_d : {"zero", "keep", "scale"}
+        Policy for 1-D parameters (biases, BatchNorm affine).
+    mode : {"eval", "train"}
+        BatchNorm/dropout mode for the forward passes.
+    loss : callable, optional
+        ``loss(logits, y)``, mean over the batch; default cross-entropy.
+    n_samples : int, optional
+        Seeded subset of the data.
+    batch_size : int, optional
+        Examples per forward (default: all at once).
+    seed : int
+        Seeds the directions and the subset.
+    strategy : {"auto", "vmap", "loop"}
+        How grid points are evaluated.
+    chunk : int, optional
+        Grid points per vectorised forward (default from the parameter count).
+    resume : path, optional
+        ``.npz`` checkpoint, written after every chunk and read back on restart.
+    progress : bool, optional
+        Progress bar on stderr (default: when it is a terminal).
+    max_points : int
+        Refuse larger grids.
+
+    Returns
+    -------
+    Surface
+    """
+    if dim not in (1, 2):
+        raise InputError(f"dim must be 1 or 2, got {dim}")
+    if steps < 2:
+        raise InputError(f"steps must be at least 2, got {steps}")
+    if steps ** dim > max_points:
+        raise InputError(f"a {'×'.join([str(steps)] * dim)} grid has {steps ** dim:,} points, more than the "
+                         f"limit of {max_points:,}; use fewer steps or raise max_points")
+    if strategy not in STRATEGIES:
+        raise InputError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
+    resolve_mode(mode)
+    interp = not isinstance(directions, str)
+    lo, hi = ((-0.25, 1.25) if interp and not isinstance(span, (tuple, list)) and span == 1.0 else
+              (tuple(span) if isinstance(span, (tuple, list)) else (-float(span), float(span))))
+    if not hi > lo:
+        raise InputError(f"span must have hi > lo, got ({lo}, {hi})")
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    loss_fn = loss or default_loss
+    with limit_threads(threads), preserved(model, values=True):
+        dev = model_device(model) if device == "auto" else resolve_device(device)
+        named = trainable(model)
+        weights = {k: p.detach().to(device=dev, dtype=dtype).clone() for k, p in named.items()}
+        bs = batch_size or 1 << 30
+        batches = make_batches(data, n_samples=n_samples, batch_size=bs, seed=seed, device=dev, dtype=dtype)
+        dirs, dkind, used_norm = _make_directions(
+            directions, dim, weights, model=model, data=data, norm=norm, one_d=one_d, seed=seed, mode=mode,
+            loss=loss, n_samples=n_samples, batch_size=bs, device=dev, dtype=dtype)
+        timing["directions"] = time.perf_counter() - t0
+        model.train(mode == "train")
+        buffers = buffer_copies(model, dev, dtype)
+        with torch.inference_mode():
+            origin = 0.0
+            for (xb, yb), w in zip(batches.batches, batches.weights, strict=False):
+                origin += w * float(checked_loss(model, {**buffers, **weights}, xb, yb, loss_fn, check=True))
+        buffers = buffer_copies(model, dev, dtype)  # running statistics as the model has them
+        grid = _Grid(model, weights, dirs, buffers, batches, loss_fn)
+        alphas = np.linspace(lo, hi, steps)
+        betas = np.linspace(lo, hi, steps) if dim == 2 else None
+        if dim == 1:
+            coeffs = alphas[:, None]
+        else:
+            A, B = np.meshgrid(alphas, betas, indexing="ij")
+            coeffs = np.stack([A.ravel(), B.ravel()], axis=1)
+        n_pts = coeffs.shape[0]
+        n_par = sum(w.numel() for w in weights.values())
+        per_point = n_par * (dim + 1) * torch.finfo(dtype).bits // 8
+        chunk_n = int(chunk or max(1, min(16, (256 << 20) // max(per_point, 1))))
+        settings = {
+            "dim": dim, "steps": steps, "span": [lo, hi], "directions": dkind, "norm": used_norm,
+            "one_d": one_d, "mode": mode, "n_samples": batches.n, "batch_size": batch_size,
+            "dtype": str(dtype).replace("torch.", ""),
+            "batchnorm_modules": sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+            "batchnorm_statistics": "running (eval)" if mode == "eval" else "batch (train), running stats on copies",
+            "loss": "cross_entropy" if loss is None else getattr(loss, "__name__", "custom"),
+            "n_params": n_par,
+        }
+        flat = np.full(n_pts, np.nan)
+        done = np.zeros(n_pts, dtype=bool)
+        fp = _fingerprint(settings | {"seed": seed}, dirs)
+        rpath = Path(resume) if resume is not None else None
+        if rpath is not None:
+            prev = _load_resume(rpath, fp, n_pts)
+            if prev is not None:
+                flat = prev
+                done = ~np.isnan(flat) | np.isinf(flat)
+        chosen = strategy
+        times: dict[str, float] = {}
+        ctensor = torch.as_tensor(coeffs, dtype=dtype, device=dev)
+        t1 = time.perf_counter()
+        todo = np.flatnonzero(~done)
+        with progress_bar(len(todo), f"landscape {dim}-D", enabled=progress) as bar:
+            i = 0
+            while i < len(todo):
+                idx = todo[i:i + chunk_n]
+                use = chosen
+                if chosen == "auto":
+                    use = "vmap" if "vmap" not in times else "loop"
+                t = time.perf_counter()
+                try:
+                    vals = getattr(grid, use)(ctensor[idx])
+                except (RuntimeError, NotImplementedError, ValueError):
+                    if use != "vmap" or strategy == "vmap":
+                        raise
+                    times["vmap"] = float("inf")
+                    chosen = "loop"
+                    continue
+                times[use] = (time.perf_counter() - t) / len(idx)
+                if chosen == "auto" and len(times) == 2:
+                    chosen = min(times, key=times.get)
+                flat[idx] = vals.double().cpu().numpy()
+                if rpath is not None:
+                    _save_resume(rpath, fp, flat)
+                bar.advance(len(idx))
+                i += len(idx)
+        timing["grid"] = time.perf_counter() - t1
+    timing["total"] = time.perf_counter() - t0
+    settings["strategy"] = chosen if chosen != "auto" else (next(iter(times), "none"))
+    settings["chunk"] = chunk_n
+    table = pd.DataFrame(direction_table(dirs, weights))
+    losses = flat.reshape((steps,) * dim)
+    return Surface(alphas, betas, losses, origin, table, settings, seed, timing, provenance(str(dev)))

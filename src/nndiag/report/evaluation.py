@@ -1,0 +1,159 @@
+"""The ``evaluation`` probe: accuracy, loss and confusion of a classifier on the given data.
+
+It gives the report the numbers every other analysis is read against (and the
+accuracies next to which ``nndiag diagnose A B ...`` ranks models). It follows the
+probe contract of :mod:`nndiag.report.probes`.
+
+Examples
+--------
+>>> from nndiag.io.data import load_data
+>>> from nndiag.io.models import load_model
+>>> res = run(load_model("digits-cnn"), load_data("digits", n_samples=64), seed=0,
+...           device=None)
+>>> res.summary["n_samples"], 0.0 <= res.summary["accuracy"] <= 1.0
+(64, True)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from nndiag.errors import DataError
+from nndiag.report.results import Result, provenance
+
+NAME = "evaluation"
+NEEDS_DATA = True
+
+
+def _class_names(data: Any, k: int) -> list[str]:
+    names = data.meta.get("classes") if isinstance(getattr(data, "meta", None), dict) else None
+    if names is not None and len(names) >= k:
+        return [str(n) for n in list(names)[:k]]
+    return [str(i) for i in range(k)]
+
+
+def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = None,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        batch_size: int = 256, **_: Any) -> Result:
+    """Evaluate ``model`` (in eval mode, without gradients) on ``data``.
+
+    Parameters
+    ----------
+    model : LoadedModel
+        The model; it needs a runnable module.
+    data : DataBundle
+        Labelled examples.
+    seed : int
+        Recorded only (evaluation is deterministic).
+    device : torch.device, optional
+        Ignored: the model is evaluated where it already is.
+    loss : callable, optional
+        ``loss(logits, targets)`` returning per-example losses (``reduction='none'``);
+        cross-entropy by default.
+    batch_size : int
+        Examples per forward pass.
+
+    Returns
+    -------
+    Result
+        ``summary``: accuracy, loss, n_samples, num_classes; tables ``per_class``
+        (name, n, accuracy, loss) and ``confusion`` (name = true class, one column
+        per predicted class).
+    """
+    from nndiag._utils.device import model_device
+    from nndiag._utils.model_state import preserved
+
+    if data is None:
+        raise DataError("evaluation needs labelled data")
+    module = model.require_module("evaluation")
+    t0 = time.perf_counter()
+    dev = model_device(module)
+    preds, losses = [], []
+    with preserved(module, values=False), torch.no_grad():
+        module.eval()
+        for xb, yb in data.batches(batch_size):
+            out = module(xb.to(dev))
+            if out.ndim != 2:
+                raise DataError(f"{data.name}: the model's output has shape {tuple(out.shape)}; "
+                                "evaluation needs class logits (batch, classes)")
+            if int(yb.max()) >= out.shape[1]:
+                raise DataError(f"{data.name}: labels go up to {int(yb.max())} but the model "
+                                f"predicts {out.shape[1]} classes")
+            yb = yb.to(dev)
+            per = loss(out, yb) if loss is not None else F.cross_entropy(out, yb, reduction="none")
+            per = per.reshape(-1) if per.numel() == len(yb) else per.mean().expand(len(yb))
+            preds.append(out.argmax(1).cpu())
+            losses.append(per.detach().float().cpu())
+    y = data.y.cpu().numpy()
+    p = torch.cat(preds).numpy()
+    lo = torch.cat(losses).numpy()
+    k = max(int(data.num_classes), int(y.max()) + 1, int(p.max()) + 1)
+    names = _class_names(data, k)
+    conf = np.zeros((k, k), dtype=np.int64)
+    np.add.at(conf, (y, p), 1)
+    per_class = pd.DataFrame({
+        "name": names,
+        "n": conf.sum(1),
+        "accuracy": [conf[i, i] / conf[i].sum() if conf[i].sum() else np.nan for i in range(k)],
+        "loss": [float(lo[y == i].mean()) if (y == i).any() else np.nan for i in range(k)],
+    })
+    confusion = pd.DataFrame(conf, columns=[f"pred_{n}" for n in names])
+    confusion.insert(0, "name", names)
+    summary = {
+        "accuracy": float((p == y).mean()),
+        "loss": float(lo.mean()),
+        "n_samples": len(y),
+        "num_classes": k,
+        "worst_class": names[int(np.nanargmin(per_class["accuracy"].to_numpy(dtype=float)))],
+    }
+    return Result(NAME, tables={"per_class": per_class, "confusion": confusion}, summary=summary,
+                  params={"batch_size": batch_size, "loss": "custom" if loss else "cross_entropy",
+                          "data": data.name},
+                  seed=seed, timing={"total": time.perf_counter() - t0}, meta=provenance(str(dev)))
+
+
+def figures(result: Result) -> dict[str, Any]:
+    """Per-class accuracy bars and the confusion matrix, from the result's tables."""
+    from matplotlib.figure import Figure
+
+    figs: dict[str, Any] = {}
+    pc = result.tables.get("per_class")
+    if pc is not None and len(pc):
+        fig = Figure(figsize=(5.5, 3.0), layout="constrained")
+        ax = fig.add_subplot()
+        acc = pc["accuracy"].astype(float).to_numpy()
+        ax.bar(range(len(pc)), acc, color="#4c72b0")
+        mean = result.summary.get("accuracy")
+        if mean is not None:
+            ax.axhline(mean, color="#c44e52", lw=1, ls="--", label=f"overall {mean:.3f}")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xticks(range(len(pc)), [str(n) for n in pc["name"]], fontsize=8,
+                      rotation=45 if len(pc) > 10 else 0)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("true class")
+        ax.set_ylabel("accuracy")
+        ax.set_title("Accuracy per class")
+        figs["per_class_accuracy"] = fig
+    cm = result.tables.get("confusion")
+    if cm is not None and len(cm):
+        mat = cm.drop(columns=["name"]).to_numpy(dtype=float)
+        norm = mat / np.maximum(mat.sum(1, keepdims=True), 1)
+        fig = Figure(figsize=(4.2, 3.6), layout="constrained")
+        ax = fig.add_subplot()
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
+        ticks = range(len(cm))
+        ax.set_xticks(ticks, [str(n) for n in cm["name"]], fontsize=7)
+        ax.set_yticks(ticks, [str(n) for n in cm["name"]], fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title("Confusion matrix")
+        figs["confusion"] = fig
+    return figs

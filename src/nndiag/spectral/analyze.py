@@ -1,0 +1,471 @@
+"""``nndiag.spectral.analyze``: data-free weight-spectrum diagnosis of a whole model.
+
+Flow: plan the layers (:mod:`~nndiag.spectral.matrices`) from tensor metadata → load
+tensors one at a time → stack same-shaped matrices into batches bounded by
+``batch_bytes`` → batched eigenvalues (:mod:`~nndiag.spectral.esd`) → power-law fit
+and metrics per layer → summary and findings. Peak memory is bounded by
+``batch_bytes`` plus the largest tensor, so sharded safetensors larger than RAM
+stream through.
+
+Conventions
+-----------
+``conventions="nndiag"`` (default) reports the ESD of the weights as they are.
+``conventions="ww"`` reproduces WeightWatcher 0.7.7's ``analyze()`` numbers: pooled
+conv2d eigenvalues multiplied by 0.5 (its ``conv2d_norm``), and its small-sample fit
+rule for fewer than 20 eigenvalues. Known WeightWatcher bugs are never copied
+(``sv_min``, ``inverse`` on pooled convs, Conv1d, skipped ``in_proj_weight``, failed
+fits averaged into the summary).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from nndiag.errors import InputError
+from nndiag.report.results import Result, jsonable, provenance, table_to_records
+from nndiag.spectral import findings as _findings
+from nndiag.spectral.esd import eigvals_batched
+from nndiag.spectral.matrices import (
+    MAX_EVALS,
+    MAX_N,
+    MIN_EVALS,
+    LayerSpec,
+    layer_matrices,
+    plan_layers,
+    tensor_kind,
+)
+from nndiag.spectral.metrics import layer_metrics
+from nndiag.spectral.powerlaw import EVALS_THRESH, fit_powerlaw
+
+CONVENTIONS = ("nndiag", "ww")
+#: Summary metrics (means over layers): alpha-based ones over valid fits only.
+SUMMARY_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm",
+                   "log_spectral_norm", "stable_rank", "mp_softrank")
+_ALPHA_BASED = ("alpha", "alpha_weighted", "log_alpha_norm")
+_ESD_BINS = 60
+
+LAYER_COLUMNS = [
+    "name", "index", "tensor", "kind", "N", "M", "Q", "rf", "num_evals", "lambda_max",
+    "spectral_norm", "log_spectral_norm", "norm", "log_norm", "stable_rank", "alpha",
+    "alpha_weighted", "log_alpha_norm", "xmin", "xmax", "D", "sigma", "num_pl_spikes",
+    "sv_max", "sv_min", "matrix_rank", "rank_loss", "weak_rank_loss", "entropy",
+    "detX_num", "detX_val", "warning", "status", "reason", "dtype",
+]
+SKIPPED_COLUMNS = ["name", "kind", "shape", "dtype", "reason"]
+
+
+@dataclass(frozen=True)
+class SpectralResult(Result):
+    """A :class:`~nndiag.report.results.Result` with the spectral tables as attributes.
+
+    ``layers`` (one row per analysed matrix, ``name`` first, WeightWatcher's metric
+    names), ``skipped`` (``name, kind, shape, dtype, reason``) and ``esd`` (a 60-bin
+    histogram of ``log10 λ`` per layer, for plots). ``evals`` holds the raw
+    eigenvalues when ``keep_evals=True`` (not serialised).
+    """
+
+    evals: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def layers(self) -> pd.DataFrame:
+        return self.tables["layers"]
+
+    @property
+    def skipped(self) -> pd.DataFrame:
+        return self.tables["skipped"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document; ``layers`` and ``skipped`` also at the top level."""
+        doc = super().to_dict()
+        doc["layers"] = table_to_records(self.layers)
+        doc["skipped"] = table_to_records(self.skipped)
+        return doc
+
+    def plot(self, kind: str = "alpha", ax: Any = None, layer: str | None = None) -> Any:
+        """A figure: ``"alpha"`` (alpha per layer), ``"esd"`` (log-log ESD of ``layer``
+        with the fitted tail), ``"mp"`` (MP overlay of ``layer``)."""
+        from nndiag.spectral import plots
+
+        if kind == "alpha":
+            return plots.plot_alpha(self, ax=ax)
+        if kind == "esd":
+            return plots.plot_esd(self, layer, ax=ax)
+        if kind == "mp":
+            return plots.plot_mp(self, layer, ax=ax)
+        raise InputError(f"unknown plot kind '{kind}'; choose alpha, esd or mp")
+
+
+def _source(model: Any) -> tuple[Any, Any, str]:
+    """(TensorSource, module or None, display name) from whatever the user passed."""
+    from nndiag.io.models import LoadedModel, load_model
+    from nndiag.io.tensors import DictSource, TensorSource
+
+    if isinstance(model, LoadedModel):
+        return model.tensors, model.module, model.name
+    if isinstance(model, TensorSource):
+        return model, None, type(model).__name__
+    if isinstance(model, torch.nn.Module):
+        lm = load_model(model)
+        return lm.tensors, model, lm.name
+    if isinstance(model, dict):
+        return DictSource(model), None, "state_dict"
+    if isinstance(model, (str, Path)):
+        lm = load_model(model)
+        return lm.tensors, lm.module, lm.name
+    raise InputError(f"cannot analyse a {type(model).__name__}; pass an nn.Module, a path or a LoadedModel")
+
+
+def _fingerprint(t: torch.Tensor) -> tuple[Any, ...]:
+    flat = t.reshape(-1)
+    step = max(1, flat.numel() // 257)
+    return (tuple(t.shape), str(t.dtype), tuple(flat[::step][:257].tolist()))
+
+
+class _Batcher:
+    """Collects same-shaped matrices and computes their eigenvalues in batches."""
+
+    def __init__(self, precision: str, device: torch.device, batch_bytes: int) -> None:
+        self.precision = precision
+        self.device = device
+        self.batch_bytes = batch_bytes
+        self.pending: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = defaultdict(list)
+        self.bytes = 0
+        self.out: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.eig_seconds = 0.0
+
+    def add(self, key: str, mats: torch.Tensor) -> None:
+        self.pending[(mats.shape[1], mats.shape[2])].append((key, mats))
+        self.bytes += mats.numel() * 4
+        if self.bytes >= self.batch_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        t0 = time.perf_counter()
+        for group in self.pending.values():
+            stack = torch.cat([m for _, m in group]).to(self.device)
+            ev = eigvals_batched(stack, self.precision).cpu().numpy()
+            pos = 0
+            for key, m in group:
+                self.out[key].append(ev[pos : pos + m.shape[0]].reshape(-1))
+                pos += m.shape[0]
+        self.pending.clear()
+        self.bytes = 0
+        self.eig_seconds += time.perf_counter() - t0
+
+
+def _check_values(w: torch.Tensor) -> str:
+    if not bool(torch.isfinite(w).all()):
+        n_bad = int((~torch.isfinite(w)).sum())
+        return f"non-finite values ({n_bad} NaN/Inf entries)"
+    if not bool(w.any()):
+        return "all-zero matrix"
+    return ""
+
+
+def analyze(
+    model: Any,
+    *,
+    conv_mode: str = "ww",
+    conventions: str = "nndiag",
+    precision: str = "auto",
+    min_evals: int = MIN_EVALS,
+    max_evals: int | None = MAX_EVALS,
+    max_N: int | None = MAX_N,
+    thresh: float = EVALS_THRESH,
+    min_tail: int = 1,
+    fix_fingers: str | None = None,
+    xmin_max: float | None = None,
+    max_fingers: int = 10,
+    finger_thresh: float = 1.0,
+    fit: str = "PL",
+    mp_fit: bool = False,
+    randomize: bool = False,
+    layers: list[str] | None = None,
+    scale_jump: float = 1.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    batch_bytes: int = 256 << 20,
+    dedup: bool = True,
+    keep_evals: bool = False,
+) -> SpectralResult:
+    """Diagnose every weight matrix of a model from its eigenvalue spectrum, without data.
+
+    Parameters
+    ----------
+    model : nn.Module, str, Path or LoadedModel
+        The model (anything :func:`nndiag.load_model` accepts, or a state dict).
+    conv_mode : {"ww", "unfold"}
+        Convolution layout: per kernel position, pooled (WeightWatcher) or unfolded.
+    conventions : {"nndiag", "ww"}
+        ``ww`` reproduces WeightWatcher 0.7.7's numbers (see the module docstring).
+    precision : {"auto", "float32", "float64"}
+        Eigen-solver precision (see :mod:`nndiag.spectral.esd`).
+    min_evals, max_evals, max_N : int
+        Layer size limits (WeightWatcher's defaults 8, 15000, 50000).
+    thresh, min_tail, fix_fingers, xmin_max, max_fingers, finger_thresh
+        Power-law fit options (see :func:`~nndiag.spectral.powerlaw.fit_powerlaw`).
+    fit : {"PL", "TPL"}
+        ``TPL`` also fits a truncated power law on the PL tail (columns
+        ``tpl_alpha``, ``tpl_lambda``).
+    mp_fit : bool
+        Add the Marchenko–Pastur columns ``sigma_mp, bulk_min, bulk_max, num_spikes,
+        mp_softrank``.
+    randomize : bool
+        Compare each ESD with that of the element-shuffled matrix: ``rand_distance``
+        (Jensen–Shannon distance of the two log-ESD histograms, in [0, 1]),
+        ``num_traps`` (shuffled-ESD eigenvalues above its MP bulk edge), ``ww_softrank``.
+    layers : list of str, optional
+        Only these layer names (or tensor names).
+    scale_jump : float
+        Decades of ``λmax`` between consecutive layers that count as a scale collapse.
+    seed : int
+        Seed for ``randomize``.
+    device : str or torch.device
+        Where eigenvalues are computed (``"auto"`` = CUDA when present).
+    threads : int, optional
+        BLAS/OpenMP threads (default: ``NNDIAG_THREADS``, else the usable cores that
+        the load average leaves idle, at least 1).
+    batch_bytes : int
+        Largest batch of pending matrices (bounds memory when streaming).
+    dedup : bool
+        Compute identical in-memory matrices once (e.g. the cloned layers of a freshly
+        built ``nn.TransformerEncoder``).
+    keep_evals : bool
+        Keep the eigenvalues in ``result.evals``.
+
+    Returns
+    -------
+    SpectralResult
+
+    Examples
+    --------
+    >>> import torch
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> res = analyze(torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 10)))
+    >>> list(res.layers["name"])
+    ['0', '1']
+    """
+    from nndiag._utils.device import resolve_device
+    from nndiag._utils.threads import limit_threads
+
+    if conventions not in CONVENTIONS:
+        raise InputError(f"unknown conventions '{conventions}'; choose nndiag or ww")
+    if fit not in ("PL", "TPL"):
+        raise InputError(f"unknown fit '{fit}'; choose PL or TPL")
+    t_start = time.perf_counter()
+    source, module, name = _source(model)
+    dev = resolve_device(device)
+    ww = conventions == "ww"
+    from nndiag.io.tensors import ModuleSource
+
+    ctx = _preserve(module)
+    with ctx, limit_threads(_threads(threads)), torch.no_grad():
+        infos = source.infos()
+        specs, reasons = plan_layers(infos, conv_mode=conv_mode, min_evals=min_evals,
+                                     max_evals=max_evals, max_N=max_N)
+        if layers is not None:
+            wanted = set(layers)
+            specs = [s for s in specs if s.name in wanted or s.tensor in wanted]
+        info_by_name = {i.name: i for i in infos}
+        skipped_rows = [
+            _skip_row(info_by_name[t], r) for t, r in reasons.items()
+        ]
+        batcher = _Batcher(precision, dev, batch_bytes)
+        in_memory = isinstance(source, ModuleSource) or type(source).__name__ == "DictSource"
+        seen: dict[tuple[Any, ...], list[tuple[torch.Tensor, str]]] = {}
+        alias: dict[str, str] = {}
+        analysed: list[LayerSpec] = []
+        mats_for_random: dict[str, torch.Tensor] = {}
+        cache: dict[str, torch.Tensor] = {}
+        for spec in specs:
+            w = cache.get(spec.tensor)
+            if w is None:
+                w = source.get(spec.tensor)
+                cache.clear()
+                cache[spec.tensor] = w
+            partner = source.get(spec.partner) if spec.partner else None
+            mats = layer_matrices(spec, w, conv_mode, partner)
+            bad = _check_values(mats)
+            if bad:
+                # tensor name, as for metadata skips; the layer name for one part of a split tensor
+                shown = spec.name if spec.part is not None else spec.tensor
+                skipped_rows.append(_skip_row(info_by_name[spec.tensor], bad, shown))
+                continue
+            analysed.append(spec)
+            if randomize:
+                mats_for_random[spec.name] = mats.detach().clone().cpu()
+            if dedup and in_memory:
+                fp = (_fingerprint(mats),)
+                hit = next((k for m, k in seen.get(fp, []) if torch.equal(m, mats)), None)
+                if hit is not None:
+                    alias[spec.name] = hit
+                    continue
+                seen.setdefault(fp, []).append((mats, spec.name))
+            batcher.add(spec.name, mats)
+        batcher.flush()
+        cache.clear()
+        seen.clear()
+
+        rows = []
+        evals_by_layer: dict[str, np.ndarray] = {}
+        esd_rows = []
+        fit_kw = dict(thresh=thresh, min_tail=min_tail, fix_fingers=fix_fingers, xmin_max=xmin_max,
+                      max_fingers=max_fingers, finger_thresh=finger_thresh,
+                      small_n="ww" if ww else None)
+        t_fit = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        for spec in analysed:
+            raw = batcher.out[alias.get(spec.name, spec.name)]
+            ev = np.sort(np.concatenate(raw))
+            scale = 0.5 if (ww and spec.kind == "conv2d" and conv_mode == "ww") else 1.0
+            ev = ev * scale
+            plf = fit_powerlaw(ev, **fit_kw)
+            row: dict[str, Any] = {"name": spec.name, "index": spec.index, "tensor": spec.tensor,
+                                   "kind": spec.kind}
+            row.update(layer_metrics(ev, plf, spec.N, spec.M, spec.rf))
+            row["reason"] = plf.reason
+            row["dtype"] = spec.dtype
+            if plf.ok and plf.num_fingers:
+                row["num_fingers"], row["raw_alpha"] = plf.num_fingers, plf.raw_alpha
+            if fit == "TPL":
+                from nndiag.spectral.tpl import fit_truncated_powerlaw
+
+                tp = fit_truncated_powerlaw(ev, xmin=plf.xmin) if plf.ok else None
+                row["tpl_alpha"] = tp.alpha if tp else math.nan
+                row["tpl_lambda"] = tp.Lambda if tp else math.nan
+            if mp_fit:
+                from nndiag.spectral.mp import fit_mp
+
+                mp = fit_mp(ev, spec.N / spec.M, spec.M)
+                row.update(sigma_mp=mp.sigma_mp, bulk_min=mp.bulk_min, bulk_max=mp.bulk_max,
+                           num_spikes=mp.num_spikes, mp_softrank=mp.mp_softrank)
+            if randomize:
+                from nndiag.spectral.randomize import randomized_metrics
+
+                row.update(randomized_metrics(mats_for_random.pop(spec.name), ev, scale, spec.N,
+                                              spec.M, rng, precision))
+            rows.append(row)
+            esd_rows.extend(_esd_hist(spec.name, ev, thresh))
+            if keep_evals:
+                evals_by_layer[spec.name] = ev
+        t_done = time.perf_counter()
+
+    extra = [c for r in rows for c in r if c not in LAYER_COLUMNS]
+    cols = LAYER_COLUMNS + list(dict.fromkeys(extra))
+    df = pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame(columns=cols)
+    skipped = pd.DataFrame(skipped_rows, columns=SKIPPED_COLUMNS)
+    esd_df = pd.DataFrame(esd_rows, columns=["name", "log10_lo", "log10_hi", "count"])
+    summary = summarize(df)
+    summary.update({"model": name, "layers_analysed": int(len(df)),
+                    "layers_skipped": int(len(skipped))})
+    finds = _findings.spectral_findings(df, skipped, summary, scale_jump=scale_jump)
+    params = {
+        "conv_mode": conv_mode, "conventions": conventions, "precision": precision,
+        "min_evals": min_evals, "max_evals": max_evals, "max_N": max_N, "thresh": thresh,
+        "min_tail": min_tail, "fix_fingers": fix_fingers, "xmin_max": xmin_max,
+        "max_fingers": max_fingers, "finger_thresh": finger_thresh, "fit": fit,
+        "mp_fit": mp_fit, "randomize": randomize, "layers": layers, "scale_jump": scale_jump,
+        "threads": threads, "dedup": dedup,
+    }
+    timing = {"total": t_done - t_start, "eigenvalues": batcher.eig_seconds,
+              "fit_and_metrics": t_done - t_fit}
+    return SpectralResult(
+        kind="spectral", tables={"layers": df, "skipped": skipped, "esd": esd_df},
+        summary=summary, findings=finds, params=jsonable(params), seed=seed, timing=timing,
+        meta=provenance(str(dev)), evals=evals_by_layer,
+    )
+
+
+def _threads(threads: int | None) -> int:
+    """Explicit count, else ``NNDIAG_THREADS``, else the cores not already busy.
+
+    On a loaded machine, BLAS threads beyond the idle cores slow eigen-solvers many
+    times over (spinning OpenMP workers), so the default counts the load average.
+    """
+    import os
+
+    from nndiag._utils.threads import default_threads
+
+    if threads is not None:
+        return max(1, int(threads))
+    if os.environ.get("NNDIAG_THREADS"):
+        return default_threads()
+    cores = default_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - non-Unix
+        return cores
+    return max(1, min(cores, int(round(cores - load + 0.5))))
+
+
+def _preserve(module: torch.nn.Module | None) -> Any:
+    import contextlib
+
+    if module is None:
+        return contextlib.nullcontext()
+    from nndiag._utils.model_state import preserved
+
+    # analysis only reads weights: no value snapshot needed (values are never written)
+    return preserved(module, values=False)
+
+
+def _skip_row(info: Any, reason: str, name: str | None = None) -> dict[str, Any]:
+    return {
+        "name": name or info.name,
+        "kind": tensor_kind(info),
+        "shape": "×".join(str(s) for s in info.shape) or "scalar",
+        "dtype": info.dtype,
+        "reason": reason,
+    }
+
+
+def _esd_hist(name: str, ev: np.ndarray, thresh: float) -> list[dict[str, Any]]:
+    pos = ev[ev > thresh]
+    if pos.size == 0:
+        return []
+    lg = np.log10(pos)
+    lo, hi = float(lg.min()), float(lg.max())
+    if hi <= lo:
+        hi = lo + 1e-6
+    counts, edges = np.histogram(lg, bins=_ESD_BINS, range=(lo, hi))
+    return [{"name": name, "log10_lo": float(edges[i]), "log10_hi": float(edges[i + 1]),
+             "count": int(counts[i])} for i in range(_ESD_BINS)]
+
+
+def summarize(df: pd.DataFrame) -> dict[str, Any]:
+    """Means of the summary metrics: alpha-based ones over successful fits only.
+
+    Also ``worst_alpha_layer`` / ``worst_alpha`` (the layer farthest outside [2, 6]) and
+    the counts of under-/over-trained layers and failed fits.
+    """
+    out: dict[str, Any] = {}
+    if df.empty:
+        return {m: None for m in SUMMARY_METRICS if m != "mp_softrank"}
+    ok = df["status"] == "success"
+    for m in SUMMARY_METRICS:
+        if m not in df.columns:
+            continue
+        col = pd.to_numeric(df.loc[ok, m] if m in _ALPHA_BASED else df[m], errors="coerce")
+        col = col[np.isfinite(col)]
+        out[m] = float(col.mean()) if len(col) else None
+    out["num_fits_failed"] = int((~ok).sum())
+    out["num_under_trained"] = int((df["warning"] == "under-trained").sum())
+    out["num_over_trained"] = int((df["warning"] == "over-trained").sum())
+    a = pd.to_numeric(df["alpha"], errors="coerce")
+    dist = np.maximum(a - 6.0, 2.0 - a)
+    if dist.notna().any():
+        i = int(dist.idxmax())
+        out["worst_alpha_layer"] = str(df.loc[i, "name"])
+        out["worst_alpha"] = float(a[i])
+    return out

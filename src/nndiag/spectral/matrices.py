@@ -1,0 +1,340 @@
+"""Which weight tensors the weight-spectrum analysis uses, and their matrices.
+
+This module is the single source of truth for layer selection: ``nndiag layers``
+(:func:`nndiag.io.layers.classify_tensor`) and :func:`nndiag.spectral.analyze` both
+call :func:`plan_layers`.
+
+Matrices
+--------
+* Linear, Embedding, Hugging Face ``Conv1D``: one matrix, ``N = max(shape)``,
+  ``M = min(shape)``, ``rf = 1``.
+* Convolutions (1-, 2- or 3-D kernels), two modes:
+
+  - ``conv_mode="ww"`` (WeightWatcher's layout): one ``out × in`` matrix per kernel
+    position; their eigenvalues are pooled, so a 64×32×3×3 kernel gives 9 matrices
+    and ``num_evals = 32·9 = 288``; ``rf`` = number of kernel positions.
+  - ``conv_mode="unfold"``: one ``out × (in·k…)`` matrix.
+* Fused attention projections: ``nn.MultiheadAttention.in_proj_weight`` (``3d × d``)
+  and timm-style ``qkv.weight`` are split into Q, K, V along dim 0; GPT-2
+  ``c_attn.weight`` (``d × 3d``, HF ``Conv1D``) along dim 1. Each part is its own layer
+  named ``<module>.q`` / ``.k`` / ``.v``.
+* LoRA / PEFT adapters: a ``lora_B`` weight (``out × r``) is multiplied with its
+  ``lora_A`` partner (``r × in``) and analysed as ``B·A`` (named ``<module>.lora_BA``).
+
+Every tensor that is not analysed gets a reason (see :data:`REASONS`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nndiag.io.tensors import TensorInfo
+
+#: Default limits (WeightWatcher 0.7.7's defaults).
+MIN_EVALS = 8
+MAX_EVALS = 15000
+MAX_N = 50000
+CONV_MODES = ("ww", "unfold")
+
+_NORM_HINTS = ("norm", "bn", "ln_", ".ln", "layernorm", "batchnorm", "groupnorm")
+_NORM_TYPES = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "LocalResponseNorm")
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+_FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+_QUANT_DTYPES = ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")
+
+
+def tensor_kind(info: TensorInfo) -> str:
+    """A short kind for a tensor.
+
+    One of ``linear``, ``conv1d``/``conv2d``/``conv3d``, ``embedding``,
+    ``attention-qkv``, ``lora-a``, ``lora-b``, ``norm``, ``bias``, ``vector``,
+    ``buffer`` or ``tensorKd``.
+    """
+    leaf = info.name.rsplit(".", 1)[-1]
+    mt = info.module_type or ""
+    lname = info.name.lower()
+    if leaf in _BUFFER_SUFFIXES:
+        return "buffer"
+    if any(mt.startswith(t) for t in _NORM_TYPES):
+        return "norm"
+    if len(info.shape) <= 1:
+        if not mt and any(h in lname for h in _NORM_HINTS):
+            return "norm"
+        return "bias" if leaf.endswith("bias") else "vector"
+    if ".lora_a." in lname or lname.endswith(".lora_a.weight"):
+        return "lora-a"
+    if ".lora_b." in lname or lname.endswith(".lora_b.weight"):
+        return "lora-b"
+    if mt == "Embedding" or (not mt and "embed" in lname and len(info.shape) == 2):
+        return "embedding"
+    if leaf == "in_proj_weight" and len(info.shape) == 2:
+        return "attention-qkv"
+    if _fused_qkv_dim(info) is not None:
+        return "attention-qkv"
+    if mt == "Conv1D":  # Hugging Face GPT-2 style (in, out) matrix
+        return "linear"
+    if len(info.shape) == 2:
+        return "linear"
+    if len(info.shape) in (3, 4, 5):
+        return f"conv{len(info.shape) - 2}d"
+    return f"tensor{len(info.shape)}d"
+
+
+def _fused_qkv_dim(info: TensorInfo) -> int | None:
+    """The dim along which a fused Q/K/V weight of known layout splits, else None."""
+    if len(info.shape) != 2:
+        return None
+    a, b = info.shape
+    if info.name.endswith("in_proj_weight") and a == 3 * b:
+        return 0
+    if info.name.endswith(".qkv.weight") and a == 3 * b:
+        return 0
+    if info.name.endswith("c_attn.weight") and b == 3 * a:
+        return 1
+    return None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One matrix (or pooled set of matrices) the analysis will compute on.
+
+    Attributes
+    ----------
+    name : str
+        Display name: the module path (tensor name without ``.weight``), plus
+        ``.q``/``.k``/``.v`` for split attention or ``.lora_BA`` for adapters.
+    tensor : str
+        The source tensor name.
+    kind : str
+        See :func:`tensor_kind`.
+    shape : tuple of int
+        Shape of the source tensor.
+    dtype : str
+        dtype of the source tensor.
+    N, M, rf, num_evals : int
+        Larger and smaller matrix side, receptive field (kernel positions), and the
+        number of eigenvalues the layer yields.
+    part : int or None
+        Index of the Q/K/V part for split attention weights.
+    split_dim : int or None
+        Dimension along which the fused attention weight splits.
+    partner : str or None
+        The ``lora_A`` tensor name for a LoRA ``B·A`` product.
+    index : int
+        Position of the layer in model order.
+    """
+
+    name: str
+    tensor: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    N: int
+    M: int
+    rf: int
+    num_evals: int
+    part: int | None = None
+    split_dim: int | None = None
+    partner: str | None = None
+    index: int = 0
+
+
+def _display(tensor_name: str) -> str:
+    for suffix in (".weight", "_weight"):
+        if tensor_name.endswith(suffix):
+            return tensor_name[: -len(suffix)]
+    return tensor_name
+
+
+def _dims(kind: str, shape: tuple[int, ...], conv_mode: str) -> tuple[int, int, int, int]:
+    """``(N, M, rf, num_evals)`` of a tensor's matrix (or pooled slices)."""
+    if kind.startswith("conv"):
+        out, inp = int(shape[0]), int(shape[1])
+        rf = 1
+        for s in shape[2:]:
+            rf *= int(s)
+        if conv_mode == "ww":
+            n, m = max(out, inp), min(out, inp)
+            return n, m, rf, m * rf
+        n, m = max(out, inp * rf), min(out, inp * rf)
+        return n, m, rf, m
+    a, b = int(shape[0]), int(shape[1])
+    return max(a, b), min(a, b), 1, min(a, b)
+
+
+def plan_layers(
+    infos: list[TensorInfo],
+    *,
+    conv_mode: str = "ww",
+    min_evals: int = MIN_EVALS,
+    max_evals: int | None = MAX_EVALS,
+    max_N: int | None = MAX_N,
+) -> tuple[list[LayerSpec], dict[str, str]]:
+    """Decide which tensors are analysed and why the others are not.
+
+    Parameters
+    ----------
+    infos : list of TensorInfo
+        Tensor metadata in model order (no values are loaded).
+    conv_mode : {"ww", "unfold"}
+        Convolution layout (see the module docstring).
+    min_evals, max_evals, max_N : int
+        Layers with fewer than ``min_evals`` or more than ``max_evals`` eigenvalues,
+        or with a side longer than ``max_N``, are skipped (``None`` = no limit).
+
+    Returns
+    -------
+    specs : list of LayerSpec
+        The layers to analyse, in model order.
+    reasons : dict of str to str
+        ``tensor name -> reason`` for every tensor not analysed (empty reason never).
+
+    Examples
+    --------
+    >>> from nndiag.io.tensors import TensorInfo
+    >>> specs, why = plan_layers([TensorInfo("fc.weight", (10, 64), "float32", "Linear"),
+    ...                          TensorInfo("fc.bias", (10,), "float32", "Linear")])
+    >>> [s.name for s in specs], why
+    (['fc'], {'fc.bias': '1-D tensor'})
+    """
+    from nndiag.errors import InputError
+
+    if conv_mode not in CONV_MODES:
+        raise InputError(f"unknown conv_mode '{conv_mode}'; choose one of {', '.join(CONV_MODES)}")
+    by_name = {i.name: i for i in infos}
+    specs: list[LayerSpec] = []
+    reasons: dict[str, str] = {}
+    for info in infos:
+        kind = tensor_kind(info)
+        reason = _basic_reason(info, kind)
+        if reason:
+            reasons[info.name] = reason
+            continue
+        if kind == "lora-a":
+            partner = info.name.replace("lora_A", "lora_B").replace("lora_a", "lora_b")
+            if partner in by_name:
+                reasons[info.name] = f"LoRA A factor (analysed as the product with {partner})"
+            else:
+                reasons[info.name] = "LoRA A factor without its B partner"
+            continue
+        candidates: list[LayerSpec] = []
+        if kind == "lora-b":
+            a_name = info.name.replace("lora_B", "lora_A").replace("lora_b", "lora_a")
+            a_info = by_name.get(a_name)
+            if a_info is None or len(a_info.shape) != 2 or a_info.shape[0] != info.shape[1]:
+                reasons[info.name] = "LoRA B factor without a matching lora_A partner"
+                continue
+            out, inp = int(info.shape[0]), int(a_info.shape[1])
+            base = _display(info.name).replace(".lora_B", "").replace(".lora_b", "")
+            base = base.replace(".default", "")
+            candidates.append(LayerSpec(f"{base}.lora_BA", info.name, kind, info.shape, info.dtype,
+                                        max(out, inp), min(out, inp), 1, min(out, inp),
+                                        partner=a_name))
+        elif kind == "attention-qkv":
+            dim = _fused_qkv_dim(info)
+            if dim is None:
+                reasons[info.name] = f"fused attention weight of unknown layout {tuple(info.shape)}"
+                continue
+            part_shape = list(info.shape)
+            part_shape[dim] //= 3
+            a, b = part_shape
+            base = _display(info.name)
+            if base.endswith("in_proj"):
+                pass
+            for p, letter in enumerate("qkv"):
+                candidates.append(LayerSpec(f"{base}.{letter}", info.name, kind, info.shape, info.dtype,
+                                            max(a, b), min(a, b), 1, min(a, b), part=p, split_dim=dim))
+        else:
+            n, m, rf, ne = _dims(kind, info.shape, conv_mode)
+            candidates.append(LayerSpec(_display(info.name), info.name, kind, info.shape, info.dtype,
+                                        n, m, rf, ne))
+        size_reason = _size_reason(candidates[0], min_evals, max_evals, max_N)
+        if size_reason:
+            reasons[info.name] = size_reason
+            continue
+        specs.extend(candidates)
+    specs = [LayerSpec(**{**s.__dict__, "index": i}) for i, s in enumerate(specs)]
+    return specs, reasons
+
+
+def _basic_reason(info: TensorInfo, kind: str) -> str:
+    if kind == "buffer":
+        return "buffer (not a weight)"
+    if kind == "norm":
+        return "normalisation layer parameter"
+    if kind in ("bias", "vector"):
+        return "1-D tensor" if len(info.shape) == 1 else "scalar"
+    if kind.startswith("tensor"):
+        return f"unsupported {len(info.shape)}-D tensor"
+    if info.dtype in _QUANT_DTYPES:
+        return ""  # dequantised on load
+    if info.dtype not in _FLOAT_DTYPES:
+        if info.dtype.startswith("float8"):
+            return f"8-bit float dtype {info.dtype} without a scale (dequantise it first)"
+        return f"non-float dtype {info.dtype} (quantised weights without a scale; dequantise first)"
+    if any(int(s) == 0 for s in info.shape):
+        return f"empty tensor {tuple(info.shape)}"
+    return ""
+
+
+def _size_reason(spec: LayerSpec, min_evals: int, max_evals: int | None, max_N: int | None) -> str:
+    if spec.M <= 1 and spec.num_evals < max(min_evals, 2):
+        return f"1×N matrix ({spec.num_evals} eigenvalue)"
+    if spec.num_evals < min_evals:
+        return f"too few eigenvalues ({spec.num_evals} < {min_evals})"
+    if max_evals and spec.num_evals > max_evals:
+        return f"over the size limit ({spec.num_evals} eigenvalues > max_evals {max_evals})"
+    if max_N and spec.N > max_N:
+        return f"over the size limit (N = {spec.N} > max_N {max_N})"
+    return ""
+
+
+def to_float(t: torch.Tensor) -> torch.Tensor:
+    """A float32/float64 view of a weight (dequantising torch-quantised tensors)."""
+    if t.is_quantized:
+        t = t.dequantize()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.detach()
+
+
+def layer_matrices(spec: LayerSpec, w: torch.Tensor, conv_mode: str = "ww",
+                   partner: torch.Tensor | None = None) -> torch.Tensor:
+    """The matrices of one layer as a ``(B, n, m)`` stack with ``n >= m``.
+
+    Parameters
+    ----------
+    spec : LayerSpec
+        From :func:`plan_layers`.
+    w : Tensor
+        The source tensor's values.
+    conv_mode : {"ww", "unfold"}
+        Convolution layout.
+    partner : Tensor, optional
+        The ``lora_A`` factor for a LoRA spec.
+
+    Returns
+    -------
+    Tensor
+        ``B = rf`` kernel-position slices in ``ww`` conv mode, else ``B = 1``.
+    """
+    w = to_float(w)
+    if spec.kind == "lora-b":
+        assert partner is not None
+        mats = (w @ to_float(partner).to(w.dtype))[None]
+    elif spec.kind == "attention-qkv":
+        assert spec.split_dim is not None and spec.part is not None
+        mats = w.chunk(3, dim=spec.split_dim)[spec.part][None]
+    elif spec.kind.startswith("conv"):
+        out, inp = w.shape[0], w.shape[1]
+        if conv_mode == "ww":
+            mats = w.reshape(out, inp, -1).permute(2, 0, 1)  # (rf, out, in)
+        else:
+            mats = w.reshape(out, -1)[None]
+    else:
+        mats = w[None]
+    if mats.shape[1] < mats.shape[2]:
+        mats = mats.mT
+    return mats

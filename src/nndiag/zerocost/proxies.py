@@ -1,0 +1,289 @@
+"""The standard zero-cost proxies, one function each.
+
+Definitions follow the zero-cost literature (Abdelfattah et al., ICLR 2021, "Zero-Cost
+Proxies for Lightweight NAS"; NASLib's implementations as documented there; Mellor et al.
+2021 for NASWOT and jacob_cov; Lin et al. 2021 for Zen-score). Every function takes the
+network and one batch, scores a deep copy (the user's model is never modified) and
+returns a float where higher predicts higher accuracy. "Weights" are the ``.weight`` of
+Conv and Linear layers; gradient proxies run the copy in train mode with mean
+cross-entropy over the batch.
+
+=============  ===============================================================
+``grad_norm``  Σ_layers ‖∂L/∂W‖₂
+``snip``       Σ |W ⊙ ∂L/∂W|
+``grasp``      −Σ W ⊙ (H g), g = ∂L/∂W, H the Hessian of L in W
+``fisher``     Σ_layers Σ_channels ½·mean_i (Σ_spatial a ⊙ ∂L/∂a)², a = layer outputs
+``synflow``    Σ |W ⊙ ∂R/∂W|, R = Σ f(1) with |all parameters|, BN bypassed, float64
+``jacob_cov``  −Σ_k [log(λ_k + ε) + 1/(λ_k + ε)], λ = eigenvalues of corr(∂Σf/∂x_i), ε = 1e-5
+``nwot``       log|det K|, K = Σ_ReLU (c cᵀ + (1−c)(1−c)ᵀ), c = binary ReLU codes
+``zen``        log E‖f(x) − f(x + 0.01ε)‖₁ + Σ_BN log √mean(σ²_BN), Gaussian weights and inputs
+``params``     number of parameters
+``flops``      multiply-accumulates of Conv/Linear layers for one input
+=============  ===============================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from nndiag.errors import AnalysisError
+from nndiag.zerocost._common import (
+    check_batch,
+    check_finite,
+    default_loss,
+    scored_weights,
+    working_copy,
+)
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _prep(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, what: str,
+          train: bool = True, dtype: torch.dtype | None = None):
+    check_batch(x, y, what=what)
+    layers = scored_weights(model)  # raises when there is nothing to score
+    del layers
+    net = working_copy(model, train=train, dtype=dtype)
+    p = next(net.parameters())
+    xx = x.to(p.device, dtype=p.dtype)
+    yy = None if y is None else y.to(p.device)
+    return net, scored_weights(net), xx, yy
+
+
+def _batch_grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Loss | None) -> None:
+    net.zero_grad(set_to_none=True)
+    (loss or default_loss)(net(x), y).backward()
+
+
+def _grad(m: nn.Module) -> torch.Tensor:
+    g = m.weight.grad
+    return torch.zeros_like(m.weight) if g is None else g
+
+
+def grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss | None = None) -> float:
+    """Sum over Conv/Linear layers of the L2 norm of the weight gradient.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(4, 3))
+    >>> grad_norm(net, torch.randn(8, 4), torch.randint(0, 3, (8,))) > 0
+    True
+    """
+    net, layers, x, y = _prep(model, x, y, "grad_norm")
+    _batch_grads(net, x, y, loss)
+    return check_finite(float(sum(_grad(m).norm() for _, m in layers)), "grad_norm")
+
+
+def snip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss | None = None) -> float:
+    """SNIP saliency Σ |W ⊙ ∂L/∂W| over Conv/Linear weights (Lee et al., 2019)."""
+    net, layers, x, y = _prep(model, x, y, "snip")
+    _batch_grads(net, x, y, loss)
+    return check_finite(float(sum((m.weight.detach() * _grad(m)).abs().sum() for _, m in layers)), "snip")
+
+
+def grasp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss | None = None) -> float:
+    """GraSP: −Σ W ⊙ (H g) with g = ∂L/∂W (Wang et al., 2020), via one Hessian-vector product."""
+    net, layers, x, y = _prep(model, x, y, "grasp")
+    fn = loss or default_loss
+    ws = [m.weight for _, m in layers]
+    g = torch.autograd.grad(fn(net(x), y), ws, allow_unused=True)
+    g = [torch.zeros_like(w) if gi is None else gi.detach() for w, gi in zip(ws, g)]
+    g2 = torch.autograd.grad(fn(net(x), y), ws, create_graph=True, allow_unused=True)
+    z = sum((gi * gj).sum() for gi, gj in zip(g2, g) if gi is not None)
+    if not isinstance(z, torch.Tensor) or not z.requires_grad:
+        return 0.0
+    hg = torch.autograd.grad(z, ws, allow_unused=True)
+    total = sum((-w.detach() * h).sum() for w, h in zip(ws, hg) if h is not None)
+    return check_finite(float(total), "grasp")
+
+
+def fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss | None = None) -> float:
+    """Fisher information of the Conv/Linear outputs' channels (Theis et al., 2018; Turner et al., 2020).
+
+    For each layer output ``a`` with gradient ``δ``: per channel
+    ½·mean_i (Σ_spatial a·δ)², summed over channels and layers.
+    """
+    net, layers, x, y = _prep(model, x, y, "fisher")
+    acts: list[list[torch.Tensor]] = []
+    handles = []
+
+    def hook(_m: nn.Module, _i: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        entry = [out.detach()]
+        acts.append(entry)
+        if out.requires_grad:
+            out.register_hook(lambda g: entry.append(g.detach()))
+
+    for _, m in layers:
+        handles.append(m.register_forward_hook(hook))
+    try:
+        _batch_grads(net, x, y, loss)
+    finally:
+        for h in handles:
+            h.remove()
+    total = 0.0
+    for entry in acts:
+        if len(entry) < 2:
+            continue
+        a, d = entry
+        prod = a * d
+        per = prod.sum(dim=tuple(range(2, prod.ndim))) if prod.ndim > 2 else prod
+        total += float((0.5 * per.pow(2).mean(0)).sum())
+    return check_finite(total, "fisher")
+
+
+def synflow(model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> float:
+    """SynFlow (Tanaka et al., 2020), data-free: Σ |W ⊙ ∂R/∂W| over Conv/Linear weights.
+
+    R = Σ f(1) on the all-ones input of one example's shape, with every parameter and
+    buffer replaced by its absolute value, BatchNorm bypassed (identity) and float64
+    arithmetic. ``x`` only gives the input shape; ``y`` is ignored.
+    """
+    if x is None or x.ndim < 2:
+        raise AnalysisError("synflow needs an input batch to take the example shape from")
+    net = working_copy(model, train=False, dtype=torch.float64)
+    layers = scored_weights(net)
+    _bypass_norms(net)
+    with torch.no_grad():
+        for t in list(net.parameters()) + list(net.buffers()):
+            if t.is_floating_point():
+                t.abs_()
+    p = next(net.parameters())
+    ones = torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=p.device)
+    net.zero_grad(set_to_none=True)
+    torch.sum(net(ones)).backward()
+    total = sum((m.weight.detach() * _grad(m)).abs().sum() for _, m in layers)
+    return check_finite(float(total), "synflow")
+
+
+def _bypass_norms(net: nn.Module) -> None:
+    for name, m in list(net.named_modules()):
+        if isinstance(m, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)) and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = net.get_submodule(parent_name) if parent_name else net
+            setattr(parent, child, nn.Identity())
+
+
+def jacob_cov(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> float:
+    """Jacobian covariance (Mellor et al., 2020): −Σ_k [log(λ_k + ε) + 1/(λ_k + ε)].
+
+    λ are the eigenvalues of the correlation matrix of the per-example input gradients of
+    Σ f(x) (train mode), ε = 1e-5. Labels are not used.
+    """
+    net, _, x, _ = _prep(model, x, None, "jacob_cov")
+    xin = x.detach().clone().requires_grad_(True)
+    net(xin).sum().backward()
+    jac = xin.grad.reshape(x.shape[0], -1).double()
+    if not torch.isfinite(jac).all():
+        raise AnalysisError("jacob_cov: NaN gradients")
+    corr = torch.corrcoef(jac)
+    corr = torch.nan_to_num(corr, nan=0.0)
+    lam = torch.linalg.eigvalsh(corr)
+    eps = 1e-5
+    return check_finite(float(-torch.sum(torch.log(lam + eps) + 1.0 / (lam + eps))), "jacob_cov")
+
+
+def nwot(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> float:
+    """NASWOT (Mellor et al., 2021): log|det K| of the Hamming-similarity kernel of ReLU codes.
+
+    Each ReLU's input is binarised (c = [a > 0]) per example; K = Σ c cᵀ + (1−c)(1−c)ᵀ
+    over ReLUs. Labels are not used. A network whose codes coincide gives −inf.
+    """
+    check_batch(x, None, what="nwot")
+    net = working_copy(model, train=True)
+    relus = [m for m in net.modules() if isinstance(m, nn.ReLU)]
+    if not relus:
+        raise AnalysisError(f"nwot needs ReLU layers; {type(model).__name__} has none")
+    n = x.shape[0]
+    kernel = torch.zeros(n, n, dtype=torch.float64)
+
+    def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], _o: torch.Tensor) -> None:
+        c = (inp[0].detach().reshape(n, -1) > 0).double()
+        kernel.add_(c @ c.T + (1 - c) @ (1 - c).T)
+
+    handles = [m.register_forward_hook(hook) for m in relus]
+    try:
+        with torch.no_grad():
+            net(x.to(next(net.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    sign, logdet = torch.linalg.slogdet(kernel)
+    return float(logdet) if float(sign) > 0 else -math.inf
+
+
+def zen(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *,
+        mixup: float = 0.01, seed: int = 0) -> float:
+    """Zen-score (Lin et al., ICCV 2021), data-free.
+
+    Weights re-drawn from N(0, 1) on a copy; Gaussian inputs of ``x``'s shape; Δ = mean
+    over examples of ‖F(z) − F(z + mixup·ε)‖₁, with F the feature map before global
+    pooling (the input of the last ``AdaptiveAvgPool``, else of the last Linear); score
+    = log Δ + Σ_BN log √mean(running variance) after the two train-mode passes.
+    """
+    check_batch(x, None, what="zen")
+    net = working_copy(model, train=True)
+    scored_weights(net)
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, _BatchNorm) and m.affine:
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+    target = [m for m in net.modules() if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d))]
+    if not target:
+        target = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    feats: list[torch.Tensor] = []
+    handle = target[-1].register_forward_hook(lambda _m, i, _o: feats.append(i[0].detach()))
+    try:
+        z = torch.randn(x.shape, generator=g)
+        eps = torch.randn(x.shape, generator=g)
+        with torch.no_grad():
+            net(z)
+            net(z + mixup * eps)
+    finally:
+        handle.remove()
+    delta = (feats[-2] - feats[-1]).abs().reshape(x.shape[0], -1).sum(1).mean()
+    score = math.log(float(delta)) if float(delta) > 0 else -math.inf
+    for m in net.modules():
+        if isinstance(m, _BatchNorm) and m.running_var is not None:
+            score += math.log(math.sqrt(float(m.running_var.mean())))
+    return check_finite(score, "zen")
+
+
+def params(model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> float:
+    """Number of parameters (data-free)."""
+    return float(sum(p.numel() for p in model.parameters()))
+
+
+def flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> float:
+    """Multiply-accumulates of the Conv and Linear layers for one example of ``x``'s shape."""
+    if x is None or x.ndim < 2:
+        raise AnalysisError("flops needs an input batch to take the example shape from")
+    net = working_copy(model, train=False)
+    total = [0]
+
+    def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        if isinstance(m, nn.Linear):
+            total[0] += out.numel() * m.in_features
+        else:
+            per_out = m.weight.shape[1] * math.prod(m.weight.shape[2:])
+            total[0] += out.numel() * per_out
+
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.no_grad():
+            net(x[:1].to(next(net.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return float(total[0])

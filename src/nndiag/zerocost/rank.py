@@ -1,0 +1,104 @@
+"""Rank users' own candidate networks by zero-cost proxies at initialisation."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from nndiag.errors import AnalysisError, InputError
+
+
+def reinitialised(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``model`` with every parameter re-drawn by its layer's default initialiser.
+
+    Calls ``reset_parameters()`` on every module that has one, under a forked global RNG
+    seeded with ``seed`` (the caller's RNG stream and ``model`` are untouched).
+
+    Raises
+    ------
+    AnalysisError
+        When some parameters belong to modules without ``reset_parameters`` (they could
+        not be re-initialised, so the score would not be an at-initialisation score).
+    """
+    from nndiag._utils.seeding import fork_rng
+
+    net = copy.deepcopy(model)
+    covered: set[int] = set()
+    with fork_rng(seed), torch.no_grad():
+        for m in net.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+                covered.update(id(p) for p in m.parameters(recurse=False))
+            if hasattr(m, "reset_running_stats") and callable(m.reset_running_stats):
+                m.reset_running_stats()
+    missing = [n for n, p in net.named_parameters() if id(p) not in covered]
+    if missing:
+        raise AnalysisError(f"cannot re-initialise {len(missing)} parameter(s) without a "
+                            f"reset_parameters() method (e.g. {missing[0]}); score the model as is")
+    return net
+
+
+def proxy_agreement(scores: pd.DataFrame, proxies: Sequence[str]) -> float:
+    """Mean pairwise Kendall τ between the proxies' rankings of the candidates (NaN if < 2)."""
+    from scipy import stats
+
+    taus = []
+    for a, b in itertools.combinations([p for p in proxies if p in scores], 2):
+        ok = scores[a].notna() & scores[b].notna()
+        if ok.sum() >= 2:
+            t = stats.kendalltau(scores.loc[ok, a], scores.loc[ok, b]).statistic
+            if t == t:
+                taus.append(float(t))
+    return float(sum(taus) / len(taus)) if taus else math.nan
+
+
+def rank_models(
+    models: Sequence[tuple[str, nn.Module]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    proxies: Sequence[str],
+    *,
+    seed: int = 0,
+    at_init: bool = True,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Score each ``(name, module)`` and rank by the rank-aggregated vote (1 = best).
+
+    Returns the table (``name``, ``rank``, ``vote``, one column per proxy, ``status``,
+    ``error``) and a summary (``best``, ``proxy_agreement``).
+    """
+    from nndiag.zerocost.evaluate import rank_vote
+    from nndiag.zerocost.score import compute_proxies
+
+    if not models:
+        raise InputError("no models to rank")
+    rows = []
+    for name, module in models:
+        row: dict[str, Any] = {"name": name}
+        try:
+            net = reinitialised(module, seed) if at_init else module
+            res = compute_proxies(net, x, y, proxies)
+        except AnalysisError as exc:
+            res = {p: math.nan for p in proxies}
+            res["errors"] = {"model": str(exc)}
+        for p in proxies:
+            row[p] = res[p]
+        errs = res["errors"]
+        row["status"] = "failed" if errs else "ok"
+        row["error"] = "; ".join(f"{k}: {v}" for k, v in errs.items())
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df["vote"] = rank_vote(df, proxies) if len(df) else []
+    df["rank"] = df["vote"].rank(ascending=False, method="min")
+    df = df.sort_values(["rank", "name"], na_position="last").reset_index(drop=True)
+    df = df[["name", "rank", "vote", *proxies, "status", "error"]]
+    summary = {"models": len(df), "best": df["name"].iloc[0] if df["vote"].notna().any() else None,
+               "proxy_agreement": proxy_agreement(df, proxies), "at_init": at_init}
+    return df, summary

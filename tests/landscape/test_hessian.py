@@ -1,0 +1,180 @@
+"""hessian_spectrum against the dense Hessian of tiny networks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nndiag._utils.model_state import same_snapshot, snapshot
+from nndiag.errors import AnalysisError, DataError, InputError
+from nndiag.landscape import HessianOperator, hessian_spectrum
+from tests.landscape._dense import dense_hessian, tiny_cnn, tiny_data, tiny_mlp
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module", params=["mlp", "cnn"])
+def case(request):
+    kind = request.param
+    model = tiny_mlp() if kind == "mlp" else tiny_cnn()
+    x, y = tiny_data(kind)
+    H = dense_hessian(model, x, y)
+    return kind, model, x, y, H, np.linalg.eigvalsh(H)
+
+
+def test_top_and_bottom_eigenvalues_match_dense(case):
+    _, model, x, y, H, ev = case
+    r = hessian_spectrum(model, (x, y), top_k=4, bottom_k=2, dtype=F64, tol=1e-6, vectors=True)
+    top = ev[::-1][:4]
+    np.testing.assert_allclose(r.eigenvalues, top, rtol=1e-4)
+    np.testing.assert_allclose(r.bottom_eigenvalues, ev[:2], rtol=1e-4, atol=1e-8 * abs(ev).max())
+    assert r.converged and r.iterations < len(ev)
+    # reported residuals are the true ones ‖Hv − λv‖
+    V = r.eigenvectors.numpy()
+    true_res = np.linalg.norm(V @ H - r.eigenvalues[:, None] * V, axis=1)
+    np.testing.assert_allclose(r.residuals, true_res, rtol=1e-3, atol=1e-9)
+    assert np.all(r.residuals <= 1e-6 * abs(ev).max() * 1.01)
+
+
+def test_float32_close_to_float64(case):
+    _, model, x, y, _, ev = case
+    r = hessian_spectrum(model, (x, y), top_k=2, tol=1e-4)
+    np.testing.assert_allclose(r.eigenvalues, ev[::-1][:2], rtol=1e-3)
+
+
+def test_exact_trace_via_identity_basis(case):
+    _, model, x, y, H, _ = case
+    r = hessian_spectrum(model, (x, y), top_k=0, trace=True, trace_method="exact", dtype=F64)
+    assert r.trace == pytest.approx(np.trace(H), rel=1e-10, abs=1e-12)
+    assert r.trace_stderr == 0.0
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutchpp"])
+def test_stochastic_trace_within_three_standard_errors(case, method):
+    _, model, x, y, H, _ = case
+    exact = float(np.trace(H))
+    for seed in (0, 1):
+        r = hessian_spectrum(model, (x, y), top_k=0, trace=True, trace_method=method,
+                             trace_rtol=None, trace_probes=60, dtype=F64, seed=seed)
+        assert r.trace_stderr > 0
+        assert abs(r.trace - exact) <= 3 * r.trace_stderr, (r.trace, exact, r.trace_stderr)
+
+
+def test_batches_are_weighted_by_size():
+    model = tiny_mlp()
+    x, y = tiny_data("mlp", n=50)
+    H = dense_hessian(model, x, y)
+    v = torch.randn(H.shape[0], dtype=F64)
+    for bs in (50, 7, 16):
+        op = HessianOperator(model, (x, y), batch_size=bs, dtype=F64)
+        np.testing.assert_allclose(op.matvec(v).numpy(), H @ v.numpy(), rtol=1e-9, atol=1e-12)
+        assert len(op.data.batches) == -(-50 // bs)
+
+
+def test_batched_probes_equal_looped():
+    model = tiny_cnn()
+    x, y = tiny_data("cnn")
+    op = HessianOperator(model, (x, y), dtype=F64)
+    V = torch.randn(5, op.dim, dtype=F64)
+    loop = op.matmat(V, batched=False)
+    auto = op.matmat(V)
+    np.testing.assert_allclose(auto.numpy(), loop.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_uncached_operator_equals_cached():
+    model = tiny_mlp()
+    x, y = tiny_data("mlp")
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
+    a = HessianOperator(model, (x, y), batch_size=16, dtype=F64).matvec(v)
+    b = HessianOperator(model, (x, y), batch_size=16, dtype=F64, cache=False).matvec(v)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-13)
+
+
+def test_batchnorm_train_mode_hessian_and_running_stats_untouched():
+    model = tiny_cnn(bn=True)
+    x, y = tiny_data("cnn")
+    H = dense_hessian(model, x, y, train=True)
+    r = hessian_spectrum(model, (x, y), top_k=1, dtype=F64, mode="train", tol=1e-8)
+    assert r.eigenvalues[0] == pytest.approx(np.linalg.eigvalsh(H)[-1], rel=1e-6)
+    bn = model[1]
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
+
+
+def _busy_model() -> tuple[nn.Module, list]:
+    model = tiny_cnn(bn=True)
+    model.train()
+    model[0].eval()  # mixed modes
+    model[0].bias.requires_grad_(False)
+    model[-1].weight.grad = torch.full_like(model[-1].weight, 0.5)
+    calls: list = []
+    model[-1].register_forward_hook(lambda m, i, o: calls.append(1))
+    return model, calls
+
+
+def test_model_left_exactly_as_it_was():
+    model, _ = _busy_model()
+    before = snapshot(model)
+    x, y = tiny_data("cnn")
+    r = hessian_spectrum(model, (x, y), top_k=2, bottom_k=1, trace=True, density=True, slq_steps=10)
+    assert same_snapshot(before, snapshot(model))
+    assert r.n_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_model_untouched_when_the_call_raises():
+    model, _ = _busy_model()
+    before = snapshot(model)
+    x, y = tiny_data("cnn")
+    with pytest.raises(DataError, match="labels must lie in"):
+        hessian_spectrum(model, (x, y + 10))
+    assert same_snapshot(before, snapshot(model))
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny_mlp()
+    x, y = tiny_data("mlp")
+    with pytest.raises(DataError, match="does not fit"):
+        hessian_spectrum(model, (torch.randn(8, 5), y[:8]))
+    with pytest.raises(DataError, match="labels must lie in"):
+        hessian_spectrum(model, (x, torch.full_like(y, 4)))
+    with pytest.raises(AnalysisError, match="loss is nan"):
+        hessian_spectrum(model, (x, y), loss=lambda out, t: out.sum() * float("nan"))
+    frozen = tiny_mlp()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(AnalysisError, match="no parameters with requires_grad"):
+        hessian_spectrum(frozen, (x, y))
+    with pytest.raises(InputError):
+        hessian_spectrum(model, (x, y), trace=True, trace_method="magic")
+    with pytest.raises(InputError):
+        hessian_spectrum(model, (x, y), mode="inference")
+
+
+def test_result_json_fields():
+    model = tiny_mlp()
+    x, y = tiny_data("mlp")
+    r = hessian_spectrum(model, (x, y), top_k=3, trace=True, density=True, slq_steps=20)
+    d = r.to_dict()
+    s = d["summary"]
+    assert s["eigenvalues"] == sorted(s["eigenvalues"], reverse=True)
+    assert {"trace", "trace_stderr", "n_samples", "criteria"} <= set(s)
+    assert set(s["criteria"]) == {"re", "Kh", "Ct"}
+    assert s["criteria_settings"]["steps"] == 20 and d["params"]["slq_runs"] == 3
+    assert d["tables"]["eigenvalues"][0]["name"] == "top_1"
+    assert s["n_samples"] == 48 and d["seed"] == 0
+
+
+def test_slq_density_mass_matches_dense_spectrum(case):
+    _, model, x, y, _, ev = case
+    r = hessian_spectrum(model, (x, y), top_k=0, density=True, slq_runs=12, slq_steps=40, dtype=F64)
+    # the CDF at quantiles, bracketed by the exact CDF a little left/right (the CNN
+    # spectrum has an atom at 0 that Ritz values resolve only to ~1e-3)
+    qs = np.quantile(ev, [0.05, 0.25, 0.5, 0.75, 0.95])
+    delta = 0.02 * (ev[-1] - ev[0])
+    est = r.density.cdf(qs)
+    lo = np.array([(ev <= q - delta).mean() for q in qs])
+    hi = np.array([(ev <= q + delta).mean() for q in qs])
+    assert np.all(est >= lo - 0.06) and np.all(est <= hi + 0.06), (est, lo, hi)
+    assert r.criteria["lambda_max"] == pytest.approx(ev[-1], rel=1e-4)
+    assert r.criteria["lambda_min"] == pytest.approx(ev[0], rel=1e-3)

@@ -1,0 +1,247 @@
+"""analyze(): layer selection, model left untouched, bad inputs, streaming, JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nndiag._utils.model_state import same_snapshot, snapshot
+from nndiag.errors import InputError
+from nndiag.io.layers import describe_layers
+from nndiag.io.models import load_model
+from nndiag.spectral import analyze
+
+
+def _svd2(W: torch.Tensor) -> np.ndarray:
+    return np.sort(np.linalg.svd(W.detach().double().numpy(), compute_uv=False) ** 2)
+
+
+def test_layers_table_has_ww_metric_names_and_reference_values():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    res = analyze(m, keep_evals=True, precision="float64")
+    df = res.layers
+    assert df.columns[0] == "name"
+    for col in ("alpha", "alpha_weighted", "D", "xmin", "xmax", "num_pl_spikes", "sigma",
+                "lambda_max", "spectral_norm", "log_spectral_norm", "norm", "log_norm",
+                "log_alpha_norm", "stable_rank", "entropy", "matrix_rank", "N", "M", "Q",
+                "num_evals", "rf", "warning", "status"):
+        assert col in df.columns
+    assert list(df["name"]) == ["0", "2"]
+    np.testing.assert_allclose(res.evals["0"], _svd2(m[0].weight), rtol=1e-8)
+    assert df.loc[0, "N"] == 128 and df.loc[0, "M"] == 64
+    assert set(res.skipped["name"]) == {"0.bias", "2.bias"}
+    assert res.summary["layers_analysed"] == 2
+
+
+def test_selection_covers_attention_conv_hf_and_lora():
+    class GPT2Conv1D(nn.Module):  # HF's Conv1D: weight is (in, out)
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(16, 48))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.c_attn = GPT2Conv1D()
+            self.conv1d = nn.Conv1d(6, 12, 5)
+            self.conv3d = nn.Conv3d(2, 4, 2)
+            self.emb = nn.Embedding(100, 16)
+            self.tiny = nn.Linear(4, 3)
+            self.bn = nn.BatchNorm1d(8, affine=False)
+            self.ln = nn.LayerNorm(16)
+
+    torch.manual_seed(0)
+    net = Net()
+    sd = dict(net.state_dict())
+    sd["adapter.lora_A.default.weight"] = torch.randn(4, 32)
+    sd["adapter.lora_B.default.weight"] = torch.randn(24, 4)
+    res = analyze(net)
+    names = list(res.layers["name"])
+    assert {"attn.in_proj.q", "attn.in_proj.k", "attn.in_proj.v", "attn.out_proj"} <= set(names)
+    q = res.layers.set_index("name").loc["attn.in_proj.q"]
+    assert q["N"] == 16 and q["M"] == 16
+    c1 = res.layers.set_index("name").loc["conv1d"]
+    assert c1["num_evals"] == 6 * 5 and c1["rf"] == 5  # not WeightWatcher's 5 eigenvalues
+    assert res.layers.set_index("name").loc["conv3d"]["num_evals"] == 2 * 8
+    assert "emb" in names
+    reasons = dict(zip(res.skipped["name"], res.skipped["reason"]))
+    assert reasons["tiny.weight"].startswith("too few eigenvalues")
+    assert reasons["ln.weight"] == "normalisation layer parameter"
+    # the fused GPT-2 c_attn splits along dim 1
+    c = analyze({"h.0.attn.c_attn.weight": net.c_attn.weight.detach()})
+    assert list(c.layers["name"]) == ["h.0.attn.c_attn.q", "h.0.attn.c_attn.k", "h.0.attn.c_attn.v"]
+    ev_k = analyze({"h.0.attn.c_attn.weight": net.c_attn.weight.detach()}, keep_evals=True,
+                   precision="float64").evals["h.0.attn.c_attn.k"]
+    np.testing.assert_allclose(ev_k, _svd2(net.c_attn.weight[:, 16:32]), rtol=1e-8)
+    # LoRA: B·A analysed as one matrix
+    r = analyze({k: v for k, v in sd.items() if "adapter" in k}, keep_evals=True, precision="float64",
+                min_evals=4)
+    assert list(r.layers["name"]) == ["adapter.lora_BA"]
+    ba = sd["adapter.lora_B.default.weight"] @ sd["adapter.lora_A.default.weight"]
+    np.testing.assert_allclose(r.evals["adapter.lora_BA"][-4:], _svd2(ba)[-4:], rtol=1e-8)
+
+
+def test_nndiag_layers_agrees_with_analysis_selection():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 4),
+                        nn.TransformerEncoderLayer(16, 2, 32, batch_first=True))
+    lm = load_model(net)
+    table = describe_layers(lm)
+    res = analyze(lm)
+    used = set(table.loc[table["used"], "name"])
+    assert used == set(res.layers["tensor"])
+    skipped = dict(zip(res.skipped["name"], res.skipped["reason"]))
+    for row in table[~table["used"]].itertuples():
+        assert skipped[row.name] == row.reason
+
+
+def test_model_left_exactly_as_it_was():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 36, 10))
+    m.train()
+    m[0].weight.requires_grad_(False)
+    m(torch.randn(2, 1, 8, 8)).sum().backward()
+    m.register_forward_hook(lambda *a: None)
+    before = snapshot(m)
+    analyze(m, mp_fit=True, randomize=True)
+    assert same_snapshot(before, snapshot(m))
+    assert m.training
+
+
+def _quantized(t: torch.Tensor) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated in torch 2.13 but still exist
+        return torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)
+
+
+def test_bad_inputs_give_statuses_and_findings_not_crashes():
+    torch.manual_seed(0)
+    good = torch.randn(64, 32)
+    nan = torch.randn(64, 32)
+    nan[3, 4] = float("nan")
+    inf = torch.randn(40, 20)
+    inf[0, 0] = float("inf")
+    rank1 = torch.outer(torch.randn(64), torch.randn(32))
+    sd = {
+        "good.weight": good,
+        "nan.weight": nan,
+        "inf.weight": inf,
+        "zero.weight": torch.zeros(32, 16),
+        "rank1.weight": rank1,
+        "row.weight": torch.randn(1, 500),
+        "int.weight": torch.randint(-5, 5, (32, 32), dtype=torch.int8),
+        "half.weight": torch.randn(48, 24).half(),
+        "bf16.weight": torch.randn(48, 24).bfloat16(),
+        "q.weight": _quantized(torch.randn(32, 16)),
+    }
+    res = analyze(sd)
+    layers = res.layers.set_index("name")
+    skipped = dict(zip(res.skipped["name"], res.skipped["reason"]))
+    assert skipped["nan.weight"].startswith("non-finite") and skipped["inf.weight"].startswith("non-finite")
+    assert skipped["zero.weight"] == "all-zero matrix"
+    assert "1×N" in skipped["row.weight"]
+    assert "non-float dtype int8" in skipped["int.weight"]
+    assert layers.loc["good", "status"] == "success"
+    assert layers.loc["rank1", "status"] == "failed" and layers.loc["rank1", "matrix_rank"] == 1
+    for low in ("half", "bf16"):
+        assert layers.loc[low, "status"] == "success"
+        w = sd[f"{low}.weight"].double().numpy()
+        assert layers.loc[low, "lambda_max"] == pytest.approx(np.linalg.norm(w, 2) ** 2, rel=1e-5)
+    wq = sd["q.weight"].dequantize().double().numpy()
+    assert layers.loc["q", "lambda_max"] == pytest.approx(np.linalg.norm(wq, 2) ** 2, rel=1e-5)
+    codes = {f.code: f for f in res.findings}
+    assert codes["SPEC-NONFINITE"].severity == "fail"
+    assert {"SPEC-ZERO-WEIGHTS", "SPEC-FIT-FAILED", "SPEC-RANK-COLLAPSE", "SPEC-UNSUPPORTED-DTYPE",
+            "SPEC-LOW-PRECISION"} <= set(codes)
+    # the failed fit is not averaged into the summary
+    ok = layers[layers["status"] == "success"]
+    assert res.summary["alpha"] == pytest.approx(ok["alpha"].mean())
+    assert res.summary["num_fits_failed"] == 1
+    json.loads(res.to_json())
+
+
+def test_summary_excludes_failed_fits_and_json_shape():
+    torch.manual_seed(1)
+    res = analyze({"a.weight": torch.randn(80, 40), "b.weight": torch.outer(torch.randn(80), torch.randn(40)),
+                   "c.weight": torch.randn(60, 30)})
+    doc = json.loads(res.to_json())
+    assert {"layers", "summary", "skipped"} <= set(doc)
+    assert [r["name"] for r in doc["layers"]] == ["a", "b", "c"]
+    assert doc["layers"][1]["alpha"] is None  # NaN -> null, never -1
+    alphas = [r["alpha"] for r in doc["layers"] if r["status"] == "success"]
+    assert doc["summary"]["alpha"] == pytest.approx(sum(alphas) / len(alphas))
+
+
+def test_conv_modes_and_ww_conventions_scale():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3)
+    res_ww = analyze(conv, keep_evals=True, precision="float64")
+    res_unf = analyze(conv, conv_mode="unfold", keep_evals=True, precision="float64")
+    res_conv = analyze(conv, conventions="ww", keep_evals=True, precision="float64")
+    w = conv.weight.detach()
+    pooled = np.sort(np.concatenate([_svd2(w[:, :, i, j]) for i in range(3) for j in range(3)]))
+    np.testing.assert_allclose(res_ww.evals[""], pooled, rtol=1e-8)
+    np.testing.assert_allclose(res_unf.evals[""], _svd2(w.reshape(16, -1)), rtol=1e-8)
+    np.testing.assert_allclose(res_conv.evals[""], 0.5 * pooled, rtol=1e-8)
+    # scale-free metrics do not care about the 0.5
+    assert res_conv.layers.loc[0, "alpha"] == pytest.approx(res_ww.layers.loc[0, "alpha"], rel=1e-9)
+    with pytest.raises(InputError):
+        analyze(conv, conv_mode="fft")
+    with pytest.raises(InputError):
+        analyze(conv, conventions="keras")
+
+
+def test_dedup_gives_identical_results():
+    layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)  # clones: identical layers
+    a = analyze(enc, dedup=True).layers
+    b = analyze(enc, dedup=False).layers
+    num = a.select_dtypes("number").columns
+    np.testing.assert_array_equal(a[num].to_numpy(), b[num].to_numpy())
+
+
+def test_streaming_sharded_safetensors_matches_module(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 96), nn.Linear(96, 40))
+    sd = {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
+    keys = list(sd)
+    save_file({k: sd[k] for k in keys[:3]}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in keys[3:]}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    index = {"metadata": {}, "weight_map": {k: f"model-0000{1 if i < 3 else 2}-of-00002.safetensors"
+                                             for i, k in enumerate(keys)}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    streamed = analyze(str(tmp_path), batch_bytes=1)  # flush after every matrix
+    direct = analyze(m)
+    cols = ["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank"]
+    np.testing.assert_allclose(streamed.layers[cols].to_numpy(float), direct.layers[cols].to_numpy(float),
+                               rtol=1e-9)
+
+
+def test_mp_fit_randomize_tpl_and_fingers_columns():
+    torch.manual_seed(0)
+    w = torch.randn(400, 100)
+    w[0, 0] = 60.0  # one huge entry: a correlation trap survives shuffling
+    res = analyze({"trap.weight": w, "plain.weight": torch.randn(400, 100)}, mp_fit=True,
+                  randomize=True, fit="TPL", fix_fingers="clip_xmax", seed=3)
+    df = res.layers.set_index("name")
+    for col in ("sigma_mp", "bulk_max", "num_spikes", "mp_softrank", "rand_distance", "num_traps",
+                "tpl_alpha", "tpl_lambda"):
+        assert col in df.columns
+    assert df.loc["trap", "num_traps"] >= 1
+    assert df.loc["plain", "num_traps"] == 0
+    assert 0 <= df.loc["plain", "rand_distance"] < df.loc["trap", "rand_distance"] or \
+        df.loc["plain", "rand_distance"] < 0.3
+    assert "SPEC-CORRELATION-TRAP" in {f.code for f in res.findings}
+    assert res.summary["mp_softrank"] is not None
+    assert math.isfinite(df.loc["plain", "sigma_mp"])

@@ -1,0 +1,98 @@
+"""Eigenvalues against dense numpy SVD references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nndiag.errors import InputError
+from nndiag.spectral.esd import eigvals_batched, esd
+
+
+def _ref(W: np.ndarray) -> np.ndarray:
+    return np.sort(np.linalg.svd(W, compute_uv=False) ** 2)
+
+
+@pytest.mark.parametrize("shape", [(50, 20), (20, 50), (64, 64), (300, 37), (1, 40)])
+def test_esd_equals_squared_singular_values_float64(shape):
+    W = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    ev = esd(W, precision="float64")
+    np.testing.assert_allclose(ev, _ref(W.astype(np.float64)), rtol=1e-6, atol=1e-12 * _ref(W)[-1])
+
+
+def test_auto_precision_is_accurate_on_well_and_ill_conditioned_matrices():
+    rng = np.random.default_rng(1)
+    well = (rng.normal(size=(400, 100)) / 20).astype(np.float32)
+    u, _, vt = np.linalg.svd(rng.normal(size=(120, 60)), full_matrices=False)
+    ill = (u * np.geomspace(1, 1e-3, 60)) @ vt  # condition number 1e3 (1e6 for λ)
+    for W in (well, ill.astype(np.float32)):
+        ref = _ref(W.astype(np.float64))
+        got = esd(W, precision="auto")
+        np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_float32_is_close_but_not_exact():
+    W = np.random.default_rng(2).normal(size=(200, 80)).astype(np.float32)
+    np.testing.assert_allclose(esd(W, precision="float32"), _ref(W.astype(np.float64)), rtol=1e-3)
+
+
+def test_conv_ww_mode_pools_kernel_positions():
+    rng = np.random.default_rng(3)
+    K = rng.normal(size=(16, 8, 3, 3))
+    ref = np.sort(np.concatenate([_ref(K[:, :, i, j]) for i in range(3) for j in range(3)]))
+    got = esd(K, conv_mode="ww")
+    assert got.size == 8 * 9
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_conv_unfold_mode_is_the_reshaped_matrix():
+    K = np.random.default_rng(4).normal(size=(16, 8, 3, 3))
+    got = esd(K, conv_mode="unfold")
+    np.testing.assert_allclose(got, _ref(K.reshape(16, -1)), rtol=1e-6)
+    assert got.size == 16
+
+
+def test_conv1d_and_conv3d_kernels():
+    rng = np.random.default_rng(5)
+    k1 = rng.normal(size=(12, 6, 5))
+    got = esd(k1)
+    ref = np.sort(np.concatenate([_ref(k1[:, :, i]) for i in range(5)]))
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    k3 = rng.normal(size=(4, 6, 2, 2, 2))
+    assert esd(k3).size == 4 * 8
+
+
+def test_half_precision_inputs_are_upcast():
+    W = torch.randn(40, 30)
+    for dt in (torch.float16, torch.bfloat16):
+        Wl = W.to(dt)
+        np.testing.assert_allclose(esd(Wl), _ref(Wl.double().numpy()), rtol=1e-5)
+
+
+def test_batched_equals_one_by_one():
+    mats = torch.randn(7, 30, 12, dtype=torch.float64)
+    ev = eigvals_batched(mats, "float64").numpy()
+    for i in range(7):
+        np.testing.assert_allclose(ev[i], _ref(mats[i].numpy()), rtol=1e-8)
+
+
+def test_bad_arguments():
+    with pytest.raises(InputError):
+        esd(np.ones(5))
+    with pytest.raises(InputError):
+        esd(np.ones((3, 3)), precision="half")
+    with pytest.raises(InputError):
+        esd(np.ones((3, 3, 2)), conv_mode="fft")
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), m=st.integers(1, 40), seed=st.integers(0, 10_000))
+def test_property_sum_of_eigenvalues_is_frobenius_norm(n, m, seed):
+    W = np.random.default_rng(seed).normal(size=(n, m))
+    ev = esd(W, precision="float64")
+    assert ev.size == min(n, m)
+    assert np.all(ev >= 0)
+    np.testing.assert_allclose(ev.sum(), (W**2).sum(), rtol=1e-9)

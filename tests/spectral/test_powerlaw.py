@@ -1,0 +1,145 @@
+"""The vectorised CSN fit against a plain-Python reference, on Pareto and MP samples."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from nndiag.errors import InputError
+from nndiag.spectral.powerlaw import candidate_alphas, fit_powerlaw, ks_distances, ks_distances_pruned
+
+
+def csn_reference(values, min_tail=1, small_n=False):
+    """Clauset–Shalizi–Newman as a plain loop: MLE alpha and KS distance for every xmin."""
+    x = np.sort(np.asarray([v for v in values if v > 1e-5], dtype=np.float64))
+    n = len(x)
+    best = None
+    for i in range(n - 1):  # one candidate xmin at a time, the textbook way
+        tail = x[i:]
+        nt = len(tail)
+        if nt < min_tail:
+            continue
+        s = float(np.sum(np.log(tail / x[i])))
+        if s <= 0:
+            continue
+        alpha = 1 + (nt - 1 if small_n else nt) / s
+        if alpha <= 1:
+            d = 1.0
+        else:
+            d = float(np.max(np.abs(1 - (tail / x[i]) ** (1 - alpha) - np.arange(nt) / nt)))
+        if best is None or d < best[1]:
+            best = (alpha, d, x[i], (alpha - 1) / math.sqrt(nt))
+    return best
+
+
+def pareto(alpha, n, seed, xmin=1.0):
+    u = np.random.default_rng(seed).random(n)
+    return xmin * (1 - u) ** (-1 / (alpha - 1))
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 3.0, 4.0])
+def test_fit_matches_plain_python_csn_on_pareto(alpha):
+    x = pareto(alpha, 2000, seed=int(alpha * 10))
+    ref_alpha, ref_d, ref_xmin, ref_sigma = csn_reference(x)
+    fit = fit_powerlaw(x)
+    assert fit.ok
+    assert abs(fit.alpha - ref_alpha) < 0.01
+    assert fit.xmin == pytest.approx(ref_xmin, rel=1e-12)
+    assert fit.D == pytest.approx(ref_d, rel=1e-9)
+    assert fit.sigma == pytest.approx(ref_sigma, rel=1e-9)
+    # and the estimate is near the truth (sampling error ~ (alpha-1)/sqrt(n))
+    assert abs(fit.alpha - alpha) < 5 * (alpha - 1) / math.sqrt(fit.num_pl_spikes) + 0.05
+
+
+def test_min_tail_matches_reference():
+    x = pareto(2.5, 600, seed=3)
+    ref = csn_reference(x, min_tail=200)
+    fit = fit_powerlaw(x, min_tail=200)
+    assert fit.alpha == pytest.approx(ref[0], rel=1e-10)
+    assert fit.num_pl_spikes >= 200
+
+
+def test_small_n_rule_matches_reference():
+    x = pareto(3.0, 15, seed=4)
+    ref = csn_reference(x, min_tail=8, small_n=True)
+    fit = fit_powerlaw(x, small_n="ww")
+    assert fit.alpha == pytest.approx(ref[0], rel=1e-10)
+    assert fit.num_pl_spikes >= 8
+
+
+@pytest.mark.parametrize("n", [600, 3000])
+def test_pruned_ks_equals_full(n):
+    rng = np.random.default_rng(n)
+    x = np.sort(np.r_[rng.chisquare(4, n - 50), pareto(2.2, 50, seed=1, xmin=8)])
+    a, _ = candidate_alphas(x)
+    cand = np.arange(n - 1)
+    full = ks_distances(x, a, cand)
+    pruned = ks_distances_pruned(x, a, cand)
+    i = int(np.argmin(full))
+    assert int(np.argmin(pruned)) == i
+    assert pruned[i] == full[i]
+    finite = np.isfinite(pruned)
+    np.testing.assert_array_equal(pruned[finite], full[finite])
+
+
+@pytest.mark.parametrize("shape", [(1000, 250), (2000, 400)])
+def test_marchenko_pastur_matrices_report_no_heavy_tail(shape):
+    n, m = shape
+    W = np.random.default_rng(0).normal(size=shape) / math.sqrt(n)
+    ev = np.linalg.svd(W, compute_uv=False) ** 2
+    fit = fit_powerlaw(ev)
+    assert fit.ok and fit.alpha > 6  # WeightWatcher's "under-trained" (random-like) regime
+
+
+def test_failures_are_statuses_not_exceptions():
+    assert fit_powerlaw(np.array([1.0])).status == "failed"
+    assert fit_powerlaw(np.zeros(50)).status == "failed"
+    assert fit_powerlaw(np.array([1.0, np.nan, 2.0])).reason == "non-finite eigenvalues"
+    f = fit_powerlaw(np.full(30, 2.0))
+    assert not f.ok and math.isnan(f.alpha)
+    with pytest.raises(InputError):
+        fit_powerlaw(np.ones(5), fix_fingers="bogus")
+
+
+def test_clip_xmax_removes_a_finger():
+    # an MP bulk plus one outlier: the raw fit picks a short, steep "finger" tail
+    W = np.random.default_rng(2).normal(size=(1000, 250)) / math.sqrt(1000)
+    x = np.r_[np.linalg.svd(W, compute_uv=False) ** 2, 3.0]
+    raw = fit_powerlaw(x)
+    fixed = fit_powerlaw(x, fix_fingers="clip_xmax")
+    assert fixed.raw_alpha == pytest.approx(raw.alpha)
+    assert fixed.num_fingers >= 1
+    assert fixed.alpha + 1.0 < raw.alpha
+    clipped = fit_powerlaw(np.sort(x)[: -fixed.num_fingers])
+    assert fixed.alpha == pytest.approx(clipped.alpha)
+    # clip_top drops exactly the largest values
+    assert fit_powerlaw(x, clip_top=1).xmax < 3.0
+
+
+def test_xmin_peak_restricts_xmin_to_linear_bounds():
+    rng = np.random.default_rng(8)
+    x = np.r_[rng.lognormal(0, 0.3, 3000), pareto(2.5, 300, seed=9, xmin=3)]
+    fit = fit_powerlaw(x, fix_fingers="xmin_peak")
+    h, edges = np.histogram(np.log10(x[x > 1e-5]), bins=100)
+    peak = 10 ** edges[np.argmax(h)]
+    assert fit.ok and 0.95 * peak <= fit.xmin <= 1.5 * peak
+    fit2 = fit_powerlaw(x, fix_fingers="xmin_peak", xmin_max=10 * peak)
+    assert 0.95 * peak <= fit2.xmin <= 10 * peak
+
+
+def test_truncated_power_law_recovers_cutoff():
+    from scipy import stats
+
+    from nndiag.spectral.tpl import fit_truncated_powerlaw
+
+    # p(x) ∝ x^{-1.5} e^{-x/20} on x ≥ 1: sample by rejection from a Pareto(α=1.5)
+    rng = np.random.default_rng(10)
+    x = (1 - rng.random(200_000)) ** (-1 / 0.5)
+    x = x[rng.random(x.size) < np.exp(-(x - 1) / 20)][:5000]
+    f = fit_truncated_powerlaw(x, 1.0)
+    assert f.status == "success"
+    assert abs(f.alpha - 1.5) < 0.1
+    assert 1 / 30 < f.Lambda < 1 / 14
+    assert stats is not None
