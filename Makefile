@@ -18,6 +18,8 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[$(EXTRAS)]'
+	# spectral parity tests: WeightWatcher 0.7.7 (needs no torch; the pin keeps torch as is)
+	$(PIP) install -q 'weightwatcher==0.7.7' 'torch==2.13.0'
 	touch $(STAMP)
 
 setup: $(STAMP)

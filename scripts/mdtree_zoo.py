@@ -6,7 +6,7 @@ Reproducible and resumable (rerun it after an interruption):
 
 1. builds two zoos of 2-layer MLPs on scikit-learn's digits (train split), the grid
    ``widths 4,8,16,32,64 × data 25/50/100 % × batch 8…512``, seeds 0 and 1,
-   20 epochs of plain SGD at lr 0.1: ``digits`` (clean labels) and ``digits-noise10``
+   30 epochs of SGD (lr 0.1, momentum 0.9): ``digits`` (clean labels) and ``digits-noise10``
    (10 % of the training labels flipped) — the paper's clean → noisy transfer;
 2. writes their tables to ``src/nndiag/diagnosis/data/zoo_digits*.csv``;
 3. fits the three MD trees on the clean zoo (improved ``exact`` mode) and writes

@@ -141,7 +141,7 @@ def test_cli_diagnose(pair, tmp_path):
     # a second seed of another architecture: exit 2 with one line
     other = build_model("digits-mlp", hidden=32)
     torch.save(other.state_dict(), tmp_path / "c.pt")
-    bad = CliRunner().invoke(app, [*args[:6], "--second-seed", str(tmp_path / "c.pt"), "--curve", "linear"])
+    bad = CliRunner().invoke(app, [*args[:7], "--second-seed", str(tmp_path / "c.pt"), "--curve", "linear"])
     assert bad.exit_code == 2 and "architecture" in bad.output
     small = CliRunner().invoke(app, [*args, "--hessian-samples", "5000"])
     assert small.exit_code == 2 and "Hessian samples" in small.output

@@ -120,8 +120,9 @@ def zoo_build(
     batch_sizes: str = typer.Option("8,16,32,64,128,256,512", "--batch-sizes", help="SGD batch sizes."),
     data_fractions: str = typer.Option("0.25,0.5,1.0", "--data-fractions", help="Fractions of the train split."),
     seeds: str = typer.Option("0,1", "--seeds", help="Training seeds (two or more)."),
-    epochs: int = typer.Option(20, "--epochs"),
+    epochs: int = typer.Option(30, "--epochs"),
     lr: float = typer.Option(0.1, "--lr"),
+    momentum: float = typer.Option(0.9, "--momentum"),
     label_noise: float = typer.Option(0.0, "--label-noise", help="Fraction of training labels flipped."),
     jobs: int = typer.Option(1, "--jobs", help="Worker processes (one thread each)."),
     limit: int | None = typer.Option(None, "--limit", help="Train at most this many new configurations."),
@@ -139,7 +140,8 @@ def zoo_build(
         cfg = ZooConfig(dataset=dataset, widths=_ints(widths, "--widths"),
                         batch_sizes=_ints(batch_sizes, "--batch-sizes"),
                         data_fractions=_floats(data_fractions, "--data-fractions"),
-                        seeds=_ints(seeds, "--seeds"), epochs=epochs, lr=lr, label_noise=label_noise)
+                        seeds=_ints(seeds, "--seeds"), epochs=epochs, lr=lr, momentum=momentum,
+                        label_noise=label_noise)
     else:
         err(f"resuming the zoo in {directory} with its stored configuration")
     df = build_zoo(directory, cfg, jobs=jobs, limit=limit)

@@ -41,6 +41,18 @@ class FixFingers(str, Enum):
     clip_xmax = "clip_xmax"
 
 
+ConvModeOpt = Annotated[ConvMode, typer.Option(
+    "--conv-mode", help="Conv kernels: per kernel position, pooled (ww) or unfolded out×(in·k·k).")]
+ConventionsOpt = Annotated[Conventions, typer.Option(
+    "--conventions", help="ww reproduces WeightWatcher 0.7.7's numbers (conv2d eigenvalues ×0.5).")]
+MPOpt = Annotated[bool, typer.Option("--mp-fit", help="Add the Marchenko–Pastur fit columns.")]
+RandomizeOpt = Annotated[bool, typer.Option(
+    "--randomize", help="Compare with element-shuffled weights (rand_distance, num_traps).")]
+FixFingersOpt = Annotated[FixFingers, typer.Option("--fix-fingers", help="Finite-size tail fix.")]
+TPLOpt = Annotated[bool, typer.Option("--tpl", help="Also fit a truncated power law.")]
+MinEvalsOpt = Annotated[int, typer.Option("--min-evals", help="Skip layers with fewer eigenvalues.")]
+MaxEvalsOpt = Annotated[int, typer.Option("--max-evals", help="Skip layers with more eigenvalues (0 = no limit).")]
+
 _SHOWN = ["name", "N", "M", "num_evals", "alpha", "D", "xmin", "lambda_max", "log_norm",
           "stable_rank", "entropy", "warning", "status"]
 
@@ -52,14 +64,14 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="Model: file, folder, package.module:factory or built-in name."),
         arch: ArchOpt = None,
         weights: WeightsOpt = None,
-        conv_mode: Annotated[ConvMode, typer.Option("--conv-mode", help="Conv kernels: per kernel position, pooled (ww) or unfolded out×(in·k·k).")] = ConvMode.ww,
-        conventions: Annotated[Conventions, typer.Option("--conventions", help="ww reproduces WeightWatcher 0.7.7's numbers (conv2d eigenvalues ×0.5).")] = Conventions.nndiag,
-        mp: Annotated[bool, typer.Option("--mp-fit", help="Add the Marchenko–Pastur fit columns.")] = False,
-        randomize: Annotated[bool, typer.Option("--randomize", help="Compare with element-shuffled weights (rand_distance, num_traps).")] = False,
-        fix_fingers: Annotated[FixFingers, typer.Option("--fix-fingers", help="Finite-size tail fix.")] = FixFingers.none,
-        tpl: Annotated[bool, typer.Option("--tpl", help="Also fit a truncated power law.")] = False,
-        min_evals: Annotated[int, typer.Option("--min-evals", help="Skip layers with fewer eigenvalues.")] = 8,
-        max_evals: Annotated[int, typer.Option("--max-evals", help="Skip layers with more eigenvalues (0 = no limit).")] = 15000,
+        conv_mode: ConvModeOpt = ConvMode.ww,
+        conventions: ConventionsOpt = Conventions.nndiag,
+        mp: MPOpt = False,
+        randomize: RandomizeOpt = False,
+        fix_fingers: FixFingersOpt = FixFingers.none,
+        tpl: TPLOpt = False,
+        min_evals: MinEvalsOpt = 8,
+        max_evals: MaxEvalsOpt = 15000,
         plots: Annotated[str | None, typer.Option("--plots", help="Write PNG figures to this folder.")] = None,
         fmt: FormatOpt = Format.human,
         device: DeviceOpt = Device.auto,
@@ -75,7 +87,8 @@ def register(app: typer.Typer) -> None:
         lm = load_model(model, weights=weights, arch=arch)
         res = analyze(
             lm, conv_mode=conv_mode.value, conventions=conventions.value, mp_fit=mp,
-            randomize=randomize, fix_fingers=None if fix_fingers is FixFingers.none else fix_fingers.value,
+            randomize=randomize,
+            fix_fingers=None if fix_fingers is FixFingers.none else fix_fingers.value,
             fit="TPL" if tpl else "PL", min_evals=min_evals, max_evals=max_evals or None,
             seed=seed, device=dev,
         )

@@ -110,7 +110,9 @@ def register(app: typer.Typer) -> None:
             emit_json(result.to_dict())
             return 0
         label = "re-initialised (at-initialisation scores)" if not as_is else "as loaded"
-        human_table(df.to_dict(orient="records"), title=f"candidates, {label}")
+        human_table(df.drop(columns=["error"]).to_dict(orient="records"), title=f"candidates, {label}")
+        for _, r in df[df["status"] != "ok"].iterrows():
+            err(f"{r['name']}: {r['error']}")
         typer.echo(f"best: {summary['best']}; proxy agreement (mean Kendall τ): "
                    f"{summary['proxy_agreement']:.2f}")
         return 0

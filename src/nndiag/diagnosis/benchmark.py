@@ -153,8 +153,8 @@ def sample_training_rows(frame: pd.DataFrame, case: Case, seed: int) -> pd.DataF
     raise InputError(f"unknown sampling rule '{case.sampling}'")
 
 
-def run_case(normal: pd.DataFrame, noise: pd.DataFrame, case: Case,
-             seeds: Sequence[int] = SEEDS) -> pd.DataFrame:
+def run_case(normal: pd.DataFrame, noise: pd.DataFrame, case: Case, seeds: Sequence[int] = SEEDS,
+             *, methods: Sequence[str] = ("paper", "exact"), baselines: bool = True) -> pd.DataFrame:
     """Per-seed test accuracies (%) of MD tree (paper and exact) and both baselines."""
     spec = get_spec(case.tree)
     label = spec.label
@@ -171,10 +171,12 @@ def run_case(normal: pd.DataFrame, noise: pd.DataFrame, case: Case,
         Xt = test[list(spec.features)].to_numpy(float)
         row = {"case": case.number, "seed": int(seed), "n_train": len(train), "n_test": len(test)}
         for method, col in (("paper", "mdtree"), ("exact", "mdtree_improved")):
+            if method not in methods:
+                continue
             tree = MDTree.fit(X, y, spec, method=method)
             row[col] = 100.0 * tree.score(Xt, y_test)
             row[f"{col}_thresholds"] = list(tree.thresholds)
-        for kind in ("validation", "hyperparameter"):
+        for kind in ("validation", "hyperparameter") if baselines else ():
             cols = list(baseline_features(kind, label))
             clf = fit_tree_baseline(train[cols].to_numpy(float), y, seed=int(seed))
             row[kind] = 100.0 * float(np.mean(clf.predict(test[cols].to_numpy(float)) == y_test))

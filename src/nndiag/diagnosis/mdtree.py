@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -101,10 +102,19 @@ class TreeSpec:
     def classes(self) -> tuple[str, ...]:
         return tuple(sorted(set(self.leaves())))
 
-    def leaf_ids(self, X: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
-        """The leaf each row of ``X`` reaches (vectorised)."""
+    def leaf_ids(self, X: np.ndarray, thresholds: Sequence[Any]) -> np.ndarray:
+        """The leaf each row of ``X`` reaches (vectorised).
+
+        A threshold may be a 1-D array of ``k`` candidates: the result then has shape
+        ``(k, n)``, one row per candidate (used by the exact search).
+        """
         X = np.asarray(X, dtype=float)
-        out = np.empty(X.shape[0], dtype=np.int64)
+        left = []
+        for slot in range(self.n_slots):
+            t = np.asarray(thresholds[slot], dtype=float)
+            left.append(X[:, slot] <= (t[:, None] if t.ndim else t))
+        shape = np.broadcast_shapes(*(m.shape for m in left))
+        out = np.empty(shape, dtype=np.int64)
         counter = [0]
 
         def walk(node: Node, mask: np.ndarray) -> None:
@@ -112,17 +122,20 @@ class TreeSpec:
                 out[mask] = counter[0]
                 counter[0] += 1
                 return
-            slot = node[1]
-            go_left = X[:, slot] <= thresholds[slot]  # type: ignore[index]
-            walk(node[2], mask & go_left)  # type: ignore[misc]
-            walk(node[3], mask & ~go_left)  # type: ignore[misc]
+            go_left = left[node[1]]
+            walk(node[2], mask & go_left)
+            walk(node[3], mask & ~go_left)
 
-        walk(self.root, np.ones(X.shape[0], dtype=bool))
+        walk(self.root, np.ones(shape, dtype=bool))
         return out
 
-    def predict(self, X: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
-        """Leaf labels for the rows of ``X``."""
-        return np.asarray(self.leaves(), dtype=object)[self.leaf_ids(X, thresholds)].astype(str)
+    def predict(self, X: np.ndarray, thresholds: Sequence[Any]) -> np.ndarray:
+        """Leaf labels for the rows of ``X`` (see :meth:`leaf_ids` for candidate arrays)."""
+        return self._leaf_labels[self.leaf_ids(X, thresholds)]
+
+    @cached_property
+    def _leaf_labels(self) -> np.ndarray:
+        return np.asarray(self.leaves())
 
 
 _TE, _MC, _HT, _CKA = "train_error", "mode_connectivity_peak", "hessian_t", "CKA"
@@ -242,11 +255,9 @@ def fit_thresholds_exact(spec: TreeSpec, X: np.ndarray, y: np.ndarray,
         changed = False
         for slot in range(spec.n_slots):
             cands = _candidates(X[:, slot], spec.bounds[slot] if bounded else None)
-            scores = np.empty(len(cands))
-            for j, c in enumerate(cands):
-                t_try = list(t)
-                t_try[slot] = c
-                scores[j] = np.mean(spec.predict(X, t_try) == y)
+            t_many: list[Any] = list(t)
+            t_many[slot] = cands
+            scores = (spec.predict(X, t_many) == y[None, :]).mean(1)
             best = scores.max()
             cur_score = np.mean(spec.predict(X, t) == y)
             tied = np.flatnonzero(scores >= best - 1e-12)

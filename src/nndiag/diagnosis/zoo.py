@@ -68,9 +68,9 @@ class ZooConfig:
     batch_sizes: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
     data_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
     seeds: tuple[int, ...] = (0, 1)
-    epochs: int = 20
+    epochs: int = 30
     lr: float = 0.1
-    momentum: float = 0.0
+    momentum: float = 0.9
     label_noise: float = 0.0
     curve_epochs: int = 3
     hessian_samples: int = 200

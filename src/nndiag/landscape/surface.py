@@ -178,9 +178,11 @@ class _Grid:
     """Evaluates the loss at ``base + Σ_j c_j d_j`` for rows of coefficients."""
 
     def __init__(self, model: nn.Module, base: Direction, dirs: list[Direction],
-                 buffers: dict[str, torch.Tensor], batches: Any, loss_fn: LossFn) -> None:
+                 buffers: dict[str, torch.Tensor], batches: Any, loss_fn: LossFn,
+                 channels_last: bool = True) -> None:
         self.model, self.base, self.dirs = model, base, dirs
         self.buffers, self.data, self.loss_fn = buffers, batches, loss_fn
+        self.channels_last = channels_last
 
     def _params(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
@@ -188,6 +190,20 @@ class _Grid:
             p = b.expand((c.shape[0],) + b.shape)
             for j, d in enumerate(self.dirs):
                 p = p + c[:, j].reshape((-1,) + (1,) * b.ndim) * d[k]
+            out[k] = p
+        return out
+
+    def _point(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameters at one grid point; 4-D (conv) weights in channels-last memory format,
+        which makes oneDNN convolutions, pooling and activations markedly faster on CPU
+        (same values up to float rounding)."""
+        out = {}
+        for k, b in self.base.items():
+            p = b
+            for j, d in enumerate(self.dirs):
+                p = p + c[j] * d[k]
+            if self.channels_last and p.ndim == 4:
+                p = p.contiguous(memory_format=torch.channels_last)
             out[k] = p
         return out
 
@@ -208,7 +224,7 @@ class _Grid:
 
     def loop(self, c: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return torch.stack([torch.as_tensor(self._loss({k: v[0] for k, v in self._params(c[i:i + 1]).items()}))
+            return torch.stack([torch.as_tensor(self._loss(self._point(c[i])))
                                 for i in range(c.shape[0])]).reshape(-1)
 
 

@@ -201,7 +201,8 @@ def nb201(arch: str, num_classes: int = 10, channels: int = 16, cells_per_stage:
     Examples
     --------
     >>> from nndiag.models import build_model
-    >>> net = build_model("nb201:|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|")
+    >>> conv = "nor_conv_3x3"
+    >>> net = build_model(f"nb201:|{conv}~0|+|{conv}~0|{conv}~1|+|{conv}~0|{conv}~1|{conv}~2|")
     >>> sum(p.numel() for p in net.parameters())
     1531546
     """

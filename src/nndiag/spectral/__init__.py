@@ -18,10 +18,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# Eager: the submodules ``analyze`` and ``compare`` share their function's name, and a
+# lazy attribute would be shadowed by the submodule once it is imported.
+from nndiag.spectral.analyze import SpectralResult as SpectralResult
+from nndiag.spectral.analyze import analyze as analyze
+from nndiag.spectral.analyze import summarize as summarize
+from nndiag.spectral.compare import compare as compare
+from nndiag.spectral.compare import correlation_flow as correlation_flow
+
 _LAZY = {
-    "analyze": "nndiag.spectral.analyze:analyze",
-    "SpectralResult": "nndiag.spectral.analyze:SpectralResult",
-    "summarize": "nndiag.spectral.analyze:summarize",
     "esd": "nndiag.spectral.esd:esd",
     "eigvals_batched": "nndiag.spectral.esd:eigvals_batched",
     "fit_powerlaw": "nndiag.spectral.powerlaw:fit_powerlaw",
@@ -30,12 +35,10 @@ _LAZY = {
     "fit_truncated_powerlaw": "nndiag.spectral.tpl:fit_truncated_powerlaw",
     "layer_metrics": "nndiag.spectral.metrics:layer_metrics",
     "plan_layers": "nndiag.spectral.matrices:plan_layers",
-    "compare": "nndiag.spectral.compare:compare",
-    "correlation_flow": "nndiag.spectral.compare:correlation_flow",
     "scale_collapse": "nndiag.spectral.findings:scale_collapse",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted([*_LAZY, "SpectralResult", "analyze", "compare", "correlation_flow", "summarize"])
 
 
 def __getattr__(name: str) -> Any:

@@ -151,7 +151,8 @@ class _Batcher:
     def flush(self) -> None:
         t0 = time.perf_counter()
         for group in self.pending.values():
-            stack = torch.cat([m for _, m in group]).to(self.device)
+            mats = [m for _, m in group]
+            stack = (mats[0] if len(mats) == 1 else torch.cat(mats)).to(self.device)
             ev = eigvals_batched(stack, self.precision).cpu().numpy()
             pos = 0
             for key, m in group:
@@ -194,7 +195,7 @@ def analyze(
     seed: int = 0,
     device: str | torch.device = "cpu",
     threads: int | None = None,
-    batch_bytes: int = 256 << 20,
+    batch_bytes: int = 128 << 20,
     dedup: bool = True,
     keep_evals: bool = False,
 ) -> SpectralResult:

@@ -80,7 +80,8 @@ def spectral_findings(df: pd.DataFrame, skipped: pd.DataFrame, summary: dict[str
     if len(failed):
         out.append(Finding(
             "SPEC-FIT-FAILED", "warn",
-            f"The power-law fit failed on {len(failed)} layers ({_names(failed)}); they are left out of the alpha summary.",
+            f"The power-law fit failed on {len(failed)} layers ({_names(failed)}); "
+            "they are left out of the alpha summary.",
             {"layers": list(failed["name"]), "reasons": list(failed["reason"])},
             "These layers are often rank-deficient or tiny; check them with `nndiag layers`."))
     rank1 = df[pd.to_numeric(df["matrix_rank"], errors="coerce") <= 1]
@@ -95,7 +96,8 @@ def spectral_findings(df: pd.DataFrame, skipped: pd.DataFrame, summary: dict[str
     if len(under):
         out.append(Finding(
             "SPEC-UNDERTRAINED", "warn",
-            f"{len(under)} of {len(df)} layers have alpha > {UNDER_TRAINED_ALPHA:g} (little learned correlation): {_names(under)}.",
+            f"{len(under)} of {len(df)} layers have alpha > {UNDER_TRAINED_ALPHA:g} "
+            f"(little learned correlation): {_names(under)}.",
             {"metric": "alpha", "threshold": UNDER_TRAINED_ALPHA, "layers": list(under["name"]),
              "values": [float(v) for v in alpha[alpha > UNDER_TRAINED_ALPHA]]},
             "Train longer or with a larger learning rate; consider a smaller layer."))
@@ -103,7 +105,8 @@ def spectral_findings(df: pd.DataFrame, skipped: pd.DataFrame, summary: dict[str
     if len(over):
         out.append(Finding(
             "SPEC-OVERTRAINED", "warn",
-            f"{len(over)} of {len(df)} layers have alpha < {OVER_TRAINED_ALPHA:g} (very heavy tail, possible over-fitting): {_names(over)}.",
+            f"{len(over)} of {len(df)} layers have alpha < {OVER_TRAINED_ALPHA:g} "
+            f"(very heavy tail, possible over-fitting): {_names(over)}.",
             {"metric": "alpha", "threshold": OVER_TRAINED_ALPHA, "layers": list(over["name"]),
              "values": [float(v) for v in alpha[alpha < OVER_TRAINED_ALPHA]]},
             "Add regularisation (weight decay, dropout), lower the learning rate or stop earlier."))
@@ -112,14 +115,16 @@ def spectral_findings(df: pd.DataFrame, skipped: pd.DataFrame, summary: dict[str
         if len(traps):
             out.append(Finding(
                 "SPEC-CORRELATION-TRAP", "warn",
-                f"{len(traps)} layers keep large eigenvalues after their entries are shuffled (correlation traps): {_names(traps)}.",
+                f"{len(traps)} layers keep large eigenvalues after their entries are shuffled "
+                f"(correlation traps): {_names(traps)}.",
                 {"layers": list(traps["name"]), "num_traps": [int(v) for v in traps["num_traps"]]},
                 "A few very large weights dominate these layers; check for outlier weights."))
     jumps = scale_collapse(df, scale_jump)
     if len(jumps):
         out.append(Finding(
             "SPEC-SCALE-COLLAPSE", "warn",
-            f"The spectral norm jumps by more than {scale_jump:g} decade(s) between consecutive layers at {_names(jumps)}.",
+            f"The spectral norm jumps by more than {scale_jump:g} decade(s) between consecutive "
+            f"layers at {_names(jumps)}.",
             {"metric": "log_spectral_norm", "threshold": scale_jump,
              "jumps": [{"layer": r.name, "previous": r.previous, "delta": r.delta}
                        for r in jumps.itertuples()]},
@@ -128,6 +133,7 @@ def spectral_findings(df: pd.DataFrame, skipped: pd.DataFrame, summary: dict[str
     if mean_alpha is not None and math.isfinite(mean_alpha) and not under.shape[0] and not over.shape[0]:
         out.append(Finding(
             "SPEC-OK", "pass",
-            f"Every fitted layer has alpha in [{OVER_TRAINED_ALPHA:g}, {UNDER_TRAINED_ALPHA:g}] (mean {mean_alpha:.2f}).",
+            f"Every fitted layer has alpha in [{OVER_TRAINED_ALPHA:g}, {UNDER_TRAINED_ALPHA:g}] "
+            f"(mean {mean_alpha:.2f}).",
             {"metric": "alpha", "mean": mean_alpha}))
     return out

@@ -21,12 +21,18 @@ _EPS = 1e-10
 
 
 def matrix_rank(evals: np.ndarray, N: int) -> int:
-    """Numerical rank: singular values above ``σmax · N · eps`` (as ``numpy.linalg.matrix_rank``)."""
-    sv = np.sqrt(np.clip(np.asarray(evals, dtype=np.float64), 0, None))
-    if sv.size == 0:
+    """Numerical rank: eigenvalues above ``λmax · N · 16 eps`` (float64 eps).
+
+    ``numpy.linalg.matrix_rank`` thresholds singular values at ``σmax·N·eps``, which
+    eigenvalues computed from a Gram matrix cannot resolve (their absolute error is
+    about ``eps·λmax``, i.e. ``√eps·σmax`` on singular values); this threshold sits
+    just above that error, so exactly rank-deficient matrices are counted right.
+    """
+    ev = np.clip(np.asarray(evals, dtype=np.float64), 0, None)
+    if ev.size == 0:
         return 0
-    tol = sv.max() * N * np.finfo(np.float64).eps
-    return int(np.count_nonzero(sv > tol))
+    tol = ev.max() * max(N, 1) * 16 * np.finfo(np.float64).eps
+    return int(np.count_nonzero(ev > tol))
 
 
 def matrix_entropy(evals: np.ndarray, N: int) -> float:

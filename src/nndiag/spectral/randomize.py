@@ -5,7 +5,7 @@ distribution, so the shuffled ESD follows Marchenko–Pastur unless a few huge e
 dominate ("correlation traps"). WeightWatcher's ``rand_distance`` is a
 Jensen–Shannon "distance" computed on the two *sorted eigenvalue vectors* as if they
 were probability vectors; here it is the Jensen–Shannon distance (base 2, in [0, 1])
-between the two *densities*: histograms of ``log10 λ`` on common bins.
+between the two *densities*: histograms of ``log10 λ`` on ``√n`` common bins.
 """
 
 from __future__ import annotations
@@ -19,12 +19,18 @@ from nndiag.spectral.esd import eigvals_batched
 from nndiag.spectral.mp import fit_mp
 
 
-def js_distance(a: np.ndarray, b: np.ndarray, bins: int = 50, thresh: float = 1e-5) -> float:
-    """Jensen–Shannon distance (base 2) between the log10 densities of two positive samples."""
+def js_distance(a: np.ndarray, b: np.ndarray, bins: int | None = None, thresh: float = 1e-5) -> float:
+    """Jensen–Shannon distance (base 2) between the log10 densities of two positive samples.
+
+    Histograms on common bins (default ``√n`` of them, at least 5, so that sampling
+    noise stays small for small layers).
+    """
     la = np.log10(a[a > thresh])
     lb = np.log10(b[b > thresh])
     if la.size == 0 or lb.size == 0:
         return math.nan
+    if bins is None:
+        bins = max(5, int(math.sqrt(min(la.size, lb.size))))
     lo, hi = min(la.min(), lb.min()), max(la.max(), lb.max())
     if hi <= lo:
         return 0.0

@@ -4,7 +4,8 @@ When no operation mixes samples, the gradient of Σ_i ℓ_i with respect to a la
 output, restricted to sample i, is the gradient of ℓ_i alone. BatchNorm in train mode
 does mix samples, so on the working copy each BatchNorm normalises every sample with its
 own statistics (the batch folded into the channel axis, so the
-kernel computes exactly what BN computes on a batch of one). The per-sample weight gradient is then an outer product per sample:
+kernel computes exactly what BN computes on a batch of one). The per-sample weight
+gradient is then an outer product per sample:
 
 - Linear: ``g_i = δ_iᵀ a_i`` (summed over extra axes);
 - Conv2d: ``g_i[:, :, u, v] = δ_i · shift_{u,v}(a_i)ᵀ`` per group and kernel offset
@@ -120,7 +121,7 @@ def per_sample_grads(
     finally:
         for h in handles:
             h.remove()
-        for p, f in zip(net.parameters(), flags):
+        for p, f in zip(net.parameters(), flags, strict=True):
             p.requires_grad_(f)
     for m in layers:
         total = None

@@ -75,7 +75,7 @@ def _sign_sums_loop(net: nn.Module, names: list[str], x: torch.Tensor, y: torch.
         net.zero_grad(set_to_none=True)
         out = net(x[i:i + 1])
         loss_fn(out, y[i:i + 1]).backward()
-        for s, z, w in zip(sums, nz, weights):
+        for s, z, w in zip(sums, nz, weights, strict=True):
             if w.grad is None:
                 continue
             g = w.grad
@@ -105,7 +105,7 @@ def _sign_sums_fast(net: nn.Module, names: list[str], x: torch.Tensor, y: torch.
     nz = [torch.zeros_like(weights[n], dtype=torch.bool) for n in names]
     for start in range(0, x.shape[0], chunk_size):
         g = per_sample(weights, x[start:start + chunk_size], y[start:start + chunk_size])
-        for s, z, n in zip(sums, nz, names):
+        for s, z, n in zip(sums, nz, names, strict=True):
             gn = g[n]
             if torch.isnan(gn).any():
                 raise AnalysisError("GradSign: NaN gradients")
@@ -128,7 +128,7 @@ def _sign_sums_batched(net: nn.Module, names: list[str], x: torch.Tensor, y: tor
     for start in range(0, x.shape[0], chunk_size):
         grads = _persample.per_sample_grads(net, layers, x[start:start + chunk_size],
                                             y[start:start + chunk_size], loss_fn)
-        for s, z, gn in zip(sums, nz, grads):
+        for s, z, gn in zip(sums, nz, grads, strict=True):
             if gn is None:
                 continue
             if torch.isnan(gn).any():
@@ -187,7 +187,7 @@ def gradsign_detail(
             sums, nz = _sign_sums_batched(net, names, x, y, fn, size, track_zero)
         else:
             sums, nz = _sign_sums_fast(net, names, x, y, fn, size)
-    per_layer = {n.removesuffix(".weight"): int(s.abs().sum().item()) for n, s in zip(names, sums)}
+    per_layer = {n.removesuffix(".weight"): int(s.abs().sum().item()) for n, s in zip(names, sums, strict=True)}
     tau = sum(per_layer.values())
     n = int(x.shape[0])
     zero_fraction = math.nan

@@ -92,13 +92,13 @@ def grasp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss | No
     fn = loss or default_loss
     ws = [m.weight for _, m in layers]
     g = torch.autograd.grad(fn(net(x), y), ws, allow_unused=True)
-    g = [torch.zeros_like(w) if gi is None else gi.detach() for w, gi in zip(ws, g)]
+    g = [torch.zeros_like(w) if gi is None else gi.detach() for w, gi in zip(ws, g, strict=True)]
     g2 = torch.autograd.grad(fn(net(x), y), ws, create_graph=True, allow_unused=True)
-    z = sum((gi * gj).sum() for gi, gj in zip(g2, g) if gi is not None)
+    z = sum((gi * gj).sum() for gi, gj in zip(g2, g, strict=True) if gi is not None)
     if not isinstance(z, torch.Tensor) or not z.requires_grad:
         return 0.0
     hg = torch.autograd.grad(z, ws, allow_unused=True)
-    total = sum((-w.detach() * h).sum() for w, h in zip(ws, hg) if h is not None)
+    total = sum((-w.detach() * h).sum() for w, h in zip(ws, hg, strict=True) if h is not None)
     return check_finite(float(total), "grasp")
 
 

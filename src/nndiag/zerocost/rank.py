@@ -95,10 +95,14 @@ def rank_models(
         row["error"] = "; ".join(f"{k}: {v}" for k, v in errs.items())
         rows.append(row)
     df = pd.DataFrame(rows)
-    df["vote"] = rank_vote(df, proxies) if len(df) else []
+    ok = df["status"] == "ok"  # a model with a failed proxy is listed, unranked
+    df["vote"] = math.nan
+    if ok.any():
+        df.loc[ok, "vote"] = rank_vote(df.loc[ok], proxies)
     df["rank"] = df["vote"].rank(ascending=False, method="min")
     df = df.sort_values(["rank", "name"], na_position="last").reset_index(drop=True)
     df = df[["name", "rank", "vote", *proxies, "status", "error"]]
     summary = {"models": len(df), "best": df["name"].iloc[0] if df["vote"].notna().any() else None,
-               "proxy_agreement": proxy_agreement(df, proxies), "at_init": at_init}
+               "proxy_agreement": proxy_agreement(df[df["status"] == "ok"], proxies),
+               "failed": int((df["status"] != "ok").sum()), "at_init": at_init}
     return df, summary

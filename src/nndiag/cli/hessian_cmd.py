@@ -1,0 +1,196 @@
+"""``nndiag hessian MODEL --data DATA`` and ``nndiag landscape MODEL --data DATA --out FILE.png``."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nndiag.cli.common import (
+    ArchOpt,
+    BatchOpt,
+    DataOpt,
+    Device,
+    DeviceOpt,
+    FailOn,
+    FailOnOpt,
+    Format,
+    FormatOpt,
+    NSamplesOpt,
+    SeedOpt,
+    WeightsOpt,
+    emit_json,
+    err,
+    fail_exit_code,
+    handle_errors,
+    human_table,
+)
+
+
+class Dirs(str, Enum):
+    random = "random"
+    hessian = "hessian"
+
+
+class Norm(str, Enum):
+    filter = "filter"
+    layer = "layer"
+    model = "model"
+    weight = "weight"
+    none = "none"
+
+
+class OneD(str, Enum):
+    zero = "zero"
+    keep = "keep"
+    scale = "scale"
+
+
+class Mode(str, Enum):
+    eval = "eval"
+    train = "train"
+
+
+class Plot(str, Enum):
+    contour = "contour"
+    surface = "surface"
+
+
+ModeOpt = Annotated[Mode, typer.Option("--mode", help="Module mode for the forward passes (BatchNorm: "
+                                       "eval = running statistics, train = batch statistics).")]
+
+DirsOpt = Annotated[Dirs, typer.Option("--directions", help="Random Gaussian or top Hessian eigenvectors.")]
+OneDOpt = Annotated[OneD, typer.Option("--one-d", help="1-D parameters (biases, BatchNorm): zero, keep, scale.")]
+ResumeOpt = Annotated[Path | None, typer.Option("--resume", help="Checkpoint file (.npz) to resume a big grid.")]
+GridBatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Examples per forward (default all).")]
+
+
+def _load(model: str, arch: str | None, weights: str | None, data: str | None, n_samples: int | None,
+          seed: int):
+    from nndiag.errors import InputError
+    from nndiag.io.data import load_data
+    from nndiag.io.models import load_model
+
+    if data is None:
+        raise InputError("this command needs --data (digits, mnist1d, FILE.npz or an image folder)")
+    lm = load_model(model, weights=weights, arch=arch)
+    module = lm.require_module("the Hessian/landscape analysis")
+    bundle = load_data(data, n_samples=n_samples, seed=seed)
+    return lm, module, bundle
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("hessian")
+    @handle_errors
+    def hessian(
+        model: str = typer.Argument(..., help="Model: file, folder, package.module:factory or built-in name."),
+        data: DataOpt = None,
+        arch: ArchOpt = None,
+        weights: WeightsOpt = None,
+        top_k: Annotated[int, typer.Option("--top-k", help="Largest eigenvalues to compute.")] = 1,
+        bottom_k: Annotated[int, typer.Option("--bottom-k", help="Smallest eigenvalues to compute.")] = 0,
+        trace: Annotated[bool, typer.Option("--trace", help="Estimate the trace (Hutch++).")] = False,
+        density: Annotated[bool, typer.Option("--density", help="SLQ density and the LLA criteria.")] = False,
+        tol: Annotated[float, typer.Option("--tol", help="Relative residual tolerance.")] = 1e-4,
+        slq_runs: Annotated[int, typer.Option("--slq-runs", help="SLQ start vectors.")] = 3,
+        slq_steps: Annotated[int, typer.Option("--slq-steps", help="Lanczos steps per SLQ run.")] = 80,
+        plot: Annotated[Path | None, typer.Option("--plot", help="Write the density plot (PNG/SVG).")] = None,
+        n_samples: NSamplesOpt = None,
+        batch_size: BatchOpt = 128,
+        mode: ModeOpt = Mode.eval,
+        float64: Annotated[bool, typer.Option("--float64", help="Compute in double precision.")] = False,
+        fmt: FormatOpt = Format.human,
+        device: DeviceOpt = Device.auto,
+        seed: SeedOpt = 0,
+        fail_on: FailOnOpt = FailOn.never,
+    ) -> int:
+        """Hessian spectrum of the loss: top eigenvalues, trace, density and LLA criteria."""
+        import torch
+
+        from nndiag.landscape.spectrum import hessian_spectrum
+
+        _, module, bundle = _load(model, arch, weights, data, n_samples, seed)
+        r = hessian_spectrum(module, bundle, top_k=top_k, bottom_k=bottom_k, trace=trace, density=density,
+                             batch_size=batch_size, seed=seed, tol=tol, slq_runs=slq_runs,
+                             slq_steps=slq_steps, mode=mode.value, device=device.value,
+                             dtype=torch.float64 if float64 else torch.float32)
+        if plot is not None:
+            if r.density is None:
+                err("nndiag: --plot needs --density; no plot written")
+            else:
+                r.plot().savefig(plot, dpi=120)
+        res = r.to_result()
+        if fmt is Format.json:
+            doc = res.to_dict()
+            doc.update({k: doc["summary"].get(k) for k in
+                        ("eigenvalues", "trace", "trace_stderr", "n_samples", "criteria")})
+            emit_json(doc)
+        else:
+            human_table(res.tables["eigenvalues"].to_dict(orient="records"), title="Hessian eigenvalues")
+            s = res.summary
+            if s["trace"] is not None:
+                typer.echo(f"trace = {s['trace']:.6g} ± {s['trace_stderr']:.2g} (1 s.e.)")
+            if s.get("criteria"):
+                c = s["criteria"]
+                typer.echo(f"criteria: re = {c['re']:.4g}, Kh = {c['Kh']:.4g}, Ct = {c['Ct']:.4g}")
+            for f in res.findings:
+                typer.echo(f"[{f.severity}] {f.code}: {f.message}")
+            typer.echo(f"{s['n_samples']} samples, {s['n_params']:,} parameters, {s['n_hvp']} HVPs, "
+                       f"{res.timing['total']:.2f} s")
+        return fail_exit_code([f.severity for f in res.findings], fail_on)
+
+    @app.command("landscape")
+    @handle_errors
+    def landscape(
+        model: str = typer.Argument(..., help="Model: file, folder, package.module:factory or built-in name."),
+        data: DataOpt = None,
+        out: Annotated[Path | None, typer.Option("--out", help="Picture to write (PNG/SVG/PDF).")] = None,
+        arch: ArchOpt = None,
+        weights: WeightsOpt = None,
+        dim: Annotated[int, typer.Option("--dim", help="1 (line) or 2 (plane).")] = 2,
+        steps: Annotated[int, typer.Option("--steps", help="Grid points per axis.")] = 21,
+        span: Annotated[float, typer.Option("--span", help="Steps range over [-span, span].")] = 1.0,
+        directions: DirsOpt = Dirs.random,
+        norm: Annotated[Norm, typer.Option("--norm", help="Direction normalisation.")] = Norm.filter,
+        one_d: OneDOpt = OneD.zero,
+        plot: Annotated[Plot, typer.Option("--plot", help="2-D picture: contour or 3-D surface.")] = Plot.contour,
+        grid: Annotated[Path | None, typer.Option("--grid", help="Also write the grid (.npz or .json).")] = None,
+        resume: ResumeOpt = None,
+        n_samples: NSamplesOpt = None,
+        batch_size: GridBatchOpt = None,
+        mode: ModeOpt = Mode.eval,
+        fmt: FormatOpt = Format.human,
+        device: DeviceOpt = Device.auto,
+        seed: SeedOpt = 0,
+        fail_on: FailOnOpt = FailOn.never,
+    ) -> int:
+        """Loss landscape around the weights: a 1-D line or 2-D plane, as a picture and a grid."""
+        from nndiag.errors import InputError
+        from nndiag.landscape.surface import surface
+
+        if out is None and grid is None and fmt is not Format.json:
+            raise InputError("say where to write the result: --out FILE.png and/or --grid FILE.npz")
+        _, module, bundle = _load(model, arch, weights, data, n_samples, seed)
+        s = surface(module, bundle, dim=dim, steps=steps, span=span, directions=directions.value,
+                    norm=norm.value, one_d=one_d.value, mode=mode.value, batch_size=batch_size, seed=seed,
+                    resume=resume, device=device.value)
+        if out is not None:
+            s.plot("line" if dim == 1 else plot.value).savefig(out, dpi=120)
+        if grid is not None:
+            s.save(grid)
+        res = s.to_result()
+        if fmt is Format.json:
+            emit_json(res.to_dict())
+        else:
+            sm = res.summary
+            typer.echo(f"{dim}-D landscape, {sm['points']} points ({s.params['directions']} directions, "
+                       f"{s.params['norm']} norm, {s.params['mode']} mode): origin loss {sm['origin_loss']:.4g}, "
+                       f"min {sm.get('min_loss', float('nan')):.4g} at {sm.get('min_at')}, "
+                       f"{res.timing['total']:.2f} s")
+            for f in res.findings:
+                typer.echo(f"[{f.severity}] {f.code}: {f.message}")
+            if out is not None:
+                typer.echo(f"wrote {out}")
+        return fail_exit_code([f.severity for f in res.findings], fail_on)

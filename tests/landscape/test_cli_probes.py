@@ -1,0 +1,84 @@
+"""The ``hessian`` and ``landscape`` commands and probes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from nndiag.cli.app import app
+from nndiag.io.data import load_data
+from nndiag.io.models import load_model
+from nndiag.landscape import hessian_spectrum
+from nndiag.report.probes import load_probe
+from nndiag.report.results import Result
+
+runner = CliRunner()
+
+
+def test_hessian_json_fields_match_the_library(tmp_path):
+    import torch
+
+    from nndiag._utils.seeding import fork_rng
+    from nndiag.models import build_model
+
+    with fork_rng(0):
+        model = build_model("digits-mlp")
+    ckpt = tmp_path / "mlp.pt"
+    torch.save(model.state_dict(), ckpt)
+    res = runner.invoke(app, ["hessian", str(ckpt), "--arch", "digits-mlp", "--data", "digits",
+                              "--n-samples", "128", "--top-k", "3", "--trace", "--density",
+                              "--slq-steps", "20", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    ev = doc["eigenvalues"]
+    assert len(ev) == 3 and ev == sorted(ev, reverse=True)
+    assert doc["trace"] is not None and doc["trace_stderr"] > 0
+    assert set(doc["criteria"]) == {"re", "Kh", "Ct"} and doc["n_samples"] == 128
+    assert doc["params"]["slq_steps"] == 20 and doc["params"]["tol"] == 1e-4
+    assert doc["summary"]["criteria_settings"]["reorth"] == "full"
+    ref = hessian_spectrum(model, load_data("digits", n_samples=128, seed=0), top_k=3, tol=1e-4)
+    np.testing.assert_allclose(ev, ref.eigenvalues, rtol=1e-4)
+
+
+def test_hessian_human_and_bad_input():
+    ok = runner.invoke(app, ["hessian", "digits-mlp", "--data", "digits", "--n-samples", "64"])
+    assert ok.exit_code == 0 and "top_1" in ok.stdout
+    no_data = runner.invoke(app, ["hessian", "digits-mlp"])
+    assert no_data.exit_code == 2 and "--data" in no_data.output
+    bad = runner.invoke(app, ["hessian", "digits-mlp", "--data", "mnist1d", "--n-samples", "32"])
+    assert bad.exit_code == 2 and "does not fit" in bad.output
+
+
+def test_landscape_writes_picture_and_grid(tmp_path):
+    pytest.importorskip("matplotlib")
+    png, npz = tmp_path / "l.png", tmp_path / "l.npz"
+    res = runner.invoke(app, ["landscape", "digits-cnn", "--data", "digits", "--n-samples", "64",
+                              "--steps", "5", "--out", str(png), "--grid", str(npz)])
+    assert res.exit_code == 0, res.output
+    assert png.stat().st_size > 1000
+    with np.load(npz) as f:
+        assert f["losses"].shape == (5, 5) and np.isfinite(f["losses"]).all()
+    res1 = runner.invoke(app, ["landscape", "digits-mlp", "--data", "digits", "--n-samples", "64", "--dim", "1",
+                               "--steps", "5", "--norm", "layer", "--format", "json"])
+    assert res1.exit_code == 0
+    doc = json.loads(res1.stdout)
+    assert doc["params"]["norm"] == "layer" and len(doc["tables"]["grid"]) == 5
+    bad = runner.invoke(app, ["landscape", "digits-mlp", "--data", "digits", "--steps", "1000",
+                              "--out", str(png)])
+    assert bad.exit_code == 2 and "limit" in bad.output
+
+
+def test_probes_follow_the_contract():
+    data = load_data("digits", n_samples=96)
+    lm = load_model("digits-mlp")
+    for name, opts in (("hessian", {"slq_steps": 15, "trace_probes": 20}), ("landscape", {"steps": 5})):
+        probe = load_probe(name)
+        assert probe.NAME == name and probe.NEEDS_DATA is True
+        result = probe.run(lm, data, seed=0, device="cpu", **opts)
+        assert isinstance(result, Result) and result.kind == name
+        again = Result.from_dict(json.loads(result.to_json()))
+        figs = probe.figures(again)
+        assert figs and all(hasattr(f, "savefig") for f in figs.values())

@@ -1,0 +1,211 @@
+"""Landscapes: directions, normalisations, BatchNorm policy, grid values, resume, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nndiag._utils.model_state import same_snapshot, snapshot
+from nndiag.errors import AnalysisError, DataError, InputError
+from nndiag.landscape import hessian_spectrum, surface
+from nndiag.landscape.directions import normalize_direction, random_direction, toward
+from nndiag.landscape.surface import _Grid
+from tests.landscape._dense import tiny_cnn, tiny_data, tiny_mlp
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+def _loss_at(model: nn.Module, x, y, shift: dict[str, torch.Tensor], train: bool = False) -> float:
+    """Independent reference: a deep copy with shifted weights loaded in place."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for k, p in m.named_parameters():
+            p.add_(shift[k])
+    m.train(train)
+    with torch.no_grad():
+        return float(F.cross_entropy(m(x), y))
+
+
+def test_filter_normalisation_gives_weight_filter_norms():
+    model = tiny_cnn(bn=True)
+    w = _weights(model)
+    d = normalize_direction(random_direction(w, seed=3), w, norm="filter", one_d="zero")
+    for k, t in d.items():
+        if w[k].ndim >= 2:
+            np.testing.assert_allclose(t.flatten(1).norm(dim=1), w[k].flatten(1).norm(dim=1), rtol=1e-5)
+        else:
+            assert torch.count_nonzero(t) == 0
+    keep = normalize_direction(random_direction(w, seed=3), w, norm="filter", one_d="keep")
+    scale = normalize_direction(random_direction(w, seed=3), w, norm="filter", one_d="scale")
+    for k in w:
+        if w[k].ndim == 1:
+            assert float(keep[k].norm()) == pytest.approx(float(w[k].norm()), rel=1e-5)
+            assert torch.equal(scale[k], w[k])
+
+
+def test_layer_model_weight_and_none_normalisations():
+    model = tiny_mlp()
+    w = _weights(model)
+    raw = random_direction(w, seed=0)
+    layer = normalize_direction(raw, w, norm="layer", one_d="keep")
+    for k in w:
+        assert float(layer[k].norm()) == pytest.approx(float(w[k].norm()), rel=1e-5)
+    mod = normalize_direction(raw, w, norm="model", one_d="keep")
+    total = lambda d: float(torch.sqrt(sum((t.double() ** 2).sum() for t in d.values())))  # noqa: E731
+    assert total(mod) == pytest.approx(total(w), rel=1e-5)
+    wt = normalize_direction(raw, w, norm="weight", one_d="keep")
+    assert torch.allclose(wt["0.weight"], raw["0.weight"] * w["0.weight"].abs())
+    none = normalize_direction(raw, w, norm="none")
+    assert all(torch.equal(none[k], raw[k]) for k in w)
+    # Gaussian, zero-mean (LLA / loss-landscapes draw uniform [0, 1): all-positive)
+    flat = torch.cat([t.flatten() for t in raw.values()])
+    assert abs(float(flat.mean())) < 4 / flat.numel() ** 0.5 and float(flat.min()) < 0
+    with pytest.raises(InputError, match="normalisation"):
+        normalize_direction(raw, w, norm="l1")
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_grid_values_match_independent_evaluation(strategy):
+    model = tiny_cnn()
+    x, y = tiny_data("cnn")
+    s = surface(model, (x, y), dim=2, steps=5, strategy=strategy, seed=4)
+    w = _weights(model)
+    gen = torch.Generator().manual_seed(4)
+    d1, d2 = (normalize_direction(random_direction(w, generator=gen), w) for _ in range(2))
+    for i, j in [(0, 0), (1, 3), (4, 2), (2, 2)]:
+        a, b = s.alphas[i], s.betas[j]
+        shift = {k: a * d1[k] + b * d2[k] for k in w}
+        assert s.losses[i, j] == pytest.approx(_loss_at(model, x, y, shift), rel=1e-5)
+    assert s.params["strategy"] == strategy
+
+
+def test_batchnorm_origin_loss_equals_model_loss_in_stated_mode():
+    model = tiny_cnn(bn=True)
+    x, y = tiny_data("cnn")
+    with torch.no_grad():  # give the running statistics non-trivial values
+        model.train()
+        model(x * 2 + 1)
+    model.eval()
+    before = snapshot(model)
+    zero = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    ev = surface(model, (x, y), dim=1, steps=3, mode="eval")
+    assert ev.origin_loss == pytest.approx(_loss_at(model, x, y, zero, train=False), rel=1e-6)
+    assert ev.losses[1] == pytest.approx(ev.origin_loss, rel=1e-6)
+    tr = surface(model, (x, y), dim=1, steps=3, mode="train")
+    assert tr.origin_loss == pytest.approx(_loss_at(model, x, y, zero, train=True), rel=1e-6)
+    assert tr.losses[1] == pytest.approx(tr.origin_loss, rel=1e-6)
+    assert tr.origin_loss != pytest.approx(ev.origin_loss, rel=1e-3)
+    assert ev.params["batchnorm_modules"] == 1 and "running" in ev.params["batchnorm_statistics"]
+    assert "batch" in tr.params["batchnorm_statistics"]
+    assert same_snapshot(before, snapshot(model))  # running stats untouched
+
+
+def test_hessian_direction_curvature_equals_top_eigenvalue():
+    model = tiny_mlp()
+    x, y = tiny_data("mlp")
+    lam = hessian_spectrum(model, (x, y), top_k=1, dtype=torch.float64, tol=1e-8).eigenvalues[0]
+    h = 1e-2
+    s = surface(model, (x, y), dim=1, steps=3, span=h, directions="hessian", norm="none",
+                dtype=torch.float64)
+    curv = (s.losses[0] - 2 * s.losses[1] + s.losses[2]) / h**2
+    assert curv == pytest.approx(lam, rel=1e-3)
+    assert s.params["directions"] == "hessian"
+
+
+def test_interpolation_line_and_plane_through_three_models():
+    a, b, c = tiny_mlp(0), tiny_mlp(1), tiny_mlp(2)
+    x, y = tiny_data("mlp")
+    zero = {k: torch.zeros_like(p) for k, p in a.named_parameters()}
+    line = surface(a, (x, y), dim=1, steps=5, directions=[b], span=(0.0, 1.0))
+    assert line.losses[0] == pytest.approx(_loss_at(a, x, y, zero), rel=1e-6)
+    assert line.losses[-1] == pytest.approx(_loss_at(b, x, y, zero), rel=1e-5)
+    plane = surface(a, (x, y), dim=2, steps=3, directions=[b, c], span=(0.0, 1.0))
+    assert plane.losses[2, 0] == pytest.approx(_loss_at(b, x, y, zero), rel=1e-5)
+    assert plane.losses[0, 2] == pytest.approx(_loss_at(c, x, y, zero), rel=1e-5)
+    assert plane.params["directions"] == "interpolation" and plane.params["norm"] == "none"
+    with pytest.raises(InputError, match="no parameter"):
+        toward(_weights(a), nn.Linear(2, 2))
+
+
+def test_resume_skips_finished_points(tmp_path, monkeypatch):
+    model = tiny_mlp()
+    x, y = tiny_data("mlp")
+    ck = tmp_path / "grid.npz"
+    first = surface(model, (x, y), dim=2, steps=4, resume=ck, strategy="loop", chunk=3)
+    assert ck.exists()
+
+    def boom(self, c):
+        raise AssertionError("recomputed a finished point")
+    monkeypatch.setattr(_Grid, "loop", boom)
+    again = surface(model, (x, y), dim=2, steps=4, resume=ck, strategy="loop", chunk=3)
+    np.testing.assert_array_equal(first.losses, again.losses)
+    with pytest.raises(InputError, match="another landscape"):
+        surface(model, (x, y), dim=2, steps=4, resume=ck, norm="layer")
+
+
+def test_resume_completes_a_partial_grid(tmp_path):
+    model = tiny_mlp()
+    x, y = tiny_data("mlp")
+    ck = tmp_path / "grid.npz"
+    full = surface(model, (x, y), dim=1, steps=7, resume=ck, strategy="loop", chunk=2)
+    with np.load(ck) as f:
+        fp, flat = str(f["fingerprint"]), f["flat"].copy()
+    flat[3:] = np.nan  # as if interrupted
+    np.savez(ck, fingerprint=np.asarray(fp), flat=flat)
+    resumed = surface(model, (x, y), dim=1, steps=7, resume=ck, strategy="loop", chunk=2)
+    np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-6)
+
+
+def test_model_untouched_and_bad_inputs():
+    model = tiny_cnn(bn=True)
+    model.train()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[-1].register_forward_hook(lambda m, i, o: None)
+    before = snapshot(model)
+    x, y = tiny_data("cnn")
+    surface(model, (x, y), dim=2, steps=3)
+    assert same_snapshot(before, snapshot(model))
+    with pytest.raises(InputError, match="more than the limit"):
+        surface(model, (x, y), dim=2, steps=1000)
+    with pytest.raises(InputError, match="dim must be"):
+        surface(model, (x, y), dim=3)
+    with pytest.raises(DataError, match="does not fit"):
+        surface(model, (torch.randn(4, 3, 8, 8), y[:4]))
+    with pytest.raises(DataError, match="labels must lie"):
+        surface(model, (x, y + 7))
+    with pytest.raises(AnalysisError, match="loss is nan"):
+        surface(model, (x, y), loss=lambda o, t: o.mean() * float("nan"))
+    with pytest.raises(InputError, match="directions"):
+        surface(model, (x, y), directions="adam")
+    assert same_snapshot(before, snapshot(model))
+    frozen = tiny_mlp()
+    frozen.requires_grad_(False)
+    with pytest.raises(AnalysisError, match="requires_grad"):
+        surface(frozen, tiny_data("mlp"))
+
+
+def test_plots_and_result(tmp_path):
+    pytest.importorskip("matplotlib")
+    model = tiny_mlp()
+    x, y = tiny_data("mlp")
+    s2 = surface(model, (x, y), dim=2, steps=5)
+    for kind in ("contour", "surface"):
+        s2.plot(kind).savefig(tmp_path / f"{kind}.png")
+        assert (tmp_path / f"{kind}.png").stat().st_size > 1000
+    s1 = surface(model, (x, y), dim=1, steps=5)
+    s1.plot().savefig(tmp_path / "line.png")
+    d = s2.to_dict()
+    assert d["tables"]["grid"][0]["name"] == "plane" and len(d["tables"]["grid"]) == 25
+    assert d["tables"]["directions"][0]["name"] == "0.weight"
+    assert d["summary"]["origin_loss"] == pytest.approx(s2.losses[2, 2], rel=1e-6)
+    s2.save(tmp_path / "g.npz")
+    s2.save(tmp_path / "g.json")
+    with np.load(tmp_path / "g.npz") as f:
+        np.testing.assert_array_equal(f["losses"], s2.losses)

@@ -1,0 +1,169 @@
+"""Each proxy against an independent NumPy computation on a small MLP / CNN."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nndiag._utils.model_state import same_snapshot, snapshot
+from nndiag.errors import AnalysisError, InputError
+from nndiag.zerocost import proxies as P
+from nndiag.zerocost.score import PROXY_NAMES, compute_proxies, parse_proxies
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+
+
+def _xy(n=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _np(net):
+    return [t.detach().double().numpy() for t in (net[0].weight, net[0].bias, net[2].weight, net[2].bias)]
+
+
+def _np_grads(w1, b1, w2, b2, x, y):
+    """Manual backprop of mean cross-entropy: returns (pre, dpre, out, dout, dW1, dW2)."""
+    pre = x @ w1.T + b1
+    h = np.maximum(pre, 0)
+    out = h @ w2.T + b2
+    p = np.exp(out - out.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    dout = p.copy()
+    dout[np.arange(len(y)), y] -= 1
+    dout /= len(y)
+    dh = dout @ w2
+    dpre = dh * (pre > 0)
+    return pre, dpre, out, dout, dpre.T @ x, dout.T @ h
+
+
+def test_grad_norm_snip_fisher_match_manual_backprop():
+    net = _mlp()
+    x, y = _xy()
+    w1, b1, w2, b2 = _np(net)
+    pre, dpre, out, dout, g1, g2 = _np_grads(w1, b1, w2, b2, x.double().numpy(), y.numpy())
+    assert P.grad_norm(net, x, y) == pytest.approx(np.linalg.norm(g1) + np.linalg.norm(g2), rel=1e-5)
+    assert P.snip(net, x, y) == pytest.approx(np.abs(w1 * g1).sum() + np.abs(w2 * g2).sum(), rel=1e-5)
+    fisher = 0.5 * ((pre * dpre) ** 2).mean(0).sum() + 0.5 * ((out * dout) ** 2).mean(0).sum()
+    assert P.fisher(net, x, y) == pytest.approx(fisher, rel=1e-4)
+
+
+def test_grasp_matches_finite_difference_hessian_vector_product():
+    net = _mlp(1)
+    x, y = _xy(seed=1)
+    w1, b1, w2, b2 = _np(net)
+    xs, ys = x.double().numpy(), y.numpy()
+    _, _, _, _, g1, g2 = _np_grads(w1, b1, w2, b2, xs, ys)
+    eps = 1e-6
+    _, _, _, _, p1, p2 = _np_grads(w1 + eps * g1, b1, w2 + eps * g2, b2, xs, ys)
+    _, _, _, _, m1, m2 = _np_grads(w1 - eps * g1, b1, w2 - eps * g2, b2, xs, ys)
+    hg1, hg2 = (p1 - m1) / (2 * eps), (p2 - m2) / (2 * eps)
+    expected = -(w1 * hg1).sum() - (w2 * hg2).sum()
+    assert P.grasp(net, x, y) == pytest.approx(expected, rel=1e-3, abs=1e-7)
+
+
+def test_synflow_abs_weights_ones_input_and_bn_bypassed():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3))
+    with torch.no_grad():  # BN statistics that would change the result if BN were applied
+        net[1].running_mean.fill_(3.0)
+        net[1].running_var.fill_(0.01)
+        net[1].weight.fill_(-2.0)
+    w1, b1 = np.abs(net[0].weight.detach().double().numpy()), np.abs(net[0].bias.detach().double().numpy())
+    w2 = np.abs(net[3].weight.detach().double().numpy())
+    h = w1 @ np.ones(5) + b1  # positive, so ReLU is the identity
+    dh = w2.T @ np.ones(3)
+    expected = (w2 * np.outer(np.ones(3), h)).sum() + (w1 * np.outer(dh, np.ones(5))).sum()
+    x, _ = _xy()
+    assert P.synflow(net, x) == pytest.approx(expected, rel=1e-10)
+
+
+def test_jacob_cov_and_nwot_match_numpy():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(5, 40), nn.ReLU(), nn.Linear(40, 3))
+    x, _ = _xy(seed=3)
+    w1, b1, w2, _ = _np(net)
+    xs = x.double().numpy()
+    pre = xs @ w1.T + b1
+    jac = ((pre > 0) * (w2.T @ np.ones(3))) @ w1  # d(sum out)/dx per example
+    assert np.all(np.abs(jac).sum(1) > 0)
+    lam = np.linalg.eigvalsh(np.corrcoef(jac))
+    expected = -np.sum(np.log(lam + 1e-5) + 1 / (lam + 1e-5))
+    assert P.jacob_cov(net, x) == pytest.approx(expected, rel=1e-4)
+    c = (pre > 0).astype(float)
+    k = c @ c.T + (1 - c) @ (1 - c).T
+    assert P.nwot(net, x) == pytest.approx(np.linalg.slogdet(k)[1], rel=1e-10)
+
+
+def test_params_flops_zen():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    x = torch.randn(4, 3, 6, 6)
+    assert P.params(net) == 3 * 8 * 9 + 8 + 16 + 8 * 4 + 4
+    assert P.flops(net, x) == 6 * 6 * 8 * 27 + 8 * 4
+    # zen by its definition, with the same Gaussian draws (weights in module order, then z, eps)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 3, 3, 3, generator=g)
+    torch.randn(4, 8, generator=g)
+    z, eps = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+
+    def feat(t):
+        a = nn.functional.conv2d(t, w, padding=1)
+        a = (a - a.mean((0, 2, 3), keepdim=True)) / torch.sqrt(a.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+        return torch.relu(a), a
+
+    f1, _ = feat(z)
+    f2, _ = feat(z + 0.01 * eps)
+    delta = (f1 - f2).abs().reshape(4, -1).sum(1).mean()
+    c1 = nn.functional.conv2d(z, w, padding=1)
+    c2 = nn.functional.conv2d(z + 0.01 * eps, w, padding=1)
+    rv = 1.0
+    rv_ch = torch.ones(8)
+    for c in (c1, c2):
+        rv_ch = 0.9 * rv_ch + 0.1 * c.var((0, 2, 3), unbiased=True)
+    rv = float(rv_ch.mean())
+    expected = math.log(float(delta)) + math.log(math.sqrt(rv))
+    assert P.zen(net, x, seed=5) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", PROXY_NAMES)
+def test_every_proxy_leaves_the_model_as_it_was(name):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    net.eval()
+    net[0].bias.requires_grad_(False)
+    net[5].weight.grad = torch.full_like(net[5].weight, 0.5)
+    net[2].register_forward_hook(lambda *a: None)
+    x, y = torch.randn(6, 3, 5, 5), torch.randint(0, 3, (6,))
+    before = snapshot(net)
+    res = compute_proxies(net, x, y, [name])
+    assert not res["errors"], res["errors"]
+    assert math.isfinite(res[name])
+    assert same_snapshot(before, snapshot(net))
+
+
+def test_failures_become_rows_not_crashes():
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    res = compute_proxies(nn.Sequential(nn.ReLU()), x, y, ["grad_norm", "snip", "params"])
+    assert math.isnan(res["grad_norm"]) and "no Conv or Linear" in res["errors"]["grad_norm"]
+    assert res["params"] == 0.0
+    nan_net = _mlp()
+    with torch.no_grad():
+        nan_net[0].weight[0, 0] = float("nan")
+    res = compute_proxies(nan_net, x, y, ["gradsign", "snip", "params"])
+    assert "NaN" in res["errors"]["gradsign"] and "NaN" in res["errors"]["snip"]
+    with pytest.raises(InputError, match="at least 2"):
+        P.snip(_mlp(), x[:1], y[:1])
+    with pytest.raises(InputError, match="unknown proxy"):
+        parse_proxies("gradsign,foo")
+    with pytest.raises(AnalysisError, match="ReLU"):
+        P.nwot(nn.Sequential(nn.Linear(5, 3)), x)
