@@ -66,3 +66,23 @@ def test_naslib_keys_map_to_benchmark_rows():
     assert bench["cifar10"].idxmax() == 6111 and bench.loc[6111, "cifar10"] == pytest.approx(94.37, abs=0.01)
     nas = load_naslib_scores(shared_asset("benchmarks", "naslib_zc_nb201_subset.json"))
     assert set(nas["name"]) <= set(bench["name"])
+
+
+def test_data_free_proxies_agree_with_naslib_stored_scores():
+    # external check on a few architectures (the full check: benchmarks/nb201_naslib_check.py)
+    from scipy import stats
+
+    from nndiag._utils.seeding import fork_rng
+    from nndiag.zerocost.proxies import flops, synflow
+
+    table = load_naslib_scores(shared_asset("benchmarks", "naslib_zc_nb201_subset.json"))
+    rows = table.iloc[5::60].reset_index(drop=True)  # 13 architectures
+    x = torch.zeros(2, 3, 32, 32)
+    ours_s, ours_f = [], []
+    for arch in rows["name"]:
+        with fork_rng(0):
+            net = nb201(arch)
+        ours_s.append(synflow(net, x))
+        ours_f.append(flops(net, x))
+    assert stats.spearmanr(ours_s, rows["synflow"]).statistic >= 0.9
+    assert stats.spearmanr(ours_f, rows["flops"]).statistic >= 0.9

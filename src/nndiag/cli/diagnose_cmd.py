@@ -42,6 +42,12 @@ ArchesOpt = Annotated[list[str] | None, typer.Option(
     "--arch", help="Architecture for weights files (built-in name or package.module:factory): "
     "once for every MODEL, or once per MODEL in order.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="BLAS/torch threads (default: all usable cores).")]
+TrainDataOpt = Annotated[str | None, typer.Option(
+    "--train-data", help="The model's training data (DATA spec), for the analyses that read it "
+    "(hessian, landscape, mdtree); they use --data without it.")]
+OptionOpt = Annotated[list[str] | None, typer.Option(
+    "--option", "-o", help="An analysis option as PROBE.KEY=VALUE (VALUE read as JSON when it "
+    "parses, else as text), e.g. -o hessian.n_samples=256; repeatable.")]
 TopOpt = Annotated[int, typer.Option("--top", help="Findings to print.")]
 
 
@@ -103,6 +109,32 @@ def _arches(arch: list[str] | None, n: int) -> str | list[str] | None:
     return list(arch)
 
 
+def parse_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``["hessian.n_samples=256", ...]`` → ``{"hessian": {"n_samples": 256}}``.
+
+    Examples
+    --------
+    >>> parse_options(["hessian.n_samples=256", "slices.method=spotlight"])
+    {'hessian': {'n_samples': 256}, 'slices': {'method': 'spotlight'}}
+    """
+    import json
+
+    from nndiag.errors import InputError
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        probe, dot, name = key.strip().partition(".")
+        if not eq or not dot or not probe or not name.isidentifier():
+            raise InputError(f"--option {item!r}: expected PROBE.KEY=VALUE, e.g. hessian.n_samples=256")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(probe, {})[name] = value
+    return out
+
+
 def _write_outputs(report: Any, html: Path | None, json_path: Path | None) -> list[str]:
     """Write the JSON first (cheap, no figures), then the HTML; return what failed."""
     problems = []
@@ -128,6 +160,7 @@ def register(app: typer.Typer) -> None:
         models: list[str] = typer.Argument(..., help="One or more models (file, folder, factory or "
                                            "built-in name); several are compared side by side."),
         data: DataOpt = None,
+        train_data: TrainDataOpt = None,
         n_samples: NSamplesOpt = None,
         probes: ProbesOpt = None,
         html: HtmlOpt = None,
@@ -140,6 +173,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = Device.auto,
         seed: SeedOpt = 0,
         threads: ThreadsOpt = None,
+        option: OptionOpt = None,
         top: TopOpt = 10,
     ) -> int:
         """Run every analysis that applies and write one report: what is wrong, how sure, what to change."""
@@ -147,6 +181,7 @@ def register(app: typer.Typer) -> None:
         from nndiag.report.report import check_writable
 
         parse_probes(probes)  # bad names fail before any work
+        options = parse_options(option)
         for p in (html, json_out):
             if p is not None:
                 check_writable(p)
@@ -161,10 +196,11 @@ def register(app: typer.Typer) -> None:
                     pass
 
         try:
-            report = diagnose(models, data=data, probes=probes, arch=_arches(arch, len(models)),
+            report = diagnose(models, data=data, train_data=train_data, probes=probes, arch=_arches(arch, len(models)),
                               weights=weights,
                               second_seed=second_seed or None, n_samples=n_samples, seed=seed,
-                              device=device.value, threads=threads, on_update=on_update)
+                              device=device.value, threads=threads, options=options,
+                              on_update=on_update)
         except KeyboardInterrupt:
             partial = latest.get("report")
             if partial is not None:

@@ -21,6 +21,7 @@ Examples
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -188,28 +189,39 @@ class HessianOperator:
         self.n_hvp += 1
         return out.detach()
 
-    def matmat(self, V: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
-        """``V Hᵀ`` (= rows ``H v_i``) for ``V`` of shape ``(k, dim)``.
+    def _batched(self, V: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(V)
+        self._set_mode()
+        with torch.enable_grad():
+            for g in self._iter_graphs():
+                out += self._vjp(g, V, batched=True)
+        self.n_hvp += V.shape[0]
+        return out.detach()
 
-        Tries ``is_grads_batched`` (one vectorised backward for all k probes) the first
-        time when ``batched`` is None and remembers whether it worked; loops otherwise.
+    def matmat(self, V: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
+        """Rows ``H v_i`` for ``V`` of shape ``(k, dim)``.
+
+        ``batched=None`` measures once which is faster for this model — one vectorised
+        backward over all k probes (``is_grads_batched``) or a loop of single products —
+        and keeps the winner (vectorising pays for small models, a loop for big CNNs).
         """
         V = V.to(device=self.device, dtype=self.dtype)
         use = self._batched_ok if batched is None else batched
-        if use is None or use:
+        if use is None and V.shape[0] >= 2:
+            half = V.shape[0] // 2
+            t0 = time.perf_counter()
             try:
-                out = torch.zeros_like(V)
-                self._set_mode()
-                with torch.enable_grad():
-                    for g in self._iter_graphs():
-                        out += self._vjp(g, V, batched=True)
-                self._batched_ok = True
-                self.n_hvp += V.shape[0]
-                return out.detach()
+                first = self._batched(V[:half])
             except (RuntimeError, NotImplementedError):
-                if batched:
-                    raise
                 self._batched_ok = False
+                return torch.stack([self.matvec(v) for v in V])
+            t1 = time.perf_counter()
+            rest = torch.stack([self.matvec(v) for v in V[half:]])
+            t2 = time.perf_counter()
+            self._batched_ok = (t1 - t0) / half < (t2 - t1) / (V.shape[0] - half)
+            return torch.cat([first, rest])
+        if use:
+            return self._batched(V)
         return torch.stack([self.matvec(v) for v in V])
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:

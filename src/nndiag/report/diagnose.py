@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from nndiag.errors import InputError, NNDiagError
-from nndiag.report.probes import PROBE_MODULES, load_probe
+from nndiag.report.probes import PROBE_MODULES, load_probe, wants_train_data
 from nndiag.report.report import ModelReport, ProbeRun, Report
 from nndiag.report.results import Finding, Result, provenance
 
@@ -138,7 +138,7 @@ def _error(name: str, why: str, seconds: float, how: str = "") -> ProbeRun:
 
 def run_probe(name: str, lm: Any, data: Any, *, seed: int, device: Any,
               options: dict[str, Any] | None = None, shared: dict[str, Any] | None = None,
-              explicit: bool = False) -> ProbeRun:
+              explicit: bool = False, train_data: Any = None) -> ProbeRun:
     """Run one probe on one model and wrap what happens in a :class:`ProbeRun`.
 
     Parameters
@@ -148,6 +148,8 @@ def run_probe(name: str, lm: Any, data: Any, *, seed: int, device: Any,
     shared : dict, optional
         Inputs shared by all probes (``loss``, ``second_seed``), passed only to probes
         whose ``run`` names them.
+    train_data : DataBundle, optional
+        The training data, given instead of ``data`` to probes that want it.
 
     Never raises for a probe's own failure (``KeyboardInterrupt`` still propagates).
     """
@@ -160,6 +162,8 @@ def run_probe(name: str, lm: Any, data: Any, *, seed: int, device: Any,
     if mod is None:
         why = "this analysis is not available in this version of nndiag"
         return _error(name, why, 0.0) if explicit else _skip(name, why, "")
+    if train_data is not None and wants_train_data(name, mod):
+        data = train_data
     if getattr(mod, "NEEDS_DATA", False) and data is None:
         return _skip(name, "it needs labelled data", "pass DATA with --data (or data=...)")
     given = {**shared, **options}
@@ -215,6 +219,7 @@ def diagnose(
     loss: Callable[..., Any] | None = None,
     probes: str | Sequence[str] | None = None,
     *,
+    train_data: Any = None,
     arch: str | Sequence[str | None] | None = None,
     weights: str | Path | None = None,
     second_seed: Any = None,
@@ -237,6 +242,10 @@ def diagnose(
         Labelled data; data-dependent analyses are skipped without it.
     loss : callable, optional
         ``loss(logits, y)``; passed to analyses that take one (default cross-entropy).
+    train_data : DATA spec, DataBundle, (x, y), DataLoader, optional
+        The model's training data, for the analyses that read it (Hessian, landscape,
+        failure mode: see :data:`~nndiag.report.probes.TRAIN_DATA_PROBES`); they use
+        ``data`` when it is not given.
     probes : str or list of str, optional
         Analyses to run (``"spectral,hessian"``); all of :data:`PROBE_MODULES` by
         default. Named probes that cannot run are errors; unnamed ones are skipped.
@@ -291,9 +300,14 @@ def diagnose(
     lms = [_load(m, a, weights) for m, a in zip(models, arches, strict=True)]
     seconds_ = _load_second(second_seed, arches)
     bundle = None if data is None else as_data(data, n_samples=n_samples, seed=seed)
+    train_bundle = None if train_data is None else as_data(train_data, n_samples=n_samples, seed=seed)
+    if bundle is None:
+        bundle, train_bundle = train_bundle, None
     data_info = None if bundle is None else {
         "name": bundle.name, "n_samples": len(bundle), "num_classes": int(bundle.num_classes),
         "input_shape": [int(s) for s in bundle.input_shape]}
+    if data_info is not None and train_bundle is not None:
+        data_info["train"] = {"name": train_bundle.name, "n_samples": len(train_bundle)}
     report = Report(
         models=[ModelReport(n, _model_info(lm))
                 for n, lm in zip(_unique_names([lm.name for lm in lms]), lms, strict=True)],
@@ -314,7 +328,7 @@ def diagnose(
                 entry.runs.append(run_probe(name, lm, bundle, seed=seed, device=dev,
                                             options=options.get(name, {}),
                                             shared={"loss": loss, "second_seed": second},
-                                            explicit=explicit))
+                                            explicit=explicit, train_data=train_bundle))
                 bar.advance()
                 if on_update is not None:
                     on_update(report)

@@ -30,6 +30,8 @@ from nndiag.report.results import Result, provenance
 
 NAME = "evaluation"
 NEEDS_DATA = True
+#: Summary values compared across models in a multi-model report.
+COMPARE = ("accuracy", "loss")
 
 
 def _class_names(data: Any, k: int) -> list[str]:

@@ -290,6 +290,8 @@ def render_html(report: Report, *, figures: bool = True) -> str:
     meta = report.meta or {}
     data = report.data
     data_txt = (f"{data['name']} ({data['n_samples']:,} examples)" if data else "none (data-free analyses only)")
+    if data and isinstance(data.get("train"), dict):
+        data_txt += f"; training data {data['train']['name']} ({data['train']['n_samples']:,} examples)"
     incomplete = ("" if report.complete else
                   '<p class="incomplete">This report is incomplete: the run was interrupted or is '
                   "still going.</p>")

@@ -19,7 +19,14 @@ data) is the report's own probe; the others are the analysis families.
 
 Optional attributes a probe may define: ``OPTIONS: dict[str, str]`` (option name →
 how to give it, e.g. ``{"second_seed": "--second-seed CKPT"}``) for keyword options
-its ``run`` requires; without them it is skipped with that hint.
+its ``run`` requires; without them it is skipped with that hint. ``COMPARE: tuple[str, ...]``
+(summary keys) picks the metrics shown side by side when several models are diagnosed
+(default: every float in the summary). Shared inputs (``loss``, ``second_seed``) reach
+only the probes whose ``run`` names them as parameters. ``TRAIN_DATA: bool`` says the
+probe reads the model's *training* data (a Hessian at the minimum, the failure-mode
+diagnosis); when the user gives ``train_data`` (``--train-data``) those probes get it
+and the others get ``data``. :data:`TRAIN_DATA_PROBES` is the default for probes that
+do not say.
 """
 
 from __future__ import annotations
@@ -36,6 +43,14 @@ PROBE_MODULES: dict[str, str] = {
     "zerocost": "nndiag.zerocost.probe",
     "slices": "nndiag.slices.probe",
 }
+
+#: Probes that read the training data by default (``TRAIN_DATA`` in the module overrides).
+TRAIN_DATA_PROBES: frozenset[str] = frozenset({"hessian", "landscape", "mdtree"})
+
+
+def wants_train_data(name: str, module: ModuleType) -> bool:
+    """Whether probe ``name`` should get the training data when it is given."""
+    return bool(getattr(module, "TRAIN_DATA", name in TRAIN_DATA_PROBES))
 
 
 def load_probe(name: str) -> ModuleType | None:

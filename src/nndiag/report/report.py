@@ -133,13 +133,29 @@ class ModelReport:
         return out
 
     def metrics(self) -> dict[str, float]:
-        """Scalar numeric summary values of every successful run, as ``probe.key``."""
+        """The summary metrics worth comparing across models, as ``probe.key``.
+
+        A probe may list them in a module attribute ``COMPARE`` (summary keys); otherwise
+        every finite float in its summary counts, except standard errors (integers are
+        mostly counts and settings: iterations, points, examples).
+        """
+        from nndiag.report.probes import load_probe
+
         out: dict[str, float] = {}
         for r in self.runs:
             if r.status != "ok":
                 continue
+            try:
+                chosen = getattr(load_probe(r.probe), "COMPARE", None)
+            except Exception:  # a broken probe module: fall back to the heuristic
+                chosen = None
             for k, v in r.result.summary.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                if chosen is not None:
+                    if k not in chosen:
+                        continue
+                elif isinstance(v, int) or k.endswith(("_stderr", "_seconds")):
                     continue
                 if math.isfinite(float(v)):
                     out[f"{r.probe}.{k}"] = float(v)

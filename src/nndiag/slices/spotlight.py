@@ -169,11 +169,12 @@ def _scale_for_weight(d2: torch.Tensor, target: torch.Tensor, kernel: str, iters
     ``W = k − c·Σ_{j≤k} d2_j``, so ``c = (k − target)/Σ_{j≤k} d2_j`` where it is consistent).
     Gaussian kernel: bisection.
     """
+    target = torch.as_tensor(target, dtype=d2.dtype).reshape(-1).expand(d2.shape[0])
     if kernel == "quadratic":
         srt, _ = torch.sort(d2.clamp_min(1e-300), dim=1)
         csum = torch.cumsum(srt, 1)
         k = torch.arange(1, d2.shape[1] + 1, dtype=d2.dtype)
-        c = (k - target) / csum  # candidate scale with exactly the k nearest inside
+        c = (k - target[:, None]) / csum  # candidate scale with exactly the k nearest inside
         nxt = torch.cat([srt[:, 1:], torch.full_like(srt[:, :1], math.inf)], 1)
         ok = (c > 0) & (c * srt < 1.0) & (c * nxt >= 1.0)
         # the smallest consistent k (W is continuous and strictly monotone, so it is unique)
@@ -194,7 +195,7 @@ def _scale_for_weight(d2: torch.Tensor, target: torch.Tensor, kernel: str, iters
 def _adam(params: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...], state: list[Any],
           rates: torch.Tensor, t: int, scales: tuple[float, ...]) -> None:
     beta1, beta2, eps = 0.9, 0.99, 1e-8
-    for p, g, (m1, m2), sc in zip(params, grads, state, scales):
+    for p, g, (m1, m2), sc in zip(params, grads, state, scales, strict=True):
         g = torch.nan_to_num(g)
         m1.mul_(beta1).add_(g, alpha=1 - beta1)
         m2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -219,6 +220,7 @@ def fit_spotlight(
     restarts: int = 4,
     min_lr_ratio: float = 1e-2,
     anneal: float = 0.7,
+    free_size: bool = True,
     seed: int = 0,
     trace: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
@@ -237,6 +239,10 @@ def fit_spotlight(
         ``W = S + m`` held exactly — the overall scale of τ is solved by bisection at every
         step and Adam moves μ (and the shape of a diagonal τ) along the total (implicit)
         gradient. Both anneal ``m`` from ``N − S`` to ``0.05·S``.
+    free_size : bool
+        ``exact`` solver: let the target grow above ``S + m`` (by a factor ``1 + softplus(g)``,
+        ``g`` learnt along ``∂(mean loss)/∂W``) when a larger region has a higher mean loss,
+        as the barrier's inequality allows; otherwise ``W = S + m`` exactly.
     kernel, precision, steps, lr, patience, barrier, eps, restarts, min_lr_ratio, anneal, seed
         See :func:`spotlight`.
     trace : list, optional
@@ -272,20 +278,23 @@ def fit_spotlight(
     rates = torch.full((r,), float(lr), dtype=torch.float64)
     best = torch.full((r,), -math.inf, dtype=torch.float64)
     wait = torch.zeros(r, dtype=torch.long)
-    state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in (mu, log_tau)]
+    grow = torch.full((r, 1), -4.0 if free_size else -math.inf, dtype=torch.float64)
+    params = (mu, log_tau, grow)
+    state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     # the count inside a ball grows like radius^d: slow log tau down with the dimension
-    scales = (1.0, 1.0 / max(1.0, d / 2))
+    scales = (1.0, 1.0 / max(1.0, d / 2), 1.0 if free_size else 0.0)
     for t in range(steps):
         frac = min(1.0, t / max(1.0, anneal * steps - 1))
         margin = m_start * (m_end / m_start) ** frac
         if solver == "barrier":
             obj, mean_loss, w = spotlight_objective(xt, lt, mu, log_tau, size, margin, b, eps, kernel)
-            grads = torch.autograd.grad(-obj.sum(), (mu, log_tau))
+            grads = (*torch.autograd.grad(-obj.sum(), (mu, log_tau)), torch.zeros_like(grow))
         else:
             shape = log_tau - log_tau.mean(1, keepdim=True)
             with torch.no_grad():
                 d2 = ((xt[None] - mu[:, None]) ** 2 * shape.exp()[:, None]).sum(-1)
-                s0 = _scale_for_weight(d2, torch.tensor(size + margin, dtype=torch.float64), kernel)
+                factor = 1.0 + torch.nn.functional.softplus(grow[:, 0])
+                s0 = _scale_for_weight(d2, (size + margin) * factor, kernel)
             s = s0.clone().requires_grad_(True)
             _, mean_loss, w = spotlight_objective(xt, lt, mu, shape + s[:, None], size, margin, b, eps,
                                                   kernel)
@@ -293,9 +302,12 @@ def fit_spotlight(
             gw = torch.autograd.grad(w.sum(), (mu, log_tau, s))
             # implicit function theorem: ds/dθ = −(∂W/∂θ)/(∂W/∂s) keeps W fixed
             ratio = (gl[2] / torch.where(gw[2].abs() > 1e-30, gw[2], torch.full_like(gw[2], -1e-30)))
-            grads = tuple(-(a - ratio[:, None] * c) for a, c in zip(gl[:2], gw[:2]))
+            grads = tuple(-(a - ratio[:, None] * c) for a, c in zip(gl[:2], gw[:2], strict=True))
+            # d(mean loss)/d(target W) = ratio; the target is (S + m)(1 + softplus(g))
+            g_grow = -(ratio * (size + margin) * torch.sigmoid(grow[:, 0]))[:, None]
+            grads = (*grads, g_grow if free_size else torch.zeros_like(grow))
         with torch.no_grad():
-            _adam((mu, log_tau), grads, state, rates, t, scales)
+            _adam(params, grads, state, rates, t, scales)
             # plateau on the weighted mean loss, once the margin has reached its floor: the
             # penalised value falls as the margin shrinks, which would freeze the rate early
             improved = mean_loss > best + 1e-9 * loss_range
@@ -312,8 +324,8 @@ def fit_spotlight(
         if solver == "exact":
             shape = log_tau - log_tau.mean(1, keepdim=True)
             d2 = ((xt[None] - mu[:, None]) ** 2 * shape.exp()[:, None]).sum(-1)
-            final_log_tau = shape + _scale_for_weight(
-                d2, torch.tensor(size + m_end, dtype=torch.float64), kernel)[:, None]
+            factor = 1.0 + torch.nn.functional.softplus(grow[:, 0])
+            final_log_tau = shape + _scale_for_weight(d2, (size + m_end) * factor, kernel)[:, None]
         _, mean_loss, w = spotlight_objective(xt, lt, mu, final_log_tau, size, m_end, b, eps, kernel)
     ok = (w >= 0.9 * size).numpy()
     ml = mean_loss.numpy()

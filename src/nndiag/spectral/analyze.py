@@ -193,7 +193,7 @@ def analyze(
     layers: list[str] | None = None,
     scale_jump: float = 1.0,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     threads: int | None = None,
     batch_bytes: int = 128 << 20,
     dedup: bool = True,
@@ -357,7 +357,9 @@ def analyze(
                 row.update(randomized_metrics(mats_for_random.pop(spec.name), ev, scale, spec.N,
                                               spec.M, rng, precision))
             rows.append(row)
-            esd_rows.extend(_esd_hist(spec.name, ev, thresh))
+            hist = _esd_hist(spec.name, ev, thresh)
+            if hist is not None:
+                esd_rows.append(hist)
             if keep_evals:
                 evals_by_layer[spec.name] = ev
         t_done = time.perf_counter()
@@ -366,7 +368,8 @@ def analyze(
     cols = LAYER_COLUMNS + list(dict.fromkeys(extra))
     df = pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame(columns=cols)
     skipped = pd.DataFrame(skipped_rows, columns=SKIPPED_COLUMNS)
-    esd_df = pd.DataFrame(esd_rows, columns=["name", "log10_lo", "log10_hi", "count"])
+    esd_df = (pd.concat(esd_rows, ignore_index=True) if esd_rows
+              else pd.DataFrame(columns=["name", "log10_lo", "log10_hi", "count"]))
     summary = summarize(df)
     summary.update({"model": name, "layers_analysed": int(len(df)),
                     "layers_skipped": int(len(skipped))})
@@ -431,17 +434,19 @@ def _skip_row(info: Any, reason: str, name: str | None = None) -> dict[str, Any]
     }
 
 
-def _esd_hist(name: str, ev: np.ndarray, thresh: float) -> list[dict[str, Any]]:
+def _esd_hist(name: str, ev: np.ndarray, thresh: float) -> pd.DataFrame | None:
+    """A 60-bin histogram of ``log10 λ`` (λ > thresh) as a tidy table, for plots."""
     pos = ev[ev > thresh]
     if pos.size == 0:
-        return []
+        return None
     lg = np.log10(pos)
-    lo, hi = float(lg.min()), float(lg.max())
+    lo, hi = float(lg[0]), float(lg[-1])  # ev is sorted
     if hi <= lo:
         hi = lo + 1e-6
-    counts, edges = np.histogram(lg, bins=_ESD_BINS, range=(lo, hi))
-    return [{"name": name, "log10_lo": float(edges[i]), "log10_hi": float(edges[i + 1]),
-             "count": int(counts[i])} for i in range(_ESD_BINS)]
+    edges = np.linspace(lo, hi, _ESD_BINS + 1)
+    idx = np.minimum(((lg - lo) / (hi - lo) * _ESD_BINS).astype(np.int64), _ESD_BINS - 1)
+    counts = np.bincount(idx, minlength=_ESD_BINS)
+    return pd.DataFrame({"name": name, "log10_lo": edges[:-1], "log10_hi": edges[1:], "count": counts})
 
 
 def summarize(df: pd.DataFrame) -> dict[str, Any]:

@@ -197,7 +197,7 @@ def ks_distances_pruned(x: np.ndarray, alphas: np.ndarray, cand: np.ndarray) -> 
     cand = np.asarray(cand, dtype=np.int64)
     a = alphas[cand]
     good = np.isfinite(a) & (a > 1.0)
-    if n < 512 or good.sum() < 64:
+    if n < 400 or good.sum() < 64:
         return ks_distances(x, alphas, cand)
     gc = cand[good]
     stride = max(2, int(np.sqrt(n)))

@@ -126,16 +126,13 @@ def _sign_sums_batched(net: nn.Module, names: list[str], x: torch.Tensor, y: tor
     sums = [torch.zeros_like(m.weight, dtype=torch.float32) for m in layers]
     nz = [torch.zeros_like(m.weight, dtype=torch.bool) for m in layers]
     for start in range(0, x.shape[0], chunk_size):
-        grads = _persample.per_sample_grads(net, layers, x[start:start + chunk_size],
-                                            y[start:start + chunk_size], loss_fn)
-        for s, z, gn in zip(sums, nz, grads, strict=True):
-            if gn is None:
-                continue
-            if torch.isnan(gn).any():
-                raise AnalysisError("GradSign: NaN gradients")
-            s += torch.sign(gn).sum(0, dtype=torch.float32)
-            if track_zero:
-                z |= (gn != 0).any(0)
+        parts = _persample.per_sample_sign_sums(net, layers, x[start:start + chunk_size],
+                                                y[start:start + chunk_size], loss_fn, track_zero)
+        for s, z, (si, zi) in zip(sums, nz, parts, strict=True):
+            if si is not None:
+                s += si
+            if zi is not None:
+                z |= zi
     return sums, nz
 
 

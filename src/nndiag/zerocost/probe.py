@@ -26,7 +26,7 @@ NEEDS_DATA = True
 DEFAULT_PROXIES: tuple[str, ...] = ("gradsign", "synflow", "grad_norm", "snip", "jacob_cov",
                                     "nwot", "params", "flops")
 #: Share of weights with an always-zero gradient that triggers ``ZC-DEAD-WEIGHTS``.
-DEAD_THRESHOLD = 0.25
+DEAD_THRESHOLD = 0.5
 
 
 def run(model: Any, data: Any = None, *, seed: int = 0, device: torch.device | str = "cpu",

@@ -46,8 +46,7 @@ Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def _prep(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, what: str,
           train: bool = True, dtype: torch.dtype | None = None):
     check_batch(x, y, what=what)
-    layers = scored_weights(model)  # raises when there is nothing to score
-    del layers
+    scored_weights(model)  # raises when there is nothing to score
     net = working_copy(model, train=train, dtype=dtype)
     p = next(net.parameters())
     xx = x.to(p.device, dtype=p.dtype)
