@@ -31,7 +31,8 @@ MODELS = (
 EPOCHS = 15
 LR = 0.05
 #: Lighter settings than the defaults, to stay within the demo's time budget on 2 cores.
-DEMO_OPTIONS = {"hessian.n_samples": 256, "hessian.slq_runs": 1, "hessian.trace_probes": 30}
+DEMO_OPTIONS = {"hessian.n_samples": 128, "hessian.top_k": 2, "hessian.slq_runs": 1,
+                "hessian.slq_steps": 40, "hessian.trace_probes": 20}
 
 
 def train_models(out_dir: Path, *, progress: bool | None = None) -> dict[str, dict[str, object]]:

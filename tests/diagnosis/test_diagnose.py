@@ -51,7 +51,7 @@ def pair(data):
 def _toy_set() -> ThresholdSet:
     return ThresholdSet({
         "temp": MDTree.from_thresholds("temp", [0.5, -10, 3.0], leaf_counts=[[1, 9], [8, 2], [1, 3], [5, 0]]),
-        "width": MDTree.from_thresholds("width", [0.5, -10, -20], leaf_counts=[[0, 4], [3, 1], [2, 2], [6, 0]]),
+        "width": MDTree.from_thresholds("width", [0.5, -10, -20], leaf_counts=[[2, 2], [3, 1], [1, 5], [6, 0]]),
     }, ranges={"train_error": (0.0, 50.0)})
 
 
@@ -70,6 +70,9 @@ def test_decide_follows_the_trees():
     # not interpolating, connected -> Q1 "large"
     dg = decide({"train_error": 60.0, "mode_connectivity_peak": -5.0, "hessian_t": 2.0}, ts)
     assert dg.answer == "large" and dg.out_of_range == ["train_error"]
+    # interpolating and poorly connected: Q2a says "width" but from a 50/50 leaf (conf 0.5 < 0.6)
+    dg = decide({"train_error": 0.1, "mode_connectivity_peak": -15.0, "hessian_t": 2.0}, ts)
+    assert dg.answers["width"] == "width" and dg.answer == "small"
     with pytest.raises(DataError, match="hessian_t"):
         decide({"train_error": 20.0, "mode_connectivity_peak": -25.0, "hessian_t": float("nan")}, ts)
 
@@ -85,6 +88,24 @@ def test_shipped_thresholds_follow_from_the_committed_zoo():
     for q, tree in ts.trees.items():
         np.testing.assert_allclose(again.trees[q].thresholds, tree.thresholds, rtol=1e-9)
         np.testing.assert_allclose(again.trees[q].leaf_counts, tree.leaf_counts)
+
+
+def test_transfer_figures_in_benchmarks_md_follow_from_the_committed_zoos():
+    from nndiag.diagnosis.shipped import evaluate_transfer
+
+    folder = default_thresholds_path().parent
+    if not (folder / "zoo_digits_noise10.csv").is_file():
+        pytest.skip("no committed zoo tables yet")
+    clean = pd.read_csv(folder / "zoo_digits.csv")
+    noisy = pd.read_csv(folder / "zoo_digits_noise10.csv")
+    fwd = evaluate_transfer(clean, noisy).set_index("name")
+    np.testing.assert_allclose(
+        fwd.loc["temp", ["mdtree_paper", "mdtree_exact", "validation", "hyperparameter"]].to_numpy(float),
+        [73.86, 76.14, 62.50, 54.55], atol=0.01)
+    back = evaluate_transfer(noisy, clean).set_index("name")
+    np.testing.assert_allclose(
+        back.loc["temp", ["mdtree_paper", "mdtree_exact", "validation", "hyperparameter"]].to_numpy(float),
+        [84.27, 88.76, 52.81, 50.56], atol=0.01)
 
 
 def test_bad_thresholds_file(tmp_path):
@@ -145,3 +166,20 @@ def test_cli_diagnose(pair, tmp_path):
     assert bad.exit_code == 2 and "architecture" in bad.output
     small = CliRunner().invoke(app, [*args, "--hessian-samples", "5000"])
     assert small.exit_code == 2 and "Hessian samples" in small.output
+
+
+def test_nndiag_diagnose_runs_the_mdtree_probe(pair, data, tmp_path):
+    import nndiag
+
+    a, b = pair
+    ts_path = tmp_path / "t.json"
+    _toy_set().save(ts_path)
+    rep = nndiag.diagnose(a, data=data, probes=["mdtree"])
+    (run,) = rep.models[0].runs
+    assert run.status == "skipped" and "second_seed" in run.message
+    rep = nndiag.diagnose(a, data=data, probes=["mdtree"], second_seed=b,
+                          options={"mdtree": {"curve": "linear", "threads": 1, "hessian_samples": 64,
+                                              "thresholds": str(ts_path)}})
+    (run,) = rep.models[0].runs
+    assert run.status == "ok", run.message
+    assert run.result.findings[0].code.startswith("MDT-") and run.result.summary["ran"]

@@ -120,11 +120,16 @@ def test_bezier_keeps_endpoints_and_beats_line(two_cnns, digits):
 def test_compute_features_leaves_models_untouched(two_cnns, digits):
     a, b = two_cnns
     a.train()
-    a.register_forward_hook(lambda *args: None)
+    calls = []
+    handle = a.register_forward_hook(lambda *args: calls.append(1))
     before = [snapshot(a), snapshot(b)]
-    f = compute_features(a, b, digits, curve="linear", hessian=True, hessian_samples=64, cka_samples=100,
-                         threads=1)
+    f = compute_features(a, b, digits, curve="bezier", curve_epochs=1, hessian=True, hessian_samples=64,
+                         cka_samples=100, threads=1)
     assert same_snapshot(before[0], snapshot(a)) and same_snapshot(before[1], snapshot(b))
+    n_calls = len(calls)  # forwards of the user's model itself (train error, CKA, Hessian)
+    connect(a, b, digits, curve="bezier", epochs=1)
+    assert len(calls) == n_calls  # the curve works on a copy without the user's hooks
+    handle.remove()
     a.eval()
     lo, acc = evaluate(a, digits)
     assert f["train_error"] == pytest.approx(100 * (1 - acc))
@@ -132,6 +137,34 @@ def test_compute_features_leaves_models_untouched(two_cnns, digits):
     assert np.isfinite(f["hessian_t"]) and f["hessian_t"] == pytest.approx(np.log(f["hessian_trace"]))
     assert f["hessian_top"] > 0 and f["hessian_trace"] >= f["hessian_top"] * 0.5
     assert set(f.table()["name"]) >= {"train_error", "CKA", "mode_connectivity_peak", "hessian_t"}
+
+
+def test_hessian_features_match_dense_trace(digits):
+    from nndiag.diagnosis.features import hessian_features
+
+    with fork_rng(0):
+        m = MLP(64, 4, 10)
+    sub = digits.subset(100, seed=1)
+    params = dict(m.named_parameters())
+    names = list(params)
+    shapes = [params[k].shape for k in names]
+    flat = torch.cat([params[k].detach().flatten() for k in names]).double()
+
+    def loss(theta):
+        chunks, i = {}, 0
+        for k, s in zip(names, shapes, strict=True):
+            chunks[k] = theta[i:i + s.numel()].view(s)
+            i += s.numel()
+        out = torch.func.functional_call(m.double(), chunks, (sub.x.double(),))
+        return torch.nn.functional.cross_entropy(out, sub.y)
+
+    dense = torch.autograd.functional.hessian(loss, flat)
+    m.float()
+    evals = torch.linalg.eigvalsh(dense)
+    h = hessian_features(m, sub, n_samples=100, seed=0, threads=1)
+    assert h["hessian_trace"] == pytest.approx(float(dense.trace()), rel=0.05)
+    assert h["hessian_top"] == pytest.approx(float(evals[-1]), rel=1e-3)
+    assert h["hessian_t"] == pytest.approx(np.log(h["hessian_trace"]))
 
 
 def test_bad_pairs_and_small_data_are_clear_errors(two_cnns, digits):

@@ -29,8 +29,8 @@ def test_hessian_json_fields_match_the_library(tmp_path):
     ckpt = tmp_path / "mlp.pt"
     torch.save(model.state_dict(), ckpt)
     res = runner.invoke(app, ["hessian", str(ckpt), "--arch", "digits-mlp", "--data", "digits",
-                              "--n-samples", "128", "--top-k", "3", "--trace", "--density",
-                              "--slq-steps", "20", "--format", "json"])
+                              "--n-samples", "128", "--top-k", "3", "--trace", "--trace-probes", "30",
+                              "--density", "--slq-steps", "20", "--format", "json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     ev = doc["eigenvalues"]
@@ -43,13 +43,19 @@ def test_hessian_json_fields_match_the_library(tmp_path):
     np.testing.assert_allclose(ev, ref.eigenvalues, rtol=1e-4)
 
 
-def test_hessian_human_and_bad_input():
+def test_hessian_human_and_bad_input(tmp_path):
     ok = runner.invoke(app, ["hessian", "digits-mlp", "--data", "digits", "--n-samples", "64"])
     assert ok.exit_code == 0 and "top_1" in ok.stdout
     no_data = runner.invoke(app, ["hessian", "digits-mlp"])
     assert no_data.exit_code == 2 and "--data" in no_data.output
-    bad = runner.invoke(app, ["hessian", "digits-mlp", "--data", "mnist1d", "--n-samples", "32"])
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.random.default_rng(0).normal(size=(16, 40)).astype(np.float32), y=np.arange(16) % 10)
+    bad = runner.invoke(app, ["hessian", "digits-mlp", "--data", str(wrong)])
     assert bad.exit_code == 2 and "does not fit" in bad.output
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, x=np.zeros((16, 64), np.float32), y=np.arange(16) + 5)
+    bad = runner.invoke(app, ["hessian", "digits-mlp", "--data", str(labels)])
+    assert bad.exit_code == 2 and "labels must lie in" in bad.output
 
 
 def test_landscape_writes_picture_and_grid(tmp_path):

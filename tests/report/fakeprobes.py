@@ -78,6 +78,7 @@ def _module(name: str, run: Any, figures: Any = None, needs_data: bool = False) 
 
 def install(monkeypatch: Any, names: list[str]) -> None:
     """Replace the probe registry with the named fake probes (plus the real ones asked)."""
+    import nndiag.report.diagnose  # noqa: F401 - imported before patching, so nothing binds the fakes
     from nndiag.report import probes
 
     made = {
@@ -93,6 +94,3 @@ def install(monkeypatch: Any, names: list[str]) -> None:
     for n in names:
         registry[n] = made[n]() if n in made else probes.PROBE_MODULES[n]
     monkeypatch.setattr(probes, "PROBE_MODULES", registry)
-    import nndiag.report.diagnose as diag
-
-    monkeypatch.setattr(diag, "PROBE_MODULES", registry)

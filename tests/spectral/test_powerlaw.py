@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nndiag.errors import InputError
 from nndiag.spectral.powerlaw import candidate_alphas, fit_powerlaw, ks_distances, ks_distances_pruned
@@ -143,3 +145,13 @@ def test_truncated_power_law_recovers_cutoff():
     assert abs(f.alpha - 1.5) < 0.1
     assert 1 / 30 < f.Lambda < 1 / 14
     assert stats is not None
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(1e-2, 1e3), n=st.integers(20, 300))
+def test_property_fit_is_scale_invariant(seed, scale, n):
+    x = pareto(2.5, n, seed=seed, xmin=1.0)
+    a, b = fit_powerlaw(x), fit_powerlaw(x * scale)
+    assert a.alpha == pytest.approx(b.alpha, rel=1e-9)
+    assert b.xmin == pytest.approx(a.xmin * scale, rel=1e-12)
+    assert a.D == pytest.approx(b.D, rel=1e-6, abs=1e-12)

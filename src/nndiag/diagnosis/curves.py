@@ -186,6 +186,10 @@ def connect(
     pa = {k: v.detach().clone() for k, v in model_a.named_parameters()}
     pb = {k: v.detach().clone() for k, v in model_b.named_parameters()}
     work = copy.deepcopy(model_a)
+    for m in work.modules():  # the user's hooks must not fire on the private copy
+        for name, value in list(vars(m).items()):
+            if name.endswith("_hooks") and isinstance(value, dict):
+                value.clear()
     for p in work.parameters():
         p.requires_grad_(False)
         p.grad = None

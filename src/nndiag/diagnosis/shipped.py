@@ -7,8 +7,9 @@ one, fitted on its digits MLP zoo (``data/thresholds.json``, produced by
 ``scripts/mdtree_zoo.py``); :func:`fit_threshold_set` fits another on any zoo table.
 
 :func:`decide` turns a model's features into a diagnosis: if Q2a says the width is
-the bottleneck, "increase width"; else if Q2b says data, "get more data"; else the
-temperature answer of Q1. The confidence is the Laplace-smoothed training accuracy
+the bottleneck (from a leaf with confidence ≥ :data:`MIN_OVERRIDE_CONFIDENCE`), "increase
+width"; else if Q2b says data (same rule), "get more data"; else the temperature answer
+of Q1. The confidence is the Laplace-smoothed training accuracy
 of the leaf reached (product over the questions consulted).
 """
 
@@ -27,6 +28,9 @@ from nndiag.diagnosis.mdtree import TREES, MDTree
 from nndiag.errors import DataError, InputError
 
 QUESTIONS: tuple[str, ...] = ("temp", "width", "data")
+#: "Increase width" / "get more data" override the temperature answer only from a leaf
+#: at least this reliable on the fitting zoo (Q2 trees are weaker than Q1 on small zoos).
+MIN_OVERRIDE_CONFIDENCE = 0.6
 
 #: Fixed bounds with a meaning independent of the model's scale (percentages);
 #: the other slots are bounded by the fitting zoo's 5–95 % quantiles.
@@ -158,9 +162,9 @@ def decide(features: dict[str, float], ts: ThresholdSet) -> Diagnosis:
     if "temp" not in answers:
         bad = [f for f in ts.trees["temp"].spec.features if not np.isfinite(features.get(f, np.nan))]
         raise DataError(f"cannot diagnose: feature(s) {', '.join(bad)} missing or not finite")
-    if answers.get("width") == "width":
+    if answers.get("width") == "width" and confs["width"] >= MIN_OVERRIDE_CONFIDENCE:
         key, conf = "width", confs["width"]
-    elif answers.get("data") == "data":
+    elif answers.get("data") == "data" and confs["data"] >= MIN_OVERRIDE_CONFIDENCE:
         key, conf = "data", confs["data"] * confs.get("width", 1.0)
     else:
         key = answers["temp"]

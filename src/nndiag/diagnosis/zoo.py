@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -111,16 +112,22 @@ def config_key(width: int, data: float, bs: int) -> str:
 
 
 def _splits(cfg: ZooConfig) -> tuple[Any, Any]:
+    return _splits_cached(cfg.dataset, cfg.label_noise)
+
+
+@lru_cache(maxsize=4)
+def _splits_cached(dataset: str, label_noise: float) -> tuple[Any, Any]:
+    """(train, test) bundles, built once per process (mnist1d generation takes seconds)."""
     import torch
 
     from nndiag.io.data import load_data
 
-    train = load_data(f"{cfg.dataset}?split=train")
-    test = load_data(f"{cfg.dataset}?split=test")
-    if cfg.label_noise > 0:
+    train = load_data(f"{dataset}?split=train")
+    test = load_data(f"{dataset}?split=test")
+    if label_noise > 0:
         rng = np.random.default_rng(12345)
         y = train.y.numpy().copy()
-        flip = rng.random(len(y)) < cfg.label_noise
+        flip = rng.random(len(y)) < label_noise
         shift = rng.integers(1, train.num_classes, len(y))
         y[flip] = (y[flip] + shift[flip]) % train.num_classes
         train = replace(train, y=torch.as_tensor(y))

@@ -23,7 +23,8 @@ from types import ModuleType
 from typing import Any
 
 from nndiag.errors import InputError, NNDiagError
-from nndiag.report.probes import PROBE_MODULES, load_probe, wants_train_data
+from nndiag.report import probes as _probes
+from nndiag.report.probes import load_probe, wants_train_data
 from nndiag.report.report import ModelReport, ProbeRun, Report
 from nndiag.report.results import Finding, Result, provenance
 
@@ -43,14 +44,14 @@ def parse_probes(probes: str | Sequence[str] | None) -> tuple[list[str], bool]:
         A name that is not a known probe (the message lists the valid ones).
     """
     if probes is None:
-        return list(PROBE_MODULES), False
+        return list(_probes.PROBE_MODULES), False
     names = [p.strip() for p in (probes.split(",") if isinstance(probes, str) else probes)]
     names = [p for p in names if p]
     if not names:
-        raise InputError(f"no probe named; choose from {', '.join(PROBE_MODULES)}")
-    bad = [p for p in names if p not in PROBE_MODULES]
+        raise InputError(f"no probe named; choose from {', '.join(_probes.PROBE_MODULES)}")
+    bad = [p for p in names if p not in _probes.PROBE_MODULES]
     if bad:
-        raise InputError(f"unknown probe(s) {', '.join(bad)}; choose from {', '.join(PROBE_MODULES)}")
+        raise InputError(f"unknown probe(s) {', '.join(bad)}; choose from {', '.join(_probes.PROBE_MODULES)}")
     return list(dict.fromkeys(names)), True
 
 
@@ -288,10 +289,10 @@ def diagnose(
 
     names, explicit = parse_probes(probes)
     options = dict(options or {})
-    unknown = [k for k in options if k not in PROBE_MODULES]
+    unknown = [k for k in options if k not in _probes.PROBE_MODULES]
     if unknown:
         raise InputError(f"options given for unknown probe(s) {', '.join(unknown)}; "
-                         f"choose from {', '.join(PROBE_MODULES)}")
+                         f"choose from {', '.join(_probes.PROBE_MODULES)}")
     dev = resolve_device(device)
     models = _as_list(model)
     if not models:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from nndiag._utils.threads import limit_threads
 from nndiag.errors import InputError
 from nndiag.slices.base import Slices, check_losses, resolve_size
 from nndiag.slices.embeddings import validate
@@ -91,13 +92,18 @@ def kernel_weights(x: np.ndarray, mu: np.ndarray, tau: np.ndarray | float,
     return np.maximum(1.0 - d2, 0.0)
 
 
+def _sqdist(x: torch.Tensor, mu: torch.Tensor, tau: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_j τ_j (x_ij − μ_rj)² for every (r, i), by matrix products (R, N); τ None → 1."""
+    if tau is None:
+        return torch.cdist(mu, x).pow(2)
+    d2 = (x * x) @ tau.T - 2.0 * (x @ (tau * mu).T) + (tau * mu * mu).sum(1)[None]
+    return d2.T.clamp_min(0.0)
+
+
 def _weights_t(x: torch.Tensor, mu: torch.Tensor, log_tau: torch.Tensor, kernel: str) -> torch.Tensor:
     # x (N, D); mu (R, D); log_tau (R, 1) spherical or (R, D) diagonal -> (R, N)
     tau = log_tau.exp()
-    if tau.shape[1] == 1:
-        d2 = tau * torch.cdist(mu, x).pow(2)
-    else:
-        d2 = ((x[None] - mu[:, None]) ** 2 * tau[:, None]).sum(-1)
+    d2 = tau * _sqdist(x, mu) if tau.shape[1] == 1 else _sqdist(x, mu, tau)
     if kernel == "gaussian":
         return torch.exp(-0.5 * d2)
     return torch.clamp(1.0 - d2, min=0.0)
@@ -145,7 +151,8 @@ def _initial_centres(x: np.ndarray, losses: np.ndarray, size: float, restarts: i
         return np.stack(centres)
     k = int(min(max(5, round(size)), n - 1))
     cand = rng.choice(n, size=min(n, 512), replace=False)
-    d2 = ((x[cand, None, :] - x[None, :, :]) ** 2).sum(-1)
+    sq = (x * x).sum(1)
+    d2 = np.maximum(sq[cand, None] - 2.0 * (x[cand] @ x.T) + sq[None], 0.0)
     nn_idx = np.argpartition(d2, k, axis=1)[:, :k]
     local = losses[nn_idx].mean(1)
     order = cand[np.argsort(-local)]
@@ -263,9 +270,14 @@ def fit_spotlight(
     lt = torch.as_tensor(losses, dtype=torch.float64)
     mu0 = _initial_centres(x, losses, size, restarts, rng)
     r = len(mu0)
-    # start each restart covering every point: tau = 1 / max squared distance
-    maxd2 = ((x[None] - mu0[:, None]) ** 2).sum(-1).max(1)
-    log_tau0 = -np.log(np.maximum(maxd2, 1e-12) * 1.05)
+    # the centroid restart anneals from the whole data (margin N − S, as in the paper); the
+    # restarts at high-local-loss points anneal from a local neighbourhood (margin ≤ 4·S),
+    # so that they explore their own region instead of drifting to the global optimum
+    m_end = 0.05 * size
+    m_start = torch.full((r,), max(n - size, 1e-9), dtype=torch.float64)
+    m_start[1:] = torch.clamp(m_start[1:], max=max(4.0 * size, m_end))
+    d2_0 = _sqdist(xt, torch.as_tensor(mu0, dtype=torch.float64))
+    log_tau0 = _scale_for_weight(d2_0, (size + m_start).clamp(max=0.999 * n), kernel).numpy()
     width = 1 if precision == "spherical" else d
     mu = torch.tensor(mu0, dtype=torch.float64, requires_grad=True)
     log_tau = torch.tensor(np.repeat(log_tau0[:, None], width, axis=1), dtype=torch.float64,
@@ -274,7 +286,6 @@ def fit_spotlight(
         with torch.no_grad():
             log_tau.zero_()  # only the shape (mean zero) is a parameter; the scale is solved
     b = barrier * loss_range
-    m_start, m_end = max(n - size, 1e-9), 0.05 * size
     rates = torch.full((r,), float(lr), dtype=torch.float64)
     best = torch.full((r,), -math.inf, dtype=torch.float64)
     wait = torch.zeros(r, dtype=torch.long)
@@ -292,7 +303,7 @@ def fit_spotlight(
         else:
             shape = log_tau - log_tau.mean(1, keepdim=True)
             with torch.no_grad():
-                d2 = ((xt[None] - mu[:, None]) ** 2 * shape.exp()[:, None]).sum(-1)
+                d2 = _sqdist(xt, mu, None if width == 1 else shape.exp())
                 factor = 1.0 + torch.nn.functional.softplus(grow[:, 0])
                 s0 = _scale_for_weight(d2, (size + margin) * factor, kernel)
             s = s0.clone().requires_grad_(True)
@@ -323,7 +334,7 @@ def fit_spotlight(
         final_log_tau = log_tau
         if solver == "exact":
             shape = log_tau - log_tau.mean(1, keepdim=True)
-            d2 = ((xt[None] - mu[:, None]) ** 2 * shape.exp()[:, None]).sum(-1)
+            d2 = _sqdist(xt, mu, None if width == 1 else shape.exp())
             factor = 1.0 + torch.nn.functional.softplus(grow[:, 0])
             final_log_tau = shape + _scale_for_weight(d2, (size + m_end) * factor, kernel)[:, None]
         _, mean_loss, w = spotlight_objective(xt, lt, mu, final_log_tau, size, m_end, b, eps, kernel)
@@ -360,6 +371,8 @@ def spotlight(
     barrier: float = 1.0,
     eps: float = 1e-6,
     restarts: int = 4,
+    solver: str = "exact",
+    free_size: bool = True,
     seed: int = 0,
 ) -> Slices:
     """Find ``n`` spotlights: regions of the representation space with high mean loss.
@@ -390,7 +403,12 @@ def spotlight(
     eps : float
         Added to the weight sum.
     restarts : int
-        Starting points tried per spotlight (the best that keeps its size wins).
+        Starting points tried per spotlight (the best that keeps its size wins): the
+        centroid and points of highest k-nearest-neighbour mean loss.
+    solver : {"exact", "barrier"}
+        How the size constraint is handled (see :func:`fit_spotlight`).
+    free_size : bool
+        Let a spotlight grow above the size when that raises its mean loss.
     seed : int
         Seeds the choice of restart candidates.
 
@@ -441,9 +459,11 @@ def spotlight(
                          "failed": True, "restart": -1, "restarts": 0, "lr": lr,
                          "weights": np.zeros(len(x))})
             continue
-        fit = fit_spotlight(x, work, s, kernel=kernel, precision=precision, steps=steps, lr=lr,
-                            patience=patience, barrier=barrier, eps=eps, restarts=restarts,
-                            seed=seed + j)
+        # small tensors: one thread is fastest, and immune to oversubscribed machines
+        with limit_threads(1):
+            fit = fit_spotlight(x, work, s, kernel=kernel, precision=precision, solver=solver,
+                                steps=steps, lr=lr, patience=patience, barrier=barrier, eps=eps,
+                                restarts=restarts, free_size=free_size, seed=seed + j)
         fits.append(fit)
         k = fit["weights"]
         if k.max() > 0:
@@ -462,6 +482,7 @@ def spotlight(
     info = [{k: v for k, v in f.items() if k != "weights"} for f in fits]
     params = {"size": size, "size_count": s, "n": n, "kernel": kernel, "precision": precision,
               "flip": flip, "pca": pca, "steps": steps, "lr": lr, "patience": patience,
-              "barrier": barrier, "eps": eps, "restarts": restarts}
+              "barrier": barrier, "eps": eps, "restarts": restarts, "solver": solver,
+              "free_size": free_size}
     return Slices("spotlight", weights, _support(weights, kernel), tuple(bool(f["failed"]) for f in fits),
                   scorer, params, info)

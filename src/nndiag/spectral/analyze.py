@@ -52,6 +52,8 @@ SUMMARY_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm",
                    "log_spectral_norm", "stable_rank", "mp_softrank")
 _ALPHA_BASED = ("alpha", "alpha_weighted", "log_alpha_norm")
 _ESD_BINS = 60
+#: On the CPU, matrices with more entries than this are solved one at a time, smaller ones batched.
+_BATCH_MAX_ELEMS = 256 * 256
 
 LAYER_COLUMNS = [
     "name", "index", "tensor", "kind", "N", "M", "Q", "rf", "num_evals", "lambda_max",
@@ -125,9 +127,10 @@ def _source(model: Any) -> tuple[Any, Any, str]:
 
 
 def _fingerprint(t: torch.Tensor) -> tuple[Any, ...]:
-    flat = t.reshape(-1)
-    step = max(1, flat.numel() // 257)
-    return (tuple(t.shape), str(t.dtype), tuple(flat[::step][:257].tolist()))
+    """Shape, dtype and a strided sample of entries (no copy of the tensor)."""
+    b, n, m = t.shape
+    sample = t[:, :: max(1, n // 16), :: max(1, m // 16)]
+    return (tuple(t.shape), str(t.dtype), tuple(sample.reshape(-1).tolist()))
 
 
 class _Batcher:
@@ -150,26 +153,33 @@ class _Batcher:
 
     def flush(self) -> None:
         t0 = time.perf_counter()
-        for group in self.pending.values():
-            mats = [m for _, m in group]
+        for (n, m), group in self.pending.items():
+            if n * m > _BATCH_MAX_ELEMS and self.device.type == "cpu":
+                # large matrices: one at a time (batching them only thrashes the CPU caches)
+                for key, mats in group:
+                    ev = eigvals_batched(mats.to(self.device), self.precision).cpu().numpy()
+                    self.out[key].append(ev.reshape(-1))
+                continue
+            mats = [x for _, x in group]
             stack = (mats[0] if len(mats) == 1 else torch.cat(mats)).to(self.device)
             ev = eigvals_batched(stack, self.precision).cpu().numpy()
             pos = 0
-            for key, m in group:
-                self.out[key].append(ev[pos : pos + m.shape[0]].reshape(-1))
-                pos += m.shape[0]
+            for key, x in group:
+                self.out[key].append(ev[pos : pos + x.shape[0]].reshape(-1))
+                pos += x.shape[0]
         self.pending.clear()
         self.bytes = 0
         self.eig_seconds += time.perf_counter() - t0
 
 
 def _check_values(w: torch.Tensor) -> str:
-    if not bool(torch.isfinite(w).all()):
-        n_bad = int((~torch.isfinite(w)).sum())
-        return f"non-finite values ({n_bad} NaN/Inf entries)"
-    if not bool(w.any()):
-        return "all-zero matrix"
-    return ""
+    """"non-finite ..." when W holds NaN/Inf (one summing pass; the exact count only then)."""
+    if bool(torch.isfinite(w.sum())):
+        return ""
+    n_bad = int((~torch.isfinite(w)).sum())
+    if n_bad == 0:  # finite entries whose float sum overflowed
+        return ""
+    return f"non-finite values ({n_bad} NaN/Inf entries)"
 
 
 def analyze(
@@ -329,6 +339,10 @@ def analyze(
         for spec in analysed:
             raw = batcher.out[alias.get(spec.name, spec.name)]
             ev = np.sort(np.concatenate(raw))
+            if not ev.size or ev[-1] == 0.0:  # WᵀW = 0 exactly only when W = 0
+                shown = spec.name if spec.part is not None else spec.tensor
+                skipped_rows.append(_skip_row(info_by_name[spec.tensor], "all-zero matrix", shown))
+                continue
             scale = 0.5 if (ww and spec.kind == "conv2d" and conv_mode == "ww") else 1.0
             ev = ev * scale
             plf = fit_powerlaw(ev, **fit_kw)

@@ -19,7 +19,9 @@ def _names(df: pd.DataFrame, limit: int = 5) -> str:
 
 
 def scale_collapse(df: pd.DataFrame, jump: float = 1.0) -> pd.DataFrame:
-    """Consecutive analysed layers whose ``log10 λmax`` differ by more than ``jump`` decades.
+    """Consecutive analysed layers of the same kind whose ``log10 λmax`` differ by more
+    than ``jump`` decades (a conv followed by the classifier is not compared: their
+    scales differ by construction).
 
     Returns
     -------
@@ -32,7 +34,9 @@ def scale_collapse(df: pd.DataFrame, jump: float = 1.0) -> pd.DataFrame:
     ls = pd.to_numeric(df["log_spectral_norm"], errors="coerce").to_numpy()
     names = df["name"].to_numpy()
     d = np.diff(ls)
-    hit = np.flatnonzero(np.isfinite(d) & (np.abs(d) > jump))
+    kinds = df["kind"].to_numpy() if "kind" in df.columns else np.full(len(df), "")
+    same = kinds[1:] == kinds[:-1]
+    hit = np.flatnonzero(np.isfinite(d) & (np.abs(d) > jump) & same)
     return pd.DataFrame(
         [{"name": names[i + 1], "previous": names[i], "log_spectral_norm": float(ls[i + 1]),
           "delta": float(d[i])} for i in hit], columns=cols)

@@ -5,12 +5,19 @@ the Conv and Linear layers (no biases, no BatchNorm parameters), ℓ is cross-en
 sign(0) = 0 and a missing gradient counts as zero. BatchNorm stays in train mode, so each
 sample is normalised with its own statistics, as in the reference's batch-of-one loop.
 
-Two implementations with the same integer score:
+Three implementations with the same integer score:
 
 - ``method="loop"``: the reference — one forward/backward per sample;
-- ``method="fast"``: ``torch.func.vmap(grad(...))`` on a copy whose BatchNorms use batch
+- ``method="vmap"``: ``torch.func.vmap(grad(...))`` on a copy whose BatchNorms use batch
   statistics (``replace_all_batch_norm_modules_``), in chunks of samples whose sign sums
-  are accumulated, so memory stays O(parameters × chunk).
+  are accumulated, so memory stays O(parameters × chunk);
+- ``method="fast"`` (default): one batched forward and input-only backward per chunk with
+  per-sample BatchNorm statistics, then per-sample weight gradients as batched matmuls
+  (:mod:`nndiag.zerocost._persample`); falls back to ``vmap`` for layers it does not
+  cover (Conv3d, string or non-zero padding modes).
+
+The copy runs in train mode, as in the reference; a model with dropout therefore gets
+random masks, and its loop and fast scores differ by that randomness.
 """
 
 from __future__ import annotations
@@ -215,13 +222,14 @@ def gradsign(
         the at-initialisation score). It is not modified: a copy is scored.
     x, y : torch.Tensor
         One batch (at least 2 samples) and its integer labels.
-    method : {"fast", "loop"}
-        ``vmap`` per-sample gradients in chunks, or the reference per-sample loop.
-        Both give the same integer τ.
+    method : {"fast", "vmap", "loop"}
+        Batched per-sample gradients in chunks (default), ``torch.func.vmap`` per-sample
+        gradients in chunks, or the reference per-sample loop; the same integer τ.
     reduction : {"sum", "mean"}
         ``sum``: τ; ``mean``: τ / (parameters × samples), a size-free agreement in [0, 1].
     chunk_size : int, optional
-        Samples per ``vmap`` chunk (default: as many as fit in 256 MiB of gradients).
+        Samples per chunk of the fast/vmap paths (default: as many as fit in 256 MiB of
+        per-sample gradients).
     loss : callable, optional
         ``loss(logits, labels)``, a mean over the batch; cross-entropy by default.
     dtype : torch.dtype, optional

@@ -1,0 +1,75 @@
+"""nndiag vs loss-landscapes 3.0.6: a 21×21 filter-normalised random plane, same batch, one process.
+
+Both evaluate 441 grid points of the mean cross-entropy on the same fixed batch
+(the digits CNN on 512 images by default), single-threaded; medians of ``--repeats``
+interleaved runs. loss-landscapes edits the model it is given, so it gets a deep copy.
+
+Usage::
+
+    python benchmarks/landscape_vs_loss_landscapes.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nndiag._utils.seeding import fork_rng
+from nndiag._utils.threads import limit_threads
+from nndiag.landscape import surface
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="digits-cnn")
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=21)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import loss_landscapes
+    import loss_landscapes.metrics
+
+    from nndiag._utils.training import train_classifier
+    from nndiag.io.data import load_data
+    from nndiag.models import build_model
+
+    print(f"machine: {platform.platform()}, torch {torch.__version__}, {args.threads} thread(s)")
+    digits = load_data("digits?split=train")
+    with fork_rng(0):
+        model = build_model(args.model)
+    train_classifier(model, digits, epochs=100, max_steps=300, lr=0.05, seed=0, progress=False)
+    model.eval()
+    d = digits.subset(args.samples, seed=1)
+    x, y = d.x, d.y
+    n_par = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {n_par:,} parameters, {len(y)} samples, {args.steps}×{args.steps} plane")
+    ll_t, nd_t, strategies = [], [], []
+    with limit_threads(args.threads):
+        metric = loss_landscapes.metrics.Loss(F.cross_entropy, x, y)
+        for r in range(args.repeats):
+            m = copy.deepcopy(model)
+            t = time.perf_counter()
+            grid_ll = loss_landscapes.random_plane(m, metric, distance=1, steps=args.steps, normalization="filter")
+            ll_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            s = surface(model, (x, y), dim=2, steps=args.steps, norm="filter", seed=r, threads=args.threads)
+            nd_t.append(time.perf_counter() - t)
+            strategies.append(s.params["strategy"])
+            print(f"run {r}: loss-landscapes {ll_t[-1]:.2f} s | nndiag {nd_t[-1]:.2f} s ({s.params['strategy']})")
+    a, b = statistics.median(ll_t), statistics.median(nd_t)
+    print(f"median: loss-landscapes {a:.2f} s, nndiag {b:.2f} s, speed-up {a / b:.2f}× "
+          f"(grid ranges: loss-landscapes {np.nanmin(grid_ll):.3f}..{np.nanmax(grid_ll):.3f}, "
+          f"nndiag {np.nanmin(s.losses):.3f}..{np.nanmax(s.losses):.3f}, origin {s.origin_loss:.4f})")
+
+
+if __name__ == "__main__":
+    main()
