@@ -45,7 +45,7 @@ def main() -> None:
         secs = frames[name]["seconds"].sum()
         print(f"{name}: {len(frames[name])} configurations ({secs / 60:.1f} CPU-min of training, "
               f"{time.perf_counter() - t0:.0f} s this run)")
-        frames[name].to_csv(DATA / f"zoo_{name.replace('-', '_')}.csv", index=False, float_format="%.6g")
+        frames[name].to_csv(DATA / f"zoo_{name.replace('-', '_')}.csv", index=False, float_format="%.10g")
     # refit from the CSV as written, so that the shipped thresholds follow from committed data
     clean = pd.read_csv(DATA / "zoo_digits.csv")
     noisy = pd.read_csv(DATA / "zoo_digits_noise10.csv")

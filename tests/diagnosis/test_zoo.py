@@ -101,3 +101,30 @@ def test_cli_zoo_build_json(tmp_path):
     assert doc["done"] == 1 and doc["total"] == 2
     bad = CliRunner().invoke(app, ["zoo", "build", str(tmp_path / "y"), "--seeds", "0"])
     assert bad.exit_code == 2 and "two distinct seeds" in bad.output
+
+
+def test_cli_zoo_fit_reproduces_shipped_thresholds(tmp_path):
+    from nndiag.diagnosis.shipped import default_thresholds_path, load_thresholds
+    from nndiag.diagnosis.zoo import CONFIG, default_zoo
+
+    folder = default_thresholds_path().parent
+    if not (folder / "zoo_digits.csv").is_file():
+        pytest.skip("no committed zoo table")
+    df = pd.read_csv(folder / "zoo_digits.csv")
+    fields = ["width", "data", "bs", "data_amount", "para_amount", "train_acc", "train_loss", "test_acc",
+              "test_loss", "CKA", "mode_connectivity", "mode_connectivity_peak", "hessian_t", "hessian_e",
+              "seconds"]
+    (tmp_path / CONFIG).write_text(json.dumps(default_zoo("digits").to_dict()))
+    with open(tmp_path / RECORDS, "w") as fh:
+        for r in df.to_dict(orient="records"):
+            fh.write(json.dumps({"key": r["name"], **{k: r[k] for k in fields}}) + "\n")
+    out = tmp_path / "t.json"
+    res = CliRunner().invoke(app, ["zoo", "fit", str(tmp_path), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    ours, shipped = load_thresholds(out), load_thresholds()
+    for q in shipped.trees:
+        # the CSV stores 10 significant digits; train_error = 100 - train_acc is recomputed here
+        np.testing.assert_allclose(ours.trees[q].thresholds, shipped.trees[q].thresholds, rtol=1e-4)
+        np.testing.assert_array_equal(ours.trees[q].leaf_counts, shipped.trees[q].leaf_counts)
+    res = CliRunner().invoke(app, ["zoo", "fit", str(tmp_path / "none"), "--out", str(out)])
+    assert res.exit_code == 2 and "no zoo records" in res.output

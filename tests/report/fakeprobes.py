@@ -66,10 +66,12 @@ def _badfig_figures(result: Result) -> dict[str, Any]:
     raise ValueError("cannot draw")
 
 
-def _module(name: str, run: Any, figures: Any = None, needs_data: bool = False) -> str:
+def _module(name: str, run: Any, figures: Any = None, needs_data: bool = False, **attrs: Any) -> str:
     mod = types.ModuleType(f"{MODULE_PREFIX}.{name}")
     mod.NAME = name
     mod.NEEDS_DATA = needs_data
+    for k, v in attrs.items():
+        setattr(mod, k, v)
     mod.run = run
     mod.figures = figures or (lambda result: {})
     sys.modules[mod.__name__] = mod
@@ -85,6 +87,7 @@ def install(monkeypatch: Any, names: list[str]) -> None:
         "norms": lambda: _module("norms", _norms_run, _norms_figures),
         "boom": lambda: _module("boom", _boom_run),
         "needsdata": lambda: _module("needsdata", _data_run, needs_data=True),
+        "trainside": lambda: _module("trainside", _data_run, needs_data=True, TRAIN_DATA=True),
         "needsseed": lambda: _module("needsseed", _seed_run),
         "interrupt": lambda: _module("interrupt", _interrupt_run),
         "badfig": lambda: _module("badfig", _norms_run, _badfig_figures),

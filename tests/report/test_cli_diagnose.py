@@ -116,3 +116,25 @@ def test_several_models_side_by_side(monkeypatch, tmp_path):
     rows = {c["name"]: c for c in doc["comparison"]}
     assert set(rows) >= {"evaluation.accuracy", "norms.max_norm"}
     assert all(isinstance(rows["norms.max_norm"][n], float) for n in ("m0", "m1", "m2"))
+
+
+def test_options_and_train_data_reach_the_right_probes(monkeypatch, tmp_path):
+    fakeprobes.install(monkeypatch, ["norms", "needsdata", "trainside"])
+    r = _run("diagnose", "digits-mlp", "--data", "digits?split=test", "--train-data", "digits?split=train",
+             "-o", "norms.limit=0", "-o", "needsdata.note=hello world", "--format", "json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    runs = {p["probe"]: p["result"] for p in doc["models"][0]["probes"]}
+    assert runs["norms"]["params"]["limit"] == 0  # JSON value
+    assert runs["norms"]["findings"] and runs["norms"]["findings"][0]["code"] == "TEST-NORM-HIGH"
+    from nndiag.io.data import load_data
+
+    n_test, n_train = len(load_data("digits?split=test")), len(load_data("digits?split=train"))
+    assert n_test != n_train
+    assert runs["needsdata"]["summary"]["n"] == n_test
+    assert runs["trainside"]["summary"]["n"] == n_train  # the training split, for probes that read it
+    assert doc["data"]["train"] == {"name": "digits?split=train", "n_samples": n_train}
+    r = _run("diagnose", "digits-mlp", "-o", "limit=3")
+    assert r.exit_code == 2 and "PROBE.KEY=VALUE" in r.output
+    r = _run("diagnose", "digits-mlp", "-o", "nope.limit=3")
+    assert r.exit_code == 2 and "unknown probe" in r.output

@@ -19,6 +19,8 @@ from torch import nn
 from nndiag.spectral import analyze
 from tests.conftest import shared_asset
 
+pytestmark = pytest.mark.filterwarnings("ignore:Passing a dict to DataFrame.from_records")
+
 PARITY = ["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank"]
 
 

@@ -134,6 +134,13 @@ def register(app: typer.Typer) -> None:
         s = result.summary
         human_table(rows, title=f"{s['method']} slices — {s['examples']} examples, layer {s['layer']}",
                     columns=_SHOWN)
+        ok = df[~df["failed"]]
+        if len(ok):
+            top = ok.iloc[0]
+            acc = "" if top["accuracy"] is None or top["accuracy"] != top["accuracy"] else \
+                f", accuracy {top['accuracy']:.2f}"
+            typer.echo(f"top slice: {top['name']} ({top['members']} members, mean loss "
+                       f"{top['mean_loss']:.3g}{acc}; top members {_short(top['top_indices'], 5)})")
         for f in result.findings:
             typer.echo(f"[{f.severity}] {f.code}: {f.message}")
         return code
@@ -145,7 +152,7 @@ def register(app: typer.Typer) -> None:
         plant: Annotated[str, typer.Option("--plant", help="kmeans (largest cluster of one class) or low_ink.")] = "kmeans",
         arch: Annotated[str, typer.Option("--arch", help="mlp or cnn.")] = "mlp",
         seeds: Annotated[int, typer.Option("--seeds", help="Number of seeds (0, 1, ...).")] = 5,
-        size: Annotated[float, typer.Option("--size", help="Spotlight size.")] = 0.02,
+        size: Annotated[float, typer.Option("--size", help="Spotlight size.")] = 0.05,
         steps: Annotated[int, typer.Option("--steps", help="Spotlight steps.")] = 600,
         n_samples: NSamplesOpt = None,
         fmt: FormatOpt = Format.human,

@@ -41,7 +41,7 @@ class BenchmarkConfig:
     arch: str = "mlp"
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     fractions: tuple[float, float] = (0.2, 0.2)  # fit and score parts; the rest trains
-    size: float = 0.02
+    size: float = 0.05  # the scale of the planted slices (3–9 % of the score part)
     n: int = 1
     steps: int = 600
     pca: int | None = None

@@ -336,6 +336,7 @@ def analyze(
                       small_n="ww" if ww else None)
         t_fit = time.perf_counter()
         rng = np.random.default_rng(seed)
+        memo: dict[tuple[str, float], dict[str, Any]] = {}
         for spec in analysed:
             raw = batcher.out[alias.get(spec.name, spec.name)]
             ev = np.sort(np.concatenate(raw))
@@ -345,26 +346,16 @@ def analyze(
                 continue
             scale = 0.5 if (ww and spec.kind == "conv2d" and conv_mode == "ww") else 1.0
             ev = ev * scale
-            plf = fit_powerlaw(ev, **fit_kw)
             row: dict[str, Any] = {"name": spec.name, "index": spec.index, "tensor": spec.tensor,
                                    "kind": spec.kind}
-            row.update(layer_metrics(ev, plf, spec.N, spec.M, spec.rf))
-            row["reason"] = plf.reason
+            memo_key = (alias.get(spec.name, spec.name), scale)
+            if memo_key in memo:  # an identical matrix was already fitted
+                row.update(memo[memo_key])
+            else:
+                fitted = _fit_layer(ev, spec, fit_kw, fit, mp_fit)
+                memo[memo_key] = fitted
+                row.update(fitted)
             row["dtype"] = spec.dtype
-            if plf.ok and plf.num_fingers:
-                row["num_fingers"], row["raw_alpha"] = plf.num_fingers, plf.raw_alpha
-            if fit == "TPL":
-                from nndiag.spectral.tpl import fit_truncated_powerlaw
-
-                tp = fit_truncated_powerlaw(ev, xmin=plf.xmin) if plf.ok else None
-                row["tpl_alpha"] = tp.alpha if tp else math.nan
-                row["tpl_lambda"] = tp.Lambda if tp else math.nan
-            if mp_fit:
-                from nndiag.spectral.mp import fit_mp
-
-                mp = fit_mp(ev, spec.N / spec.M, spec.M)
-                row.update(sigma_mp=mp.sigma_mp, bulk_min=mp.bulk_min, bulk_max=mp.bulk_max,
-                           num_spikes=mp.num_spikes, mp_softrank=mp.mp_softrank)
             if randomize:
                 from nndiag.spectral.randomize import randomized_metrics
 
@@ -403,6 +394,29 @@ def analyze(
         summary=summary, findings=finds, params=jsonable(params), seed=seed, timing=timing,
         meta=provenance(str(dev)), evals=evals_by_layer,
     )
+
+
+def _fit_layer(ev: np.ndarray, spec: LayerSpec, fit_kw: dict[str, Any], fit: str,
+               mp_fit: bool) -> dict[str, Any]:
+    """Power-law fit, metrics and the optional TPL / MP columns of one ESD."""
+    plf = fit_powerlaw(ev, **fit_kw)
+    row = layer_metrics(ev, plf, spec.N, spec.M, spec.rf)
+    row["reason"] = plf.reason
+    if plf.ok and plf.num_fingers:
+        row["num_fingers"], row["raw_alpha"] = plf.num_fingers, plf.raw_alpha
+    if fit == "TPL":
+        from nndiag.spectral.tpl import fit_truncated_powerlaw
+
+        tp = fit_truncated_powerlaw(ev, xmin=plf.xmin) if plf.ok else None
+        row["tpl_alpha"] = tp.alpha if tp else math.nan
+        row["tpl_lambda"] = tp.Lambda if tp else math.nan
+    if mp_fit:
+        from nndiag.spectral.mp import fit_mp
+
+        mp = fit_mp(ev, spec.N / spec.M, spec.M)
+        row.update(sigma_mp=mp.sigma_mp, bulk_min=mp.bulk_min, bulk_max=mp.bulk_max,
+                   num_spikes=mp.num_spikes, mp_softrank=mp.mp_softrank)
+    return row
 
 
 def _threads(threads: int | None) -> int:

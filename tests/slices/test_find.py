@@ -1,0 +1,78 @@
+"""find_slices end to end on a trained digits model with a planted error; the report,
+JSON round trip, figures from JSON only, and the probe contract."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from nndiag._utils.model_state import same_snapshot, snapshot
+from nndiag._utils.seeding import fork_rng
+from nndiag._utils.threads import limit_threads
+from nndiag._utils.training import train_classifier
+from nndiag.io.data import load_data
+from nndiag.models import build_model
+from nndiag.report.results import Result
+from nndiag.slices import find_slices, probe
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A digits MLP trained with every '3' relabelled as '8': the 3s are a failing slice."""
+    data = load_data("digits")
+    train, test = data.split(0.3, seed=0)
+    y = train.y.clone()
+    y[y == 3] = 8
+    with fork_rng(0):
+        model = build_model("digits-mlp")
+    with limit_threads(1):
+        train_classifier(model, replace(train, y=y), epochs=15, batch_size=32, lr=0.05, seed=0,
+                         progress=False)
+    return model, test
+
+
+def test_find_slices_reports_the_planted_slice(trained):
+    model, test = trained
+    before = snapshot(model)
+    r = find_slices(model, test, size=0.05, n=2, steps=300, seed=0)
+    assert same_snapshot(before, snapshot(model))
+    t = r.tables["slices"]
+    assert list(t.columns[:3]) == ["name", "method", "size"]
+    top = t.iloc[0]
+    assert not top["failed"]
+    assert next(iter(top["class_counts"])) == "3"
+    assert top["accuracy"] < 0.3 < top["accuracy_out"]
+    assert top["size"] >= 0.9 * 0.05 * len(test)
+    # independent check of the reported numbers from the raw labels
+    idx = np.asarray(top["top_indices"])
+    assert (test.y.numpy()[idx] == 3).mean() >= 0.9
+    codes = [f.code for f in r.findings]
+    assert "SLICE-SYSTEMATIC" in codes
+    assert {"slices", "points", "gallery"} <= set(r.tables)
+    assert len(r.tables["gallery"]) <= 2 * 8
+
+
+@pytest.mark.parametrize("method", ["loss_rank", "gmm", "domino"])
+def test_baseline_methods_through_find_slices(trained, method):
+    model, test = trained
+    r = find_slices(model, test, method=method, size=0.05, n=2, seed=0)
+    assert r.summary["method"] == method
+    assert len(r.tables["slices"]) >= 1
+
+
+def test_json_round_trip_and_figures_from_json(trained):
+    model, test = trained
+    r = probe.run(model, test, seed=0, size=0.05, n=2, steps=200)
+    doc = json.loads(r.to_json())
+    back = Result.from_dict(doc)
+    assert back.kind == probe.NAME == "slices" and probe.NEEDS_DATA
+    assert back.tables["slices"].iloc[0]["top_indices"] == r.tables["slices"].iloc[0]["top_indices"]
+    figs = probe.figures(back)
+    assert set(figs) == {"pca", "gallery"}
+    gal_axes = [ax for ax in figs["gallery"].axes if ax.images]
+    assert len(gal_axes) == len(r.tables["gallery"])
+    thumb = np.asarray(r.tables["gallery"].iloc[0]["thumb"])
+    assert thumb.shape == (8, 8) and thumb.dtype.kind in "iu"
