@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             if dim <= args.exact_trace_max:
                 ref_tr = exact_trace(op.matmat, op.dim, block=64)
             else:
-                ref_tr = hutchpp(op.matmat, op.dim, sketch=40, n_probes=2000, rtol=2e-3,
+                ref_tr = hutchpp(op.matmat, op.dim, sketch=40, n_probes=2000, rtol=args.ref_trace_rtol,
                                  generator=torch.Generator().manual_seed(321))
             del op
             ref_top, ref_trace = ref.eigenvalues, ref_tr.value
@@ -213,6 +213,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ref-iter", type=int, default=300)
     ap.add_argument("--exact-trace-max", type=int, default=20_000)
+    ap.add_argument("--ref-trace-rtol", type=float, default=2e-3, help="Standard error of the reference trace.")
     ap.add_argument("--ref-cache", default=None, help="Folder caching the tight references.")
     ap.add_argument("--trace-method", default="hutchpp", choices=["hutchpp", "hutchinson"])
     ap.add_argument("--json", default=None, help="Also write the rows as JSON.")

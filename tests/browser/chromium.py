@@ -80,8 +80,9 @@ def inspect_page(page: Path, screenshot: Path, width: int = 1280) -> dict[str, A
         drv.set_page_load_timeout(60)
         drv.get(page.resolve().as_uri())
         out = drv.execute_script(_INSPECT_JS)
-        height = min(int(out["scrollHeight"]) + 20, 16000)
-        drv.set_window_size(width, height)
+        chrome = int(drv.execute_script("return window.outerHeight - window.innerHeight") or 0)
+        height = min(int(out["scrollHeight"]), 16000)
+        drv.set_window_size(width, height + chrome)
         drv.save_screenshot(str(screenshot))
         out["console"] = [e for e in drv.get_log("browser") if e.get("level") in ("SEVERE", "WARNING")]
     finally:

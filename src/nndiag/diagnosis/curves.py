@@ -103,6 +103,12 @@ class Curve:
                              "train_error": self.errors, "train_loss": self.losses})
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _bezier(w1: torch.Tensor, c: torch.Tensor, w2: torch.Tensor, t: float) -> torch.Tensor:
     return (1 - t) ** 2 * w1 + 2 * t * (1 - t) * c + t ** 2 * w2
 
@@ -182,9 +188,10 @@ def connect(
         raise InputError(f"n_points must be at least 3 (both ends and one interior point), got {n_points}")
     check_same_architecture(model_a, model_b)
     bundle = as_data(data)
-    x, y = bundle.x, bundle.y
+    dev = device_of(model_a)
+    x, y = bundle.x.to(dev), bundle.y.to(dev)
     pa = {k: v.detach().clone() for k, v in model_a.named_parameters()}
-    pb = {k: v.detach().clone() for k, v in model_b.named_parameters()}
+    pb = {k: v.detach().to(dev, copy=True) for k, v in model_b.named_parameters()}
     work = copy.deepcopy(model_a)
     for m in work.modules():  # the user's hooks must not fire on the private copy
         for name, value in list(vars(m).items()):

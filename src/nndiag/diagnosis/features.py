@@ -85,12 +85,14 @@ def _outputs(model: nn.Module, x: torch.Tensor, bs: int = 512) -> torch.Tensor:
 def output_cka(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, *, n_samples: int = 1000,
                alpha: float = 16.0, seed: int = 0) -> float:
     """Linear CKA of two models' softmax outputs on ``n_samples`` mixup inputs (eval mode)."""
-    xm = mixup_inputs(x, n_samples, alpha=alpha, seed=seed)
+    from nndiag.diagnosis.curves import device_of
+
+    xm = mixup_inputs(x, n_samples, alpha=alpha, seed=seed).to(device_of(model_a))
     with preserved(model_a, values=False), preserved(model_b, values=False):
         model_a.eval()
         model_b.eval()
         pa = torch.softmax(_outputs(model_a, xm), 1)
-        pb = torch.softmax(_outputs(model_b, xm), 1)
+        pb = torch.softmax(_outputs(model_b, xm.to(device_of(model_b))), 1).to(pa.device)
     return linear_cka(pa, pb)
 
 
@@ -98,6 +100,9 @@ def train_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 
     """(training error in %, mean cross-entropy) of ``model`` in eval mode; model left as it was."""
     import torch.nn.functional as F
 
+    from nndiag.diagnosis.curves import device_of
+
+    x, y = x.to(device_of(model)), y.to(device_of(model))
     with preserved(model, values=False), torch.no_grad():
         model.eval()
         wrong, total = 0, 0.0

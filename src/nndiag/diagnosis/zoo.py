@@ -307,10 +307,11 @@ def label_frame(df: pd.DataFrame) -> pd.DataFrame:
     }
     out = df.reset_index(drop=True).copy()
     for k, arr in rfi.items():
-        out[k] = [float(arr[pos[i]]) for i in range(len(out))]
+        out[k] = [0.0 if abs(v) < 1e-9 else v for v in (float(arr[pos[i]]) for i in range(len(out)))]
 
     def cmp(a: float, b: float, hi: str, lo: str) -> str:
-        return hi if a > b else lo if a < b else "optimal"
+        # accuracies are means of exact ratios: differences below 1e-9 pp are float noise (a tie)
+        return hi if a > b + 1e-9 else lo if a < b - 1e-9 else "optimal"
 
     temp = np.maximum(out["rfi_inc_temp"], out["rfi_dec_temp"])
     out["bs_failure"] = [cmp(a, b, "small", "large")

@@ -441,10 +441,10 @@ def surface(
         with progress_bar(len(todo), f"landscape {dim}-D", enabled=progress) as bar:
             i = 0
             while i < len(todo):
-                idx = todo[i:i + chunk_n]
                 use = chosen
-                if chosen == "auto":
+                if chosen == "auto":  # time both on a few points, keep the faster
                     use = "vmap" if "vmap" not in times else "loop"
+                idx = todo[i:i + (min(chunk_n, 4) if chosen == "auto" else chunk_n)]
                 t = time.perf_counter()
                 try:
                     vals = getattr(grid, use)(ctensor[idx])

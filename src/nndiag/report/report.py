@@ -307,9 +307,15 @@ class Report:
         if not isinstance(d, dict) or d.get("kind") != REPORT_KIND:
             raise ReportError("not an nndiag report: the document's kind is not 'nndiag-report'")
         if validate:
+            from nndiag.errors import MissingDependencyError
             from nndiag.report.schema import validate_report
 
-            validate_report(d)
+            try:
+                validate_report(d)
+            except MissingDependencyError:  # jsonschema absent: read it unvalidated
+                pass
+        if not isinstance(d.get("models"), list) or not d["models"]:
+            raise ReportError("not an nndiag report: it lists no models")
         return cls(
             models=[ModelReport.from_dict(m) for m in d["models"]],
             data=d.get("data"),
