@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         big = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"
         n_w = sum(m.weight.numel() for m in nb201(big).modules()
                   if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
-        print(f"peak resident memory above the pre-call level, fast path, largest NB201 network ({n_w:,} scored weights, "
-              f"auto chunk = {auto_chunk_size(n_w)} samples):")
+        print(f"peak resident memory above the pre-call level, fast path, largest NB201 network "
+              f"({n_w:,} scored weights, auto chunk = {auto_chunk_size(n_w)} samples):")
         for batch in (64, 256):
             for chunk in ("auto", str(batch)):
                 label = "auto chunks" if chunk == "auto" else "one chunk "

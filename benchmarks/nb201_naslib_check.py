@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cache", default=None)
+    ap.add_argument("--compare-seed", type=int, default=None,
+                    help="also score with this initialisation/batch seed and print run-to-run rho")
     args = ap.parse_args(argv)
     zc = shared_path("benchmarks", "naslib_zc_nb201_subset.json")
     bench = shared_path("benchmarks", "nb201_test_accuracy.csv")
@@ -63,6 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         r2 = stats.spearmanr(mine[ok], a[ok]).statistic
         r3 = stats.spearmanr(theirs[ok], a[ok]).statistic
         print(f"{p:10s} {r1:19.3f} {r2:16.3f} {r3:16.3f} {int(ok.sum())}")
+    if args.compare_seed is not None:
+        s2 = args.compare_seed
+        x2, y2, _, _ = batch_from(f"{data}?normalize=cifar", args.batch_size, s2)
+        other = score_archs(list(nas["name"]), x2, y2, proxies, seed=s2, num_classes=k)
+        print(f"run-to-run: seed {args.seed} vs seed {s2} (initialisation and batch)")
+        for p in proxies:
+            a0 = ours[p].replace(-np.inf, np.nan).to_numpy()
+            a1 = other[p].replace(-np.inf, np.nan).to_numpy()
+            theirs = nas[p].replace(-np.inf, np.nan).to_numpy().astype(float)
+            ok = np.isfinite(a0) & np.isfinite(a1) & np.isfinite(theirs)
+            print(f"{p:10s} rho(seed {args.seed}, seed {s2}) {stats.spearmanr(a0[ok], a1[ok]).statistic:.3f}  "
+                  f"rho(seed {s2}, NASLib) {stats.spearmanr(a1[ok], theirs[ok]).statistic:.3f}  n {int(ok.sum())}")
     return 0
 
 

@@ -15,8 +15,8 @@ and the agreement of the parity metrics. Sections:
 
 Usage::
 
-    .venv/bin/python benchmarks/spectral_vs_weightwatcher.py [--sections speed,memory,quality]
-        [--threads 1] [--repeats 3]
+    .venv/bin/python benchmarks/spectral_vs_weightwatcher.py [--sections eig,speed,memory,quality]
+        [--cases a,a',b,c] [--threads 1] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -164,15 +164,40 @@ def max_rel_diff(ww_details, ours) -> float:
 
 
 # ----------------------------------------------------------------------------- sections
-def speed(threads: int, repeats: int) -> None:
+def eig_routes(threads: int, repeats: int) -> None:
+    """One matrix, two routes: WeightWatcher's float64 SVD vs nndiag's Gram + eigvalsh."""
+    import scipy.linalg
+
+    from nndiag._utils.threads import limit_threads
+    from nndiag.spectral.esd import eigvals_batched
+
+    layer = nn.TransformerEncoderLayer(768, 12, 3072, batch_first=True)
+    print("| matrix | scipy float64 SVD (WW) s | nndiag auto s | nndiag float64 s |")
+    print("|---|---|---|---|")
+    for label, w in (("3072×768 (linear1)", layer.linear1.weight.detach()),
+                     ("768×768 (in_proj q)", layer.self_attn.in_proj_weight.detach()[:768])):
+        with limit_threads(threads):
+            t_svd, _ = median_time(
+                lambda w=w: scipy.linalg.svd(w.numpy().astype(float), compute_uv=False), repeats)
+            t_auto, _ = median_time(lambda w=w: eigvals_batched(w[None], "auto"), repeats)
+            t_64, _ = median_time(lambda w=w: eigvals_batched(w[None], "float64"), repeats)
+        print(f"| {label} | {t_svd[0]:.3f} / {t_svd[1]:.3f} | {t_auto[0]:.3f} / {t_auto[1]:.3f} | "
+              f"{t_64[0]:.3f} / {t_64[1]:.3f} |")
+    print("(wall / CPU seconds, medians)")
+
+
+def speed(threads: int, repeats: int, which: str = "a,a',b,c") -> None:
     from nndiag._utils.threads import limit_threads
     from nndiag.spectral import analyze
 
     ww = import_ww()
-    cases = [("(a) TransformerEncoder 12×768, as built (cloned layers)", transformer(False)),
-             ("(a') TransformerEncoder 12×768, independent layers", transformer(True)),
-             ("(b) ResNet-18-like CNN", resnet18_like()),
-             ("(c) ResNet56 (shared, pretrained)", resnet56())]
+    wanted = set(which.split(","))
+    cases = [("(a) TransformerEncoder 12×768, as built (cloned layers)", "a", transformer),
+             ("(a') TransformerEncoder 12×768, independent layers", "a'", transformer),
+             ("(b) ResNet-18-like CNN", "b", resnet18_like),
+             ("(c) ResNet56 (shared, pretrained)", "c", resnet56)]
+    cases = [(label, (make(key == "a'") if key.startswith("a") else make()))
+             for label, key, make in cases if key in wanted]
     print(f"threads={threads} repeats={repeats} torch={torch.__version__}")
     print("| model | matrices WW / nndiag | WW s | nndiag s (default) | nndiag s (ww conventions) "
           "| WW / nndiag | nndiag s, WW's matrices only | WW / nndiag, same matrices "
@@ -285,15 +310,18 @@ def quality(threads: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="speed,memory,quality")
+    ap.add_argument("--sections", default="eig,speed,memory,quality")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cases", default="a,a',b,c", help="speed cases to run")
     args = ap.parse_args()
     os.environ["NNDIAG_PROGRESS"] = "0"
     np.seterr(all="ignore")
     sections = args.sections.split(",")
+    if "eig" in sections:
+        eig_routes(args.threads, args.repeats)
     if "speed" in sections:
-        speed(args.threads, args.repeats)
+        speed(args.threads, args.repeats, args.cases)
     if "memory" in sections:
         memory(args.threads)
     if "quality" in sections:

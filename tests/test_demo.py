@@ -62,3 +62,11 @@ def test_demo_prints_the_top_findings_and_documents_them(run):
         assert "no warnings or failures" in run.stdout
     undocumented = {f["code"] for f in doc["findings"]} - documented_codes()
     assert not undocumented
+
+
+def test_the_flawed_sibling_gives_the_diagnosis_something_to_find(run):
+    doc = json.loads((run.out / "report.json").read_text())
+    flawed = [f for f in doc["findings"] if f["model"] == "cnn_bigbatch" and f["severity"] in ("warn", "fail")
+              and not f["code"].startswith("PROBE-")]
+    assert flawed, "no analysis found anything wrong with the batch-512 model"
+    assert all(f["recommendation"] for f in flawed)

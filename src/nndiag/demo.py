@@ -33,7 +33,7 @@ LR = 0.05
 #: Lighter settings than the defaults, to stay within the demo's time budget on 2 cores.
 DEMO_OPTIONS = {"hessian.n_samples": 128, "hessian.top_k": 2, "hessian.slq_runs": 1,
                 "hessian.slq_steps": 30, "hessian.trace_probes": 20,
-                "mdtree.hessian_samples": 100, "mdtree.curve_epochs": 2}
+                "landscape.steps": 11, "mdtree.hessian_samples": 64, "mdtree.curve_epochs": 2}
 
 
 def train_models(out_dir: Path, *, progress: bool | None = None) -> dict[str, dict[str, object]]:

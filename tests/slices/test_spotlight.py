@@ -82,9 +82,10 @@ def test_scale_solver_hits_target_weight(kernel):
     np.testing.assert_allclose(w.numpy(), target.numpy(), rtol=1e-6)
 
 
-def _blob_data(seed, n=600, d=6, blob=30):
+def _blob_data(seed, n=600, d=6, blob=30, rest=1.0):
     rng = np.random.default_rng(seed)
     z = rng.normal(size=(n, d))
+    z[:, 2:] *= rest
     centre = np.zeros(d)
     centre[:2] = [1.6, -1.0]
     dist = np.linalg.norm(z - centre, axis=1)
@@ -138,8 +139,7 @@ def test_gaussian_kernel_with_diagonal_precision_finds_blob():
 
 
 def test_pca_option_keeps_the_informative_plane():
-    z, loss, inblob, _ = _blob_data(7)
-    z[:, 2:] *= 0.2  # the blob lives in the two leading principal directions
+    z, loss, inblob, _ = _blob_data(7, rest=0.2)  # the blob lives in the leading plane
     s = spotlight(z, loss, size=0.03, n=1, steps=300, pca=2)
     assert s.info[0]["mu"].shape == (2,)
     assert inblob[np.argsort(-s.weights[0])[:10]].mean() >= 0.8

@@ -53,24 +53,27 @@ def register(app: typer.Typer) -> None:
     @app.command("slices")
     @handle_errors
     def slices(
-        model: Annotated[str | None, typer.Argument(help="Model: file, folder, package.module:factory or built-in name. "
-                                                    "Omit with --embeddings.")] = None,
+        model: Annotated[str | None, typer.Argument(
+            help="Model: file, folder, package.module:factory or built-in name. Omit with --embeddings.")] = None,
         data: DataOpt = None,
         arch: ArchOpt = None,
         weights: WeightsOpt = None,
         embeddings: Annotated[str | None, typer.Option(
             "--embeddings", help="Use these embeddings (.npz with embeddings+losses, or .npy with --losses) "
             "instead of a model.")] = None,
-        losses: Annotated[str | None, typer.Option("--losses", help=".npy of per-example losses for --embeddings.")] = None,
+        losses: Annotated[str | None, typer.Option(
+            "--losses", help=".npy of per-example losses for --embeddings.")] = None,
         layer: Annotated[str | None, typer.Option("--layer", help="Module whose output is the representation "
                                                   "(default: input of the final Linear).")] = None,
         method: Annotated[Method, typer.Option("--method", help="Slice-discovery method.")] = Method.spotlight,
         n: Annotated[int, typer.Option("--n", help="Number of slices.")] = 5,
         size: Annotated[float, typer.Option("--size", help="Slice size: fraction (< 1) or count.")] = 0.02,
-        pca: Annotated[int | None, typer.Option("--pca", help="Reduce embeddings to this many components first.")] = None,
+        pca: Annotated[int | None, typer.Option(
+            "--pca", help="Reduce embeddings to this many components first.")] = None,
         steps: Annotated[int, typer.Option("--steps", help="Spotlight optimisation steps.")] = 1000,
         flip: Annotated[bool, typer.Option("--flip", help="Seek regions of unusually low loss.")] = False,
-        gallery: Annotated[str | None, typer.Option("--gallery", help="Write pictures (gallery, PCA map) to this folder.")] = None,
+        gallery: Annotated[str | None, typer.Option(
+            "--gallery", help="Write pictures (gallery, PCA map) to this folder.")] = None,
         n_samples: NSamplesOpt = None,
         batch_size: BatchOpt = 256,
         fmt: FormatOpt = Format.human,
@@ -148,8 +151,10 @@ def register(app: typer.Typer) -> None:
     @app.command("slices-benchmark")
     @handle_errors
     def slices_benchmark(
-        dataset: Annotated[str, typer.Option("--dataset", help="digits, or mnist (../shared MNIST test set).")] = "digits",
-        plant: Annotated[str, typer.Option("--plant", help="kmeans (largest cluster of one class) or low_ink.")] = "kmeans",
+        dataset: Annotated[str, typer.Option(
+            "--dataset", help="digits, or mnist (../shared MNIST test set).")] = "digits",
+        plant: Annotated[str, typer.Option(
+            "--plant", help="kmeans (largest cluster of one class) or low_ink.")] = "kmeans",
         arch: Annotated[str, typer.Option("--arch", help="mlp or cnn.")] = "mlp",
         seeds: Annotated[int, typer.Option("--seeds", help="Number of seeds (0, 1, ...).")] = 5,
         size: Annotated[float, typer.Option("--size", help="Spotlight size.")] = 0.05,

@@ -18,7 +18,7 @@ DEFAULTS: dict[str, Any] = {"top_k": 3, "trace": True, "density": True, "n_sampl
 
 
 def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | str = "auto",
-        **options: Any) -> Result:
+        loss: Any = None, **options: Any) -> Result:
     """Top eigenvalues, trace, SLQ density and LLA criteria of the loss Hessian.
 
     Parameters
@@ -29,6 +29,8 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | str = "a
         The examples.
     seed : int
     device : torch.device or str
+    loss : callable, optional
+        ``loss(logits, y)``; mean cross-entropy by default.
     **options
         Passed to :func:`nndiag.landscape.hessian_spectrum` (over :data:`DEFAULTS`).
     """
@@ -38,7 +40,7 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | str = "a
     opts = {**DEFAULTS, **options}
     if opts.get("n_samples") and data is not None and opts["n_samples"] > len(data):
         opts["n_samples"] = None
-    return hessian_spectrum(module, data, seed=seed, device=device, **opts).to_result()
+    return hessian_spectrum(module, data, seed=seed, device=device, loss=loss, **opts).to_result()
 
 
 def figures(result: Result) -> dict[str, Any]:

@@ -16,7 +16,7 @@ DEFAULTS: dict[str, Any] = {"dim": 2, "steps": 15, "n_samples": 256, "directions
 
 
 def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | str = "auto",
-        **options: Any) -> Result:
+        loss: Any = None, **options: Any) -> Result:
     """A 2-D filter-normalised loss landscape around the weights.
 
     Parameters
@@ -26,6 +26,8 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | str = "a
     data : DataBundle
     seed : int
     device : torch.device or str
+    loss : callable, optional
+        ``loss(logits, y)``; mean cross-entropy by default.
     **options
         Passed to :func:`nndiag.landscape.surface` (over :data:`DEFAULTS`).
     """
@@ -35,7 +37,7 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | str = "a
     opts = {**DEFAULTS, **options}
     if opts.get("n_samples") and data is not None and opts["n_samples"] > len(data):
         opts["n_samples"] = None
-    return surface(module, data, seed=seed, device=device, **opts).to_result()
+    return surface(module, data, seed=seed, device=device, loss=loss, **opts).to_result()
 
 
 def figures(result: Result) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 # The function shadows its submodule's name on the package (imported eagerly so that a
 # later ``import nndiag.slices.spotlight`` cannot rebind ``nndiag.slices.spotlight``).
-from nndiag.slices.spotlight import spotlight  # noqa: E402
+from nndiag.slices.spotlight import spotlight  # noqa: E402, F401
 
 _LAZY = {
     "kernel_weights": "nndiag.slices.spotlight:kernel_weights",

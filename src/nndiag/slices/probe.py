@@ -15,12 +15,13 @@ NEEDS_DATA = True
 def run(model: Any, data: Any, *, seed: int = 0, device: Any = None, **options: Any) -> Result:
     """Spotlight slices of ``model`` on ``data`` (options: method, layer, size, n, pca, steps).
 
-    The model is left as it was (see :func:`nndiag.slices.embeddings.extract_embeddings`).
+    The model is left as it was (see :func:`nndiag.slices.embeddings.extract_embeddings`)
+    and runs where it already is (``device`` is not used to move it; batches follow the model).
     """
     from nndiag.slices.find import find_slices
 
     method = options.pop("method", "spotlight")
-    return find_slices(model, data, method, seed=seed, device=device, **options)
+    return find_slices(model, data, method, seed=seed, **options)
 
 
 def figures(result: Result) -> dict[str, Any]:

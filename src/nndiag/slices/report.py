@@ -38,7 +38,7 @@ def slice_table(slices: Slices, emb: Embeddings, top: int = 10) -> pd.DataFrame:
         counts: dict[str, int] = {}
         if emb.labels is not None and members:
             lab, cnt = np.unique(emb.labels[sup], return_counts=True)
-            counts = {str(int(a)): int(b) for a, b in sorted(zip(lab, cnt), key=lambda t: -t[1])}
+            counts = {str(int(a)): int(b) for a, b in sorted(zip(lab, cnt, strict=True), key=lambda t: -t[1])}
         acc_in = float(correct[sup].mean()) if correct is not None and members else None
         acc_out = float(correct[~sup].mean()) if correct is not None and (~sup).any() else None
         rows.append({

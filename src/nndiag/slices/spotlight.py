@@ -159,7 +159,7 @@ def _initial_centres(x: np.ndarray, losses: np.ndarray, size: float, restarts: i
     # greedily pick high-local-loss candidates that are not among each other's neighbours
     taken: list[int] = []
     radius2 = np.partition(d2, k, axis=1)[:, k]
-    rad = dict(zip(cand.tolist(), radius2.tolist()))
+    rad = dict(zip(cand.tolist(), radius2.tolist(), strict=True))
     for i in order:
         if len(taken) >= restarts - 1:
             break
@@ -263,6 +263,16 @@ def fit_spotlight(
     """
     if solver not in SOLVERS:
         raise InputError(f"unknown solver '{solver}'; valid: {', '.join(SOLVERS)}")
+    # small tensors: one thread is fastest, and immune to oversubscribed machines
+    with limit_threads(1):
+        return _fit(x, losses, size, kernel, precision, solver, steps, lr, patience, barrier, eps,
+                    restarts, min_lr_ratio, anneal, free_size, seed, trace)
+
+
+def _fit(x: np.ndarray, losses: np.ndarray, size: float, kernel: str, precision: str, solver: str,
+         steps: int, lr: float, patience: int, barrier: float, eps: float, restarts: int,
+         min_lr_ratio: float, anneal: float, free_size: bool, seed: int,
+         trace: list[dict[str, Any]] | None) -> dict[str, Any]:
     n, d = x.shape
     rng = np.random.default_rng(seed)
     loss_range = check_losses(losses)
@@ -373,6 +383,8 @@ def spotlight(
     restarts: int = 4,
     solver: str = "exact",
     free_size: bool = True,
+    min_lr_ratio: float = 1e-2,
+    anneal: float = 0.7,
     seed: int = 0,
 ) -> Slices:
     """Find ``n`` spotlights: regions of the representation space with high mean loss.
@@ -409,6 +421,10 @@ def spotlight(
         How the size constraint is handled (see :func:`fit_spotlight`).
     free_size : bool
         Let a spotlight grow above the size when that raises its mean loss.
+    min_lr_ratio : float
+        Floor of the learning rate, as a fraction of ``lr`` (0: none, as in the paper).
+    anneal : float
+        Fraction of the steps over which the margin shrinks (then the plateau schedule runs).
     seed : int
         Seeds the choice of restart candidates.
 
@@ -459,11 +475,10 @@ def spotlight(
                          "failed": True, "restart": -1, "restarts": 0, "lr": lr,
                          "weights": np.zeros(len(x))})
             continue
-        # small tensors: one thread is fastest, and immune to oversubscribed machines
-        with limit_threads(1):
-            fit = fit_spotlight(x, work, s, kernel=kernel, precision=precision, solver=solver,
-                                steps=steps, lr=lr, patience=patience, barrier=barrier, eps=eps,
-                                restarts=restarts, free_size=free_size, seed=seed + j)
+        fit = fit_spotlight(x, work, s, kernel=kernel, precision=precision, solver=solver,
+                            steps=steps, lr=lr, patience=patience, barrier=barrier, eps=eps,
+                            restarts=restarts, free_size=free_size, min_lr_ratio=min_lr_ratio,
+                            anneal=anneal, seed=seed + j)
         fits.append(fit)
         k = fit["weights"]
         if k.max() > 0:
@@ -475,7 +490,7 @@ def spotlight(
         zz = new.z if isinstance(new, Embeddings) else validate(new, np.zeros(len(new)))[0]
         xx = proj(zz)
         w = np.stack([kernel_weights(xx, c, t, kernel) if np.any(np.asarray(t) > 0)
-                      else np.zeros(len(xx)) for c, t in zip(centres, taus)])
+                      else np.zeros(len(xx)) for c, t in zip(centres, taus, strict=True)])
         return w, _support(w, kernel)
 
     weights = np.stack([f["weights"] for f in fits])
@@ -483,6 +498,6 @@ def spotlight(
     params = {"size": size, "size_count": s, "n": n, "kernel": kernel, "precision": precision,
               "flip": flip, "pca": pca, "steps": steps, "lr": lr, "patience": patience,
               "barrier": barrier, "eps": eps, "restarts": restarts, "solver": solver,
-              "free_size": free_size}
+              "free_size": free_size, "min_lr_ratio": min_lr_ratio, "anneal": anneal}
     return Slices("spotlight", weights, _support(weights, kernel), tuple(bool(f["failed"]) for f in fits),
                   scorer, params, info)

@@ -241,8 +241,6 @@ def plan_layers(
             part_shape[dim] //= 3
             a, b = part_shape
             base = _display(info.name)
-            if base.endswith("in_proj"):
-                pass
             for p, letter in enumerate("qkv"):
                 candidates.append(LayerSpec(f"{base}.{letter}", info.name, kind, info.shape, info.dtype,
                                             max(a, b), min(a, b), 1, min(a, b), part=p, split_dim=dim))

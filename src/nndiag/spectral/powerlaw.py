@@ -145,7 +145,9 @@ def ks_distances(x: np.ndarray, alphas: np.ndarray, candidates: np.ndarray | Non
     if idx.size == 0:
         return D
     logx = np.log(x)
-    step = max(1, _BLOCK_ELEMS // max(1, n))
+    # blocks of ≥ 64 candidates, at most 1/8 of them, so each block starts near its own xmin
+    # and the masked (k < i) part stays small
+    step = max(1, min(_BLOCK_ELEMS // max(1, n), max(64, idx.size // 8)))
     for b0 in range(0, idx.size, step):
         blk = idx[b0 : b0 + step]
         lo = int(blk.min())

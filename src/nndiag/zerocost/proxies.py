@@ -139,8 +139,8 @@ def synflow(model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | N
     """SynFlow (Tanaka et al., 2020), data-free: Σ |W ⊙ ∂R/∂W| over Conv/Linear weights.
 
     R = Σ f(1) on the all-ones input of one example's shape, with every parameter and
-    buffer replaced by its absolute value, BatchNorm bypassed (identity) and float64
-    arithmetic. ``x`` only gives the input shape; ``y`` is ignored.
+    buffer replaced by its absolute value, normalisation layers (BatchNorm, LayerNorm,
+    GroupNorm) bypassed as identities and float64 arithmetic. ``x`` only gives the input shape; ``y`` is ignored.
     """
     if x is None or x.ndim < 2:
         raise AnalysisError("synflow needs an input batch to take the example shape from")
