@@ -14,6 +14,7 @@ from nndiag._utils.seeding import fork_rng
 from nndiag._utils.threads import limit_threads
 from nndiag._utils.training import train_classifier
 from nndiag.io.data import load_data
+from nndiag.io.models import load_model
 from nndiag.models import build_model
 from nndiag.report.results import Result
 from nndiag.slices import find_slices, probe
@@ -65,7 +66,7 @@ def test_baseline_methods_through_find_slices(trained, method):
 
 def test_json_round_trip_and_figures_from_json(trained):
     model, test = trained
-    r = probe.run(model, test, seed=0, size=0.05, n=2, steps=200)
+    r = probe.run(load_model(model), test, seed=0, size=0.05, n=2, steps=200)
     doc = json.loads(r.to_json())
     back = Result.from_dict(doc)
     assert back.kind == probe.NAME == "slices" and probe.NEEDS_DATA
@@ -76,3 +77,28 @@ def test_json_round_trip_and_figures_from_json(trained):
     assert len(gal_axes) == len(r.tables["gallery"])
     thumb = np.asarray(r.tables["gallery"].iloc[0]["thumb"])
     assert thumb.shape == (8, 8) and thumb.dtype.kind in "iu"
+
+
+def test_slice_table_and_findings_by_hand():
+    from nndiag.slices.base import Slices
+    from nndiag.slices.embeddings import Embeddings
+    from nndiag.slices.report import slice_findings, slice_table
+
+    labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    preds = np.array([1, 1, 1, 1, 2, 2, 0, 1])  # examples 0 and 1 are wrong
+    loss = np.array([3.0, 2.0, 0.1, 0.2, 0.1, 0.3, 0.2, 0.1])
+    emb = Embeddings(z=np.zeros((8, 2)), losses=loss, labels=labels, preds=preds)
+    w = np.array([[1.0, 0.5, 0.25, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0.1, 0, 0, 0]])
+    sl = Slices("spotlight", w, w > 0, (False, True), lambda e: (w, w > 0))
+    t = slice_table(sl, emb)
+    row = t.iloc[0]
+    assert row["members"] == 3 and row["size"] == 1.75
+    assert row["mean_loss"] == (3.0 + 2.0 + 0.1) / 3
+    assert row["weighted_mean_loss"] == (3.0 + 1.0 + 0.025) / 1.75
+    assert row["accuracy"] == 1 / 3 and row["accuracy_out"] == 1.0
+    assert row["class_counts"] == {"0": 2, "1": 1}
+    assert row["top_indices"] == [0, 1, 2]
+    codes = {f.code: f for f in slice_findings(t, emb)}
+    assert codes["SLICE-FAILED"].evidence["failed"] == ["slice-2"]
+    assert codes["SLICE-SYSTEMATIC"].evidence["slice"] == "slice-1"
+    assert "SLICE-NONE" not in codes

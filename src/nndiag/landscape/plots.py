@@ -31,6 +31,8 @@ def plot_density(x: np.ndarray, density: np.ndarray, *, ax: Any = None, log: boo
     ax.plot(x, y, color="C0")
     if log:
         ax.set_yscale("log")
+        top = float(np.nanmax(y)) if np.size(y) else 1.0
+        ax.set_ylim(top * 1e-6, top * 3)
     ax.axvline(0.0, color="0.6", lw=0.8, ls="--")
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")

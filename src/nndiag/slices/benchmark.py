@@ -189,8 +189,12 @@ def verdict(table: pd.DataFrame, cfg: BenchmarkConfig) -> dict[str, Any]:
             "need": need, "passed": bool(accepted > 0 and int(ok.sum()) >= need and accepted >= cfg.need)}
 
 
-def run_benchmark(cfg: BenchmarkConfig | None = None) -> Result:
-    """Run every seed and method; a Result with table ``runs`` and the verdict in the summary."""
+def run_benchmark(cfg: BenchmarkConfig | None = None, threads: int | None = 1) -> Result:
+    """Run every seed and method; a Result with table ``runs`` and the verdict in the summary.
+
+    ``threads``: BLAS/torch threads (default 1: the models and tensors are tiny, and more
+    threads only slow them down, badly so on a busy machine; None: ``NNDIAG_THREADS``).
+    """
     from nndiag._utils.threads import limit_threads
 
     cfg = cfg or BenchmarkConfig()
@@ -199,7 +203,7 @@ def run_benchmark(cfg: BenchmarkConfig | None = None) -> Result:
     data = _load(cfg.dataset, cfg.n_samples)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    with limit_threads():
+    with limit_threads(threads):
         for seed in cfg.seeds:
             rows += run_seed(cfg, seed, data)
     table = pd.DataFrame(rows)
