@@ -11,18 +11,33 @@ import os
 from collections.abc import Iterator
 
 
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_threads() -> int:
-    """Number of threads nndiag uses by default: ``NNDIAG_THREADS`` or the usable cores."""
+    """Threads nndiag uses by default: ``NNDIAG_THREADS``, else the usable cores not already busy.
+
+    On a loaded machine, BLAS/OpenMP threads beyond the idle cores slow eigen-solvers
+    many times over (spinning workers), so the default subtracts the 1-minute load
+    average (at least 1 thread).
+    """
     env = os.environ.get("NNDIAG_THREADS")
     if env:
         try:
             return max(1, int(env))
         except ValueError:
             pass
+    cores = usable_cores()
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - non-Unix
+        return cores
+    return max(1, min(cores, int(round(cores - load + 0.5))))
 
 
 @contextlib.contextmanager

@@ -281,7 +281,7 @@ def analyze(
     from nndiag.io.tensors import ModuleSource
 
     ctx = _preserve(module)
-    with ctx, limit_threads(_threads(threads)), torch.no_grad():
+    with ctx, limit_threads(threads), torch.no_grad():
         infos = source.infos()
         specs, reasons = plan_layers(infos, conv_mode=conv_mode, min_evals=min_evals,
                                      max_evals=max_evals, max_N=max_N)
@@ -417,28 +417,6 @@ def _fit_layer(ev: np.ndarray, spec: LayerSpec, fit_kw: dict[str, Any], fit: str
         row.update(sigma_mp=mp.sigma_mp, bulk_min=mp.bulk_min, bulk_max=mp.bulk_max,
                    num_spikes=mp.num_spikes, mp_softrank=mp.mp_softrank)
     return row
-
-
-def _threads(threads: int | None) -> int:
-    """Explicit count, else ``NNDIAG_THREADS``, else the cores not already busy.
-
-    On a loaded machine, BLAS threads beyond the idle cores slow eigen-solvers many
-    times over (spinning OpenMP workers), so the default counts the load average.
-    """
-    import os
-
-    from nndiag._utils.threads import default_threads
-
-    if threads is not None:
-        return max(1, int(threads))
-    if os.environ.get("NNDIAG_THREADS"):
-        return default_threads()
-    cores = default_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - non-Unix
-        return cores
-    return max(1, min(cores, int(round(cores - load + 0.5))))
 
 
 def _preserve(module: torch.nn.Module | None) -> Any:
