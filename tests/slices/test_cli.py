@@ -65,3 +65,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     assert res.exit_code == 2
     res = runner.invoke(app, ["slices", str(ckpt), "--arch", "digits-mlp"])
     assert res.exit_code == 2 and "--data" in res.stderr
+
+
+def test_slices_benchmark_command_runs_and_reports_verdict():
+    res = runner.invoke(app, ["slices-benchmark", "--seeds", "1", "--steps", "60", "--n-samples", "700",
+                              "--format", "json", "--fail-on", "never"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["kind"] == "slices-benchmark"
+    assert doc["findings"][0]["code"] in ("SLICE-BENCH-PASS", "SLICE-BENCH-FAIL")
+    # one seed can never meet "4 of 5 seeds"
+    assert doc["summary"]["passed"] is False

@@ -16,8 +16,6 @@ import numpy as np
 
 from nndiag.errors import InputError
 
-Scorer = Callable[[Any], np.ndarray]
-
 
 @dataclass(frozen=True)
 class Slices:

@@ -44,8 +44,10 @@ def _pca_figure(result: Result) -> Any:
     fig = Figure(figsize=(6.4, 5.2))
     ax = fig.add_subplot(1, 1, 1)
     base = pts[pts["slice"] == 0]
-    sc = ax.scatter(base["pc1"], base["pc2"], c=base["loss"], cmap="Greys", s=8, alpha=0.6, vmin=0,
-                    vmax=float(np.nanmax(pts["loss"])) if len(pts) else 1.0)
+    vmax = float(np.nanmax(pts["loss"])) if len(pts) else 1.0
+    # grey for low loss (visible), black for high loss
+    sc = ax.scatter(base["pc1"], base["pc2"], c=base["loss"], cmap="Greys", s=8, alpha=0.7,
+                    vmin=-0.4 * vmax, vmax=vmax)
     fig.colorbar(sc, ax=ax, label="loss (outside slices)")
     import matplotlib
 

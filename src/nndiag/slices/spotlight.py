@@ -8,16 +8,25 @@ or diagonal precision τ. It maximises the kernel-weighted mean loss
 geometrically from ``N − S`` to ``0.05·S``. Adam on ``(μ, log τ)``; the learning rate
 halves after ``patience`` steps without improvement.
 
-Robustness beyond the paper (see REFERENCES: the reference code collapses onto outliers):
+Robustness beyond the paper (REFERENCES: the reference code collapses onto outliers and
+its plateau schedule freezes the rate):
 
-- the barrier weight ``b`` is multiplied by the loss range, so the trade-off does not
-  depend on the loss scale;
+- default ``solver="exact"``: the barrier's target ``W = S + m`` is held exactly — the
+  overall scale of τ is solved at every step (exactly, from the sorted distances, for the
+  quadratic kernel; by bisection for the Gaussian) and Adam moves μ (and the shape of a
+  diagonal τ) along the implicit total gradient; with ``free_size`` the target may grow
+  above ``S + m`` when that raises the mean loss (the inequality allows it).
+  ``solver="barrier"`` is the paper's penalty, with the weight ``b`` multiplied by the loss
+  range so that the trade-off does not depend on the loss scale;
 - ``ε`` in the weight sum keeps the objective finite when the weights vanish;
 - the embeddings are centred and divided by their RMS distance to the centroid (one
   scalar: the geometry is kept), optionally after PCA;
-- several restarts run at once (vectorised): the centroid and the points of highest
-  local (k-nearest-neighbour) loss; each covers the data at first;
-- the learning rate never falls below ``lr·min_lr_ratio``;
+- several restarts run at once (vectorised): the centroid, annealed from the whole data as
+  in the paper, and the points of highest k-nearest-neighbour mean loss, annealed from a
+  neighbourhood of 4·S; the best one that keeps its size wins;
+- the margin shrinks over the first ``anneal`` (70 %) of the steps; the plateau schedule
+  (on the weighted mean loss) runs after that, and the rate never falls below
+  ``lr·min_lr_ratio``;
 - a spotlight whose total weight ends below ``0.9·S`` is reported as failed.
 """
 

@@ -64,20 +64,23 @@ def run(model: Any, data: Any = None, *, seed: int = 0, device: torch.device | s
         raise InputError(f"the zero-cost probe needs a batch of at least 2 examples, got {n}")
     sub = bundle.subset(n, seed=seed)
     dev = torch.device(device)
+    from nndiag._utils.threads import limit_threads
+
     t0 = time.perf_counter()
     net = reinitialised(module, seed).to(dev)
     x, y = sub.x.to(dev), sub.y.to(dev)
-    scores = compute_proxies(net, x, y, [p for p in names if p != "gradsign"])
-    detail = None
-    if "gradsign" in names:
-        t1 = time.perf_counter()
-        try:
-            detail = gradsign_detail(net, x, y)
-            scores["gradsign"] = detail.score
-        except Exception as exc:  # reported as a failed proxy, the others stand
-            scores["gradsign"] = math.nan
-            scores["errors"]["gradsign"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        scores["gradsign_seconds"] = time.perf_counter() - t1
+    with limit_threads():
+        scores = compute_proxies(net, x, y, [p for p in names if p != "gradsign"])
+        detail = None
+        if "gradsign" in names:
+            t1 = time.perf_counter()
+            try:
+                detail = gradsign_detail(net, x, y)
+                scores["gradsign"] = detail.score
+            except Exception as exc:  # reported as a failed proxy, the others stand
+                scores["gradsign"] = math.nan
+                scores["errors"]["gradsign"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            scores["gradsign_seconds"] = time.perf_counter() - t1
     elapsed = time.perf_counter() - t0
     rows = [{"name": p, "score": scores[p], "seconds": scores[f"{p}_seconds"],
              "error": scores["errors"].get(p, "")} for p in names]

@@ -74,6 +74,7 @@ def rank_models(
     Returns the table (``name``, ``rank``, ``vote``, one column per proxy, ``status``,
     ``error``) and a summary (``best``, ``proxy_agreement``).
     """
+    from nndiag._utils.threads import limit_threads
     from nndiag.zerocost.evaluate import rank_vote
     from nndiag.zerocost.score import compute_proxies
 
@@ -84,7 +85,8 @@ def rank_models(
         row: dict[str, Any] = {"name": name}
         try:
             net = reinitialised(module, seed) if at_init else module
-            res = compute_proxies(net, x, y, proxies)
+            with limit_threads():
+                res = compute_proxies(net, x, y, proxies)
         except AnalysisError as exc:
             res = {p: math.nan for p in proxies}
             res["errors"] = {"model": str(exc)}
