@@ -9,7 +9,7 @@ Examples
 >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
 >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
 >>> r = hessian_spectrum(model, (x, y), top_k=2, trace=True)
->>> r.eigenvalues.shape, r.eigenvalues[0] >= r.eigenvalues[1]
+>>> r.eigenvalues.shape, bool(r.eigenvalues[0] >= r.eigenvalues[1])
 ((2,), True)
 """
 
