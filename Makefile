@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.nndiag-installed
-EXTRAS ?= all,dev
+EXTRAS ?= all,dev,bench
 
 .PHONY: demo test setup sysdeps lint bench clean
 
@@ -17,9 +17,9 @@ $(PY):
 # torch first, pinned exactly (a CPU build is served locally); then the package.
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[$(EXTRAS)]'
-	# spectral parity tests: WeightWatcher 0.7.7 (needs no torch; the pin keeps torch as is)
-	$(PIP) install -q 'weightwatcher==0.7.7' 'torch==2.13.0'
+	# the extras include the reference tools for parity tests (bench: weightwatcher, pyhessian,
+	# loss-landscapes); repeating the torch pin keeps pip from ever swapping the build.
+	$(PIP) install -q -e '.[$(EXTRAS)]' 'torch==2.13.0'
 	touch $(STAMP)
 
 setup: $(STAMP)
