@@ -69,7 +69,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     ------
     ModelLoadError
         Empty, truncated or corrupt file, a pickle that needs arbitrary code
-        (``weights_only=False``), or no tensors inside.
+        (nndiag never turns ``weights_only`` off), or no tensors inside.
     """
     p = Path(path)
     if not p.is_file():
@@ -82,7 +82,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         msg = str(exc)
         if "weights_only" in msg or "Weights only" in msg:
             raise ModelLoadError(
-                f"{p}: refused: this pickle needs arbitrary code to load (weights_only=False); "
+                f"{p}: refused: this pickle runs arbitrary code when loaded (not a plain weights file); "
                 "save a state_dict instead (torch.save(model.state_dict(), ...))"
             ) from None
         raise ModelLoadError(f"{p}: corrupt checkpoint ({msg.splitlines()[0]})") from None
