@@ -11,9 +11,9 @@ Examples
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import Any
+
+from nndiag._utils.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -39,17 +39,4 @@ _LAZY: dict[str, str] = {
 
 __all__ = ["__version__", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'nndiag' has no attribute {name!r}")
-    mod_name, _, attr = target.partition(":")
-    module = importlib.import_module(mod_name)
-    value = getattr(module, attr) if attr else module
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, __all__)

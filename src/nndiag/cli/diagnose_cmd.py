@@ -153,6 +153,18 @@ def _write_outputs(report: Any, html: Path | None, json_path: Path | None) -> li
     return problems
 
 
+def _finish(report: Any, html: Path | None, json_out: Path | None, fmt: Format, top: int, fail_on: FailOn) -> int:
+    """Write the requested files, print the report, and return the exit code."""
+    problems = _write_outputs(report, html, json_out)
+    if fmt is Format.json:
+        emit_json(report.to_dict())
+    else:
+        _print_human(report, top)
+    for p in problems:
+        err(f"nndiag: error: could not write {p}")
+    return 2 if problems else fail_exit_code(report.severities(), fail_on)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("diagnose")
     @handle_errors
@@ -207,16 +219,7 @@ def register(app: typer.Typer) -> None:
                 err("interrupted: writing the report of what finished")
                 _write_outputs(partial, html, json_out)
             raise typer.Exit(130) from None
-        problems = _write_outputs(report, html, json_out)
-        if fmt is Format.json:
-            emit_json(report.to_dict())
-        else:
-            _print_human(report, top)
-        if problems:
-            for p in problems:
-                err(f"nndiag: error: could not write {p}")
-            return 2
-        return fail_exit_code(report.severities(), fail_on)
+        return _finish(report, html, json_out, fmt, top, fail_on)
 
     @app.command("report")
     @handle_errors
@@ -236,13 +239,4 @@ def register(app: typer.Typer) -> None:
             if p is not None:
                 check_writable(p)
         report = Report.load(source)
-        problems = _write_outputs(report, html, json_out)
-        if fmt is Format.json:
-            emit_json(report.to_dict())
-        else:
-            _print_human(report, top)
-        if problems:
-            for p in problems:
-                err(f"nndiag: error: could not write {p}")
-            return 2
-        return fail_exit_code(report.severities(), fail_on)
+        return _finish(report, html, json_out, fmt, top, fail_on)

@@ -13,8 +13,7 @@ Public entry points (imported lazily):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nndiag._utils.lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
     "diagnose_failure": "nndiag.diagnosis.api",
@@ -34,15 +33,4 @@ _LAZY: dict[str, str] = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'nndiag.diagnosis' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, __all__)

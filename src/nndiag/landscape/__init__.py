@@ -11,8 +11,7 @@ Public entry points (imported lazily):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nndiag._utils.lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
     "hessian_spectrum": "nndiag.landscape.spectrum",
@@ -28,21 +27,9 @@ _LAZY: dict[str, str] = {
     "spectrum_criteria": "nndiag.landscape.criteria",
     "surface": "nndiag.landscape.surface",
     "Surface": "nndiag.landscape.surface",
-    "directions": "nndiag.landscape.directions",
+    "directions": "nndiag.landscape.directions:",
 }
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'nndiag.landscape' has no attribute {name!r}")
-    module = importlib.import_module(mod)
-    value = module if name == "directions" else getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, __all__)

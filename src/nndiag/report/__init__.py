@@ -6,8 +6,7 @@ nothing heavy. The entry point is ``nndiag.diagnose``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nndiag._utils.lazy import lazy_exports
 
 _LAZY = {
     "Result": "nndiag.report.results",
@@ -21,9 +20,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'nndiag.report' has no attribute {name!r}")
-    return getattr(importlib.import_module(mod), name)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, __all__)

@@ -10,8 +10,7 @@ Submodules load lazily.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nndiag._utils.lazy import lazy_exports
 
 # The function shadows its submodule's name on the package (imported eagerly so that a
 # later ``import nndiag.slices.spotlight`` cannot rebind ``nndiag.slices.spotlight``).
@@ -31,12 +30,4 @@ _LAZY = {
 }
 __all__ = sorted([*_LAZY, "spotlight"])
 
-
-def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'nndiag.slices' has no attribute {name!r}")
-    mod, _, attr = target.partition(":")
-    value = getattr(importlib.import_module(mod), attr)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, __all__)

@@ -15,8 +15,7 @@ Examples
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nndiag._utils.lazy import lazy_exports
 
 # Eager: the submodules ``analyze`` and ``compare`` share their function's name, and a
 # lazy attribute would be shadowed by the submodule once it is imported.
@@ -40,12 +39,4 @@ _LAZY = {
 
 __all__ = sorted([*_LAZY, "SpectralResult", "analyze", "compare", "correlation_flow", "summarize"])
 
-
-def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'nndiag.spectral' has no attribute {name!r}")
-    mod, _, attr = target.partition(":")
-    value = getattr(importlib.import_module(mod), attr)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, __all__)

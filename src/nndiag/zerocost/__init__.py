@@ -18,8 +18,7 @@ True
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nndiag._utils.lazy import lazy_exports
 
 # imported eagerly: the function ``gradsign`` shares its name with its module, and a lazy
 # attribute would be shadowed by the submodule once anything imports it
@@ -41,17 +40,4 @@ _LAZY = {
 
 __all__ = sorted([*_LAZY, "gradsign", "gradsign_detail", "GradSignDetail"])
 
-
-def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'nndiag.zerocost' has no attribute {name!r}")
-    mod_name, _, attr = target.partition(":")
-    module = importlib.import_module(mod_name)
-    value = getattr(module, attr) if attr else module
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, __all__)
