@@ -1,6 +1,7 @@
 """GradSign: reference per-sample loop vs nndiag's fast path, and the fast path's memory.
 
-One process, one thread, the same networks and batch for both: 20 randomly sampled NB201
+One process, the same thread count for both (``--threads``; 2 = this machine's cores), the
+same networks and batch for both: 20 randomly sampled NB201
 architectures (C=16, N=5, default initialisation, seeded), a batch of 64 images of the
 shared CIFAR-10 training subset (CIFAR normalisation). Prints each architecture's loop and
 fast times (median of ``--repeats``), whether the integer scores agree, and the ratio. Then,
@@ -9,7 +10,7 @@ the default chunking and with chunking switched off (one chunk = the whole batch
 
 Usage::
 
-    python benchmarks/gradsign_speed.py --archs 20 --batch-size 64 --repeats 3
+    python benchmarks/gradsign_speed.py --archs 20 --batch-size 64 --repeats 3 --threads 2
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="BLAS/OpenMP threads for both paths")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true")
     args = ap.parse_args(argv)
@@ -86,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     archs = [all_archs()[i] for i in np.random.default_rng(args.seed).permutation(15625)[: args.archs]]
-    print(f"torch {torch.__version__}, 1 thread, batch {args.batch_size} of {src}, "
+    print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch_size} of {src}, "
           f"median of {args.repeats}")
     ratios, t_loop_all, t_fast_all, agree = [], [], [], 0
-    with limit_threads(1):
+    with limit_threads(args.threads):
         for i, arch in enumerate(archs if not args.memory_only else []):
             with fork_rng(args.seed):
                 net = nb201(arch)

@@ -145,3 +145,22 @@ def test_bad_input():
     for m in ("fast", "loop"):
         with pytest.raises(AnalysisError, match="NaN"):
             gradsign(bad, x, y, method=m)
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=1, padding=1, count_include_pad=False),
+                                dict(kernel_size=3, stride=1, padding=1, count_include_pad=True),
+                                dict(kernel_size=2, stride=2),
+                                dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), count_include_pad=False)])
+def test_fast_pools_equal_avg_pool(kw):
+    # the fast path's depthwise-convolution pooling against PyTorch's avg_pool2d, values and gradients
+    from nndiag.zerocost._persample import fast_pools
+
+    ref, mine = nn.AvgPool2d(**kw), nn.AvgPool2d(**kw)
+    fast_pools(mine)
+    x = torch.randn(3, 4, 9, 10, dtype=torch.float64, requires_grad=True)
+    a, b = ref(x), mine(x)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(a)
+    ga, = torch.autograd.grad(a, x, g)
+    gb, = torch.autograd.grad(b, x, g)
+    torch.testing.assert_close(gb, ga, rtol=1e-12, atol=1e-12)

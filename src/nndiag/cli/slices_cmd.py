@@ -112,9 +112,7 @@ def register(app: typer.Typer) -> None:
                 dev = resolve_device(device.value)
                 lm = load_model(model, weights=weights, arch=arch)
                 module = lm.require_module("slice discovery").to(dev)
-                bundle = load_data(data, n_samples=n_samples, seed=seed)
-                bundle = type(bundle)(bundle.x.to(dev), bundle.y.to(dev), bundle.name, bundle.num_classes,
-                                      bundle.meta) if dev.type != "cpu" else bundle
+                bundle = load_data(data, n_samples=n_samples, seed=seed)  # batches go to the model's device
                 result = find_slices(module, bundle, method.value, layer=layer, size=size, n=n, seed=seed,
                                      batch_size=batch_size, **options)
         if gallery is not None:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from nndiag._utils.model_state import preserved
+from nndiag._utils.precision import full_precision
 from nndiag.errors import AnalysisError, DataError, InputError
 
 
@@ -82,6 +83,7 @@ def _outputs(model: nn.Module, x: torch.Tensor, bs: int = 512) -> torch.Tensor:
     return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
 
 
+@full_precision
 def output_cka(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, *, n_samples: int = 1000,
                alpha: float = 16.0, seed: int = 0) -> float:
     """Linear CKA of two models' softmax outputs on ``n_samples`` mixup inputs (eval mode)."""
@@ -96,6 +98,7 @@ def output_cka(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, *, n_sam
     return linear_cka(pa, pb)
 
 
+@full_precision
 def train_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 512) -> tuple[float, float]:
     """(training error in %, mean cross-entropy) of ``model`` in eval mode; model left as it was."""
     import torch.nn.functional as F
@@ -164,6 +167,7 @@ class MDFeatures:
         return pd.DataFrame({"name": list(self.values), "value": list(self.values.values())})
 
 
+@full_precision
 def compute_features(
     model: nn.Module,
     second_seed: nn.Module,

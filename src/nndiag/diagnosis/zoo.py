@@ -263,9 +263,11 @@ def build_zoo(directory: str | Path, cfg: ZooConfig | None = None, *, jobs: int 
             bar.advance()
 
         if jobs > 1 and len(todo) > 1:
+            import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(max_workers=jobs) as ex:
+            # spawn, not fork: a forked child of a process whose autograd ran on CUDA hangs or fails
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
                 for rec in ex.map(_worker, [(cfg.to_dict(), *g) for g in todo]):
                     write(rec)
         else:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from nndiag._utils.device import model_device, resolve_device
+from nndiag._utils.precision import full_precision
 from nndiag.landscape._setup import (
     Batches,
     LossFn,
@@ -137,6 +138,7 @@ class HessianOperator:
             flat = flat + 0.0 * sum(p.sum() for p in self.params.values())
         return flat, float(loss.detach()) * w
 
+    @full_precision
     def _build(self) -> float:
         graphs, total = [], 0.0
         with torch.enable_grad():
@@ -164,6 +166,7 @@ class HessianOperator:
                 yield self._grad(xb, yb, w, check=False)[0]
 
     # --- products -------------------------------------------------------------------
+    @full_precision
     def gradient(self) -> torch.Tensor:
         """The full-data gradient as a flat vector (detached)."""
         return sum(g.detach() for g in self._iter_graphs())  # type: ignore[return-value]
@@ -178,6 +181,7 @@ class HessianOperator:
             for h, p in zip(hv, self.params.values(), strict=True)
         ], dim=-1)
 
+    @full_precision
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` of length :attr:`dim`."""
         v = v.to(device=self.device, dtype=self.dtype)
@@ -198,6 +202,7 @@ class HessianOperator:
         self.n_hvp += V.shape[0]
         return out.detach()
 
+    @full_precision
     def matmat(self, V: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
         """Rows ``H v_i`` for ``V`` of shape ``(k, dim)``.
 
@@ -209,20 +214,27 @@ class HessianOperator:
         use = self._batched_ok if batched is None else batched
         if use is None and V.shape[0] >= 2:
             half = min(2, V.shape[0] // 2)  # a short trial: batching can be several times slower
+            self._sync()
             t0 = time.perf_counter()
             try:
                 first = self._batched(V[:half])
             except (RuntimeError, NotImplementedError):
                 self._batched_ok = False
                 return torch.stack([self.matvec(v) for v in V])
+            self._sync()  # CUDA kernels run asynchronously: time them only once they finished
             t1 = time.perf_counter()
             rest = torch.stack([self.matvec(v) for v in V[half:]])
+            self._sync()
             t2 = time.perf_counter()
             self._batched_ok = (t1 - t0) / half < (t2 - t1) / (V.shape[0] - half)
             return torch.cat([first, rest])
         if use:
             return self._batched(V)
         return torch.stack([self.matvec(v) for v in V])
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """A flat vector as a dict of parameter-shaped tensors."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from nndiag._utils.model_state import preserved
+from nndiag._utils.precision import full_precision
 from nndiag._utils.seeding import torch_generator
 from nndiag._utils.threads import limit_threads
 from nndiag.errors import InputError
@@ -199,6 +200,7 @@ class HessianResult:
         return self.density.plot(ax=ax)
 
 
+@full_precision
 def hessian_spectrum(
     model: nn.Module,
     data: Any,

@@ -39,6 +39,7 @@ from torch import nn
 
 from nndiag._utils.device import model_device, resolve_device
 from nndiag._utils.model_state import preserved
+from nndiag._utils.precision import full_precision
 from nndiag._utils.progress import progress_bar
 from nndiag._utils.threads import limit_threads
 from nndiag.errors import InputError
@@ -296,6 +297,7 @@ def _make_directions(
     raise InputError("directions must be 'random', 'hessian', a list of direction dicts or a list of nn.Modules")
 
 
+@full_precision
 def surface(
     model: nn.Module,
     data: Any,
@@ -447,7 +449,8 @@ def surface(
                 idx = todo[i:i + (min(chunk_n, 4) if chosen == "auto" else chunk_n)]
                 t = time.perf_counter()
                 try:
-                    vals = getattr(grid, use)(ctensor[idx])
+                    # to the host before the clock stops: CUDA kernels run asynchronously
+                    vals = getattr(grid, use)(ctensor[idx]).double().cpu().numpy()
                 except (RuntimeError, NotImplementedError, ValueError):
                     if use != "vmap" or strategy == "vmap":
                         raise
@@ -457,7 +460,7 @@ def surface(
                 times[use] = (time.perf_counter() - t) / len(idx)
                 if chosen == "auto" and len(times) == 2:
                     chosen = min(times, key=times.get)
-                flat[idx] = vals.double().cpu().numpy()
+                flat[idx] = vals
                 if rpath is not None:
                     _save_resume(rpath, fp, flat)
                 bar.advance(len(idx))

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from nndiag._utils.precision import full_precision
 from nndiag.errors import InputError, NNDiagError
 from nndiag.report import probes as _probes
 from nndiag.report.probes import load_probe, wants_train_data
@@ -214,6 +215,7 @@ def _load_second(second_seed: Any, arches: list[Any]) -> list[Any]:
     return [None if s is None else _load(s, a, None) for s, a in zip(seeds, arches, strict=True)]
 
 
+@full_precision
 def diagnose(
     model: Any,
     data: Any = None,

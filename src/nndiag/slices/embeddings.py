@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nndiag._utils.precision import full_precision
 from nndiag.errors import DataError, InputError
 
 #: Keys accepted in a user ``.npz`` (first match wins).
@@ -119,6 +120,7 @@ def layer_names(module: nn.Module) -> list[str]:
     return [n for n, _ in module.named_modules() if n]
 
 
+@full_precision
 def extract_embeddings(
     model: nn.Module,
     data: Any,
@@ -207,13 +209,13 @@ def extract_embeddings(
                                          f"{tuple(logits.shape)}")
                     logits = logits.double().cpu()
                     zs.append(captured[-1])
-                    losses.append(F.cross_entropy(logits, yb, reduction="none"))
+                    losses.append(F.cross_entropy(logits, yb.cpu(), reduction="none"))
                     preds.append(logits.argmax(1))
                     probs.append(torch.softmax(logits, 1))
         finally:
             handle.remove()
     z, loss = validate(torch.cat(zs).numpy(), torch.cat(losses).numpy(), name=bundle.name)
-    return Embeddings(z=z, losses=loss, labels=bundle.y.numpy().astype(np.int64),
+    return Embeddings(z=z, losses=loss, labels=bundle.y.cpu().numpy().astype(np.int64),
                       preds=torch.cat(preds).numpy().astype(np.int64), probs=torch.cat(probs).numpy(),
                       layer=where, meta={"data": bundle.name, "num_classes": int(bundle.num_classes)})
 

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nndiag._utils.precision import full_precision
 from nndiag.errors import InputError
 from nndiag.report.results import Result, jsonable, provenance, table_to_records
 from nndiag.spectral import findings as _findings
@@ -182,6 +183,7 @@ def _check_values(w: torch.Tensor) -> str:
     return f"non-finite values ({n_bad} NaN/Inf entries)"
 
 
+@full_precision
 def analyze(
     model: Any,
     *,

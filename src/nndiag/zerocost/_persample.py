@@ -39,6 +39,30 @@ def _per_sample_bn_forward(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
+def _sum_pool_forward(self: nn.AvgPool2d, x: torch.Tensor) -> torch.Tensor:
+    # average pooling as a depthwise convolution with a ones kernel, divided by the number
+    # of summed elements: the same values up to rounding, and on CPU several times faster
+    # (forward and backward) than PyTorch's NCHW ``avg_pool2d`` kernel
+    c = x.shape[1]
+    k = nn.modules.utils._pair(self.kernel_size)
+    s = nn.modules.utils._pair(self.stride if self.stride is not None else self.kernel_size)
+    p = nn.modules.utils._pair(self.padding)
+    w = torch.ones(c, 1, *k, dtype=x.dtype, device=x.device)
+    total = nn.functional.conv2d(x, w, stride=s, padding=p, groups=c)
+    if self.count_include_pad:
+        return total / (k[0] * k[1])
+    ones = torch.ones(1, 1, *x.shape[2:], dtype=x.dtype, device=x.device)
+    count = nn.functional.conv2d(ones, w[:1], stride=s, padding=p)
+    return total / count
+
+
+def fast_pools(net: nn.Module) -> None:
+    """Make every plain ``AvgPool2d`` of ``net`` (a working copy) pool by a depthwise convolution."""
+    for m in net.modules():
+        if type(m) is nn.AvgPool2d and not m.ceil_mode and m.divisor_override is None:
+            m.forward = types.MethodType(_sum_pool_forward, m)  # type: ignore[method-assign]
+
+
 def supports(net: nn.Module, layers: list[nn.Module]) -> bool:
     """Whether every scored layer has a closed-form per-sample gradient here."""
     for m in layers:

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from nndiag._utils.precision import full_precision
 from nndiag.errors import AnalysisError, InputError
 from nndiag.zerocost._common import check_batch, scored_weights, working_copy
 
@@ -130,6 +131,7 @@ def _sign_sums_batched(net: nn.Module, names: list[str], x: torch.Tensor, y: tor
     modules = dict(net.named_modules())
     layers = [modules[n.removesuffix("weight").removesuffix(".")] for n in names]
     _persample.per_sample_norms(net)
+    _persample.fast_pools(net)
     sums = [torch.zeros_like(m.weight, dtype=torch.float32) for m in layers]
     nz = [torch.zeros_like(m.weight, dtype=torch.bool) for m in layers]
     for start in range(0, x.shape[0], chunk_size):
@@ -148,6 +150,7 @@ def auto_chunk_size(n_params: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> i
     return max(1, int(budget_bytes // max(1, 4 * n_params)))
 
 
+@full_precision
 def gradsign_detail(
     model: nn.Module,
     x: torch.Tensor,

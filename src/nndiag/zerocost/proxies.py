@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from nndiag._utils.precision import full_precision
 from nndiag.errors import AnalysisError
 from nndiag.zerocost._common import (
     check_batch,
@@ -64,6 +65,7 @@ def _grad(m: nn.Module) -> torch.Tensor:
     return torch.zeros_like(m.weight) if g is None else g
 
 
+@full_precision
 def grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss | None = None) -> float:
     """Sum over Conv/Linear layers of the L2 norm of the weight gradient.
 
@@ -78,6 +80,7 @@ def grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss 
     return check_finite(float(sum(_grad(m).norm() for _, m in layers)), "grad_norm")
 
 
+@full_precision
 def snip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss | None = None) -> float:
     """SNIP saliency Σ |W ⊙ ∂L/∂W| over Conv/Linear weights (Lee et al., 2019)."""
     net, layers, x, y = _prep(model, x, y, "snip")
@@ -85,6 +88,7 @@ def snip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss | Non
     return check_finite(float(sum((m.weight.detach() * _grad(m)).abs().sum() for _, m in layers)), "snip")
 
 
+@full_precision
 def grasp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss | None = None) -> float:
     """GraSP: −Σ W ⊙ (H g) with g = ∂L/∂W (Wang et al., 2020), via one Hessian-vector product."""
     net, layers, x, y = _prep(model, x, y, "grasp")
@@ -101,6 +105,7 @@ def grasp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss | No
     return check_finite(float(total), "grasp")
 
 
+@full_precision
 def fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss | None = None) -> float:
     """Fisher information of the Conv/Linear outputs' channels (Theis et al., 2018; Turner et al., 2020).
 
@@ -135,6 +140,7 @@ def fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss | N
     return check_finite(total, "fisher")
 
 
+@full_precision
 def synflow(model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> float:
     """SynFlow (Tanaka et al., 2020), data-free: Σ |W ⊙ ∂R/∂W| over Conv/Linear weights.
 
@@ -167,6 +173,7 @@ def _bypass_norms(net: nn.Module) -> None:
             setattr(parent, child, nn.Identity())
 
 
+@full_precision
 def jacob_cov(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> float:
     """Jacobian covariance (Mellor et al., 2020): −Σ_k [log(λ_k + ε) + 1/(λ_k + ε)].
 
@@ -186,6 +193,7 @@ def jacob_cov(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) 
     return check_finite(float(-torch.sum(torch.log(lam + eps) + 1.0 / (lam + eps))), "jacob_cov")
 
 
+@full_precision
 def nwot(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> float:
     """NASWOT (Mellor et al., 2021): log|det K| of the Hamming-similarity kernel of ReLU codes.
 
@@ -198,7 +206,8 @@ def nwot(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> fl
     if not relus:
         raise AnalysisError(f"nwot needs ReLU layers; {type(model).__name__} has none")
     n = x.shape[0]
-    kernel = torch.zeros(n, n, dtype=torch.float64)
+    dev = next(net.parameters()).device
+    kernel = torch.zeros(n, n, dtype=torch.float64, device=dev)
 
     def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], _o: torch.Tensor) -> None:
         c = (inp[0].detach().reshape(n, -1) > 0).double()
@@ -207,7 +216,7 @@ def nwot(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> fl
     handles = [m.register_forward_hook(hook) for m in relus]
     try:
         with torch.no_grad():
-            net(x.to(next(net.parameters()).device))
+            net(x.to(dev))
     finally:
         for h in handles:
             h.remove()
@@ -215,6 +224,7 @@ def nwot(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> fl
     return float(logdet) if float(sign) > 0 else -math.inf
 
 
+@full_precision
 def zen(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *,
         mixup: float = 0.01, seed: int = 0) -> float:
     """Zen-score (Lin et al., ICCV 2021), data-free.
@@ -231,7 +241,7 @@ def zen(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *,
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g).to(m.weight.device))
                 if m.bias is not None:
                     m.bias.zero_()
             elif isinstance(m, _BatchNorm) and m.affine:
@@ -243,8 +253,9 @@ def zen(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *,
     feats: list[torch.Tensor] = []
     handle = target[-1].register_forward_hook(lambda _m, i, _o: feats.append(i[0].detach()))
     try:
-        z = torch.randn(x.shape, generator=g)
-        eps = torch.randn(x.shape, generator=g)
+        dev = next(net.parameters()).device  # drawn on the CPU generator: the same on any device
+        z = torch.randn(x.shape, generator=g).to(dev)
+        eps = torch.randn(x.shape, generator=g).to(dev)
         with torch.no_grad():
             net(z)
             net(z + mixup * eps)

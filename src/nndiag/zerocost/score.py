@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nndiag._utils.precision import full_precision
 from nndiag.errors import InputError, NNDiagError
 
 
@@ -55,6 +56,7 @@ def parse_proxies(spec: str | Sequence[str] | None) -> list[str]:
     return names
 
 
+@full_precision
 def compute_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     names: Sequence[str]) -> dict[str, Any]:
     """Scores, seconds and errors of the named proxies on ``model`` and the batch ``(x, y)``.
