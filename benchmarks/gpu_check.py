@@ -118,6 +118,55 @@ def spectral(dev: torch.device, quick: bool) -> None:
         record("spectral", **row)
 
 
+def spectral_layers(dev: torch.device, quick: bool) -> None:
+    """Per-layer alpha of the ResNet-18-like: device float64, CPU float64, CPU ``auto``."""
+    from nndiag.spectral import analyze
+    from spectral_vs_weightwatcher import resnet18_like
+
+    torch.manual_seed(0)
+    model = resnet18_like()
+    runs = {"device_f64": analyze(model, device=dev, precision="float64"),
+            "cpu_f64": analyze(model, device="cpu", precision="float64"),
+            "cpu_auto": analyze(model, device="cpu")}
+    tabs = {k: r.layers.set_index("name") for k, r in runs.items()}
+    ref = tabs["cpu_f64"]
+    for k in ("device_f64", "cpu_auto"):
+        d = ((tabs[k]["alpha"] - ref["alpha"]).abs() / ref["alpha"].abs()).astype(float)
+        worst = d.idxmax()
+        record("spectral_layers", compare=f"{k} vs cpu_f64", max_rel_alpha=float(d.max()), layer=worst,
+               alpha=[float(tabs[k].loc[worst, "alpha"]), float(ref.loc[worst, "alpha"])],
+               xmin=[float(tabs[k].loc[worst, "xmin"]), float(ref.loc[worst, "xmin"])],
+               D=[float(tabs[k].loc[worst, "D"]), float(ref.loc[worst, "D"])],
+               t_device_f64=runs["device_f64"].timing)
+
+
+def trace_equal_accuracy(dev: torch.device, quick: bool) -> None:
+    """PyHessian's 100-probe trace (TF32 off, like nndiag) vs nndiag at the same standard error."""
+    from nndiag.landscape import hessian_spectrum
+
+    try:
+        from pyhessian import hessian as PH
+    except ImportError:
+        return
+    model, label = resnet20()
+    x, y, src = cifar(64 if quick else 512)
+    m = copy.deepcopy(model).to(dev)
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        tp, tr = timed(lambda: PH(m, F.cross_entropy, data=(x.to(dev), y.to(dev)), cuda=dev.type == "cuda")
+                       .trace(maxIter=20 if quick else 100, tol=1e-5), dev)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    tr = np.asarray(tr, dtype=float)
+    se = float(tr.std(ddof=1) / np.sqrt(tr.size) / abs(tr.mean()))
+    tn, rn = timed(lambda: hessian_spectrum(model, (x, y), top_k=0, trace=True, trace_rtol=se, device=dev,
+                                            batch_size=len(y)), dev)
+    record("trace_equal_accuracy", model=label, data=src, n=len(y), pyhessian_s=tp, pyhessian_probes=int(tr.size),
+           pyhessian_trace=float(tr.mean()), pyhessian_rel_se=se, nndiag_s=tn, nndiag_hvp=rn.n_hvp,
+           nndiag_trace=rn.trace, nndiag_rel_se=rn.trace_stderr / abs(rn.trace), ratio=tn / tp)
+
+
 # --------------------------------------------------------------------------- hessian
 def dense_check(dev: torch.device) -> None:
     from nndiag.landscape import hessian_spectrum
@@ -312,6 +361,8 @@ def slices_and_report(dev: torch.device, quick: bool, out: Path) -> None:
 
 SECTIONS: dict[str, Callable[..., None]] = {
     "dense": lambda d, q, o: dense_check(d), "spectral": lambda d, q, o: spectral(d, q),
+    "spectral_layers": lambda d, q, o: spectral_layers(d, q),
+    "trace": lambda d, q, o: trace_equal_accuracy(d, q),
     "hessian": lambda d, q, o: hessian(d, q), "hvp": lambda d, q, o: hvp(d, q),
     "landscape": lambda d, q, o: landscape(d, q),
     "zerocost": lambda d, q, o: zerocost(d, q), "slices": slices_and_report,

@@ -86,6 +86,28 @@ def test_pruned_ks_equals_full(n):
     np.testing.assert_array_equal(pruned[finite], full[finite])
 
 
+@pytest.mark.parametrize("kind", ["mp", "pareto1.5", "pareto4", "pooled"])
+def test_pruned_ks_argmin_equals_full_on_varied_spectra(kind):
+    # the pruning bar uses exact D of the most promising candidates: the argmin must not move
+    rng = np.random.default_rng(7)
+    if kind == "mp":
+        w = rng.standard_normal((1200, 500))
+        x = np.linalg.eigvalsh(w.T @ w / 1200)
+    elif kind.startswith("pareto"):
+        x = pareto(float(kind[6:]), 2000, seed=3)
+    else:  # nine pooled slices of different scales, like a 3x3 conv in WeightWatcher's mode
+        x = np.concatenate([np.linalg.svd(rng.standard_normal((256, 128)) * s, compute_uv=False) ** 2
+                            for s in np.linspace(0.5, 2.0, 9)])
+    x = np.sort(x)
+    a, _ = candidate_alphas(x)
+    cand = np.arange(x.size - 1)
+    full = ks_distances(x, a, cand)
+    pruned = ks_distances_pruned(x, a, cand)
+    assert int(np.argmin(pruned)) == int(np.argmin(full))
+    assert pruned.min() == full.min()
+    assert np.isinf(pruned).sum() > x.size // 2  # the pruning did skip most candidates
+
+
 @pytest.mark.parametrize("shape", [(1000, 250), (2000, 400)])
 def test_marchenko_pastur_matrices_report_no_heavy_tail(shape):
     n, m = shape

@@ -15,8 +15,9 @@ are computed in blocks of candidates × tail values with NumPy (no Python loop o
 candidates). For 400 values or more, candidates that cannot be the argmin are first
 discarded: the KS maximum over a sampled tail is a lower bound of ``D_i``, and since
 both CDFs are monotone, the gaps between samples give an upper bound; candidates whose
-lower bound exceeds the best upper bound are dropped, with the sampling refined on
-the survivors. The chosen candidate and its ``D`` are exactly those of the full
+lower bound exceeds the best upper bound (the smaller of the sampled bounds and the
+exact D of the 64 candidates with the smallest lower bounds) are dropped, with the
+sampling refined on the survivors. The chosen candidate and its ``D`` are exactly those of the full
 O(n²) computation (tested).
 
 Options: ``min_tail`` (smallest tail allowed), ``xmin_range`` (restrict candidates),
@@ -39,6 +40,7 @@ from nndiag.errors import InputError
 EVALS_THRESH = 1e-5
 FIX_FINGERS = (None, "xmin_peak", "clip_xmax")
 _BLOCK_ELEMS = 1 << 21
+_EXACT_TOP = 64  # candidates whose exact D sets the pruning bar
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,10 @@ def ks_distances_pruned(x: np.ndarray, alphas: np.ndarray, cand: np.ndarray) -> 
         if st < 8 and st != stride:
             break
         lb, ub = _bounds(x, alphas, gc, st)
-        best = min(best, float(ub.min()))
+        # the exact D of the most promising candidates (smallest lower bounds, O(n) each) is a
+        # much tighter bar than the sampled upper bounds: 4-5x less work on 4,608-value ESDs
+        top = gc[np.argsort(lb, kind="stable")[:_EXACT_TOP]]
+        best = min(best, float(ub.min()), float(ks_distances(x, alphas, top)[top].min()))
         gc = gc[lb <= best * (1 + 1e-9) + 1e-15]
         if gc.size <= 64:
             break
