@@ -96,3 +96,25 @@ def test_property_sum_of_eigenvalues_is_frobenius_norm(n, m, seed):
     assert ev.size == min(n, m)
     assert np.all(ev >= 0)
     np.testing.assert_allclose(ev.sum(), (W**2).sum(), rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["lapack", "torch"])
+@pytest.mark.parametrize("precision", ["float64", "auto"])
+def test_both_cpu_backends_match_svd(monkeypatch, backend, precision):
+    # whichever CPU route the machine rule picks, the eigenvalues are the dense SVD's
+    from nndiag.spectral import esd as esd_mod
+
+    monkeypatch.setattr(esd_mod, "cpu_backend", lambda: backend)
+    rng = np.random.default_rng(5)
+    mats = rng.normal(size=(3, 600, 100)).astype(np.float32)  # above the LAPACK route's 96
+    got = eigvals_batched(torch.from_numpy(mats), precision).numpy()
+    for g, w in zip(got, mats, strict=True):
+        np.testing.assert_allclose(g, _ref(w.astype(np.float64)), rtol=1e-10 if precision == "float64" else 1e-4)
+
+
+def test_cpu_backend_rule():
+    from nndiag.spectral.esd import cpu_backend
+
+    assert cpu_backend() in ("lapack", "torch")
+    if not torch.backends.mkl.is_available():
+        assert cpu_backend() == "lapack"

@@ -34,7 +34,7 @@ from nndiag._utils.precision import full_precision
 from nndiag.errors import InputError
 from nndiag.report.results import Result, jsonable, provenance, table_to_records
 from nndiag.spectral import findings as _findings
-from nndiag.spectral.esd import eigvals_batched
+from nndiag.spectral.esd import cpu_backend, eigvals_batched
 from nndiag.spectral.matrices import (
     MAX_EVALS,
     MAX_N,
@@ -388,6 +388,7 @@ def analyze(
         "max_fingers": max_fingers, "finger_thresh": finger_thresh, "fit": fit,
         "mp_fit": mp_fit, "randomize": randomize, "layers": layers, "scale_jump": scale_jump,
         "threads": threads, "dedup": dedup,
+        "eig_backend": cpu_backend() if dev.type == "cpu" else f"torch ({dev.type})",
     }
     timing = {"total": t_done - t_start, "eigenvalues": batcher.eig_seconds,
               "fit_and_metrics": t_done - t_fit}
