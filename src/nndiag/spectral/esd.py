@@ -28,11 +28,12 @@ Precision
 CPU backend
 -----------
 On the CPU the Gram matrix (from 96×96 up) and its eigenvalues go through NumPy/SciPy's
-LAPACK (OpenBLAS in the wheels) one matrix at a time, unless PyTorch is built on MKL and the processor is an
-Intel one (:func:`cpu_backend`). On the 2-core AMD EPYC development machine PyTorch's MKL ran
+LAPACK (OpenBLAS in the wheels) one matrix at a time, unless PyTorch is built on MKL and
+the processor is an Intel one (:func:`cpu_backend`); smaller Gram matrices stay on
+PyTorch's batched kernels. On the 2-core AMD EPYC development machine PyTorch's MKL ran
 ``sgemm`` ~2× and ``ssyevd`` ~1.4× slower than OpenBLAS (MKL takes slow paths on AMD), so
-this route computes a 512×512 slice's eigenvalues ~1.5× faster. The rule depends only on the
-machine, never on a timing, so a model gives the same numbers in every run there.
+this route computes a 512×512 slice's eigenvalues ~1.5× faster. The rule depends only on
+the machine, never on a timing, so a model gives the same numbers in every run there.
 """
 
 from __future__ import annotations
