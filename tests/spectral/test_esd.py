@@ -86,6 +86,10 @@ def test_bad_arguments():
         esd(np.ones((3, 3)), precision="half")
     with pytest.raises(InputError):
         esd(np.ones((3, 3, 2)), conv_mode="fft")
+    bad = np.ones((200, 150), dtype=np.float32)
+    bad[3, 4] = np.nan
+    with pytest.raises(InputError, match="NaN or Inf"):
+        esd(bad)
 
 
 @settings(max_examples=25, deadline=None)

@@ -170,5 +170,7 @@ def esd(W: torch.Tensor | np.ndarray, *, conv_mode: str = "ww", precision: str =
         raise InputError(f"esd needs a 2-D to 5-D weight, got shape {tuple(t.shape)}")
     if t.dtype in (torch.float16, torch.bfloat16):
         mats = mats.float()
+    if not bool(torch.isfinite(mats).all()):
+        raise InputError(f"esd: the weight (shape {tuple(t.shape)}) has NaN or Inf entries")
     ev = eigvals_batched(mats, precision).reshape(-1).cpu().numpy()
     return np.sort(ev) * scale
