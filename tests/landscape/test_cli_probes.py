@@ -56,6 +56,30 @@ def test_hessian_human_and_bad_input(tmp_path):
     np.savez(labels, x=np.zeros((16, 64), np.float32), y=np.arange(16) + 5)
     bad = runner.invoke(app, ["hessian", "digits-mlp", "--data", str(labels)])
     assert bad.exit_code == 2 and "labels must lie in" in bad.output
+    method = runner.invoke(app, ["hessian", "digits-mlp", "--data", "digits", "--n-samples", "64", "--trace",
+                                 "--trace-method", "magic"])
+    assert method.exit_code == 2 and "xtrace" in method.output
+
+
+def test_hessian_cli_trace_method_reaches_the_library(tmp_path):
+    import torch
+
+    from nndiag._utils.seeding import fork_rng
+    from nndiag.models import build_model
+
+    with fork_rng(0):
+        model = build_model("digits-mlp")
+    ckpt = tmp_path / "mlp.pt"
+    torch.save(model.state_dict(), ckpt)
+    res = runner.invoke(app, ["hessian", str(ckpt), "--arch", "digits-mlp", "--data", "digits", "--n-samples", "64",
+                              "--top-k", "0", "--trace", "--trace-method", "xtrace", "--trace-probes", "12",
+                              "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["params"]["trace_method"] == "xtrace"
+    ref = hessian_spectrum(model, load_data("digits", n_samples=64, seed=0), top_k=0, trace=True,
+                           trace_method="xtrace", trace_probes=12)
+    assert doc["trace"] == pytest.approx(ref.trace, rel=1e-5) and ref.n_hvp <= 2 * 12 + 2
 
 
 def test_landscape_writes_picture_and_grid(tmp_path):

@@ -51,7 +51,7 @@ def test_exact_trace_via_identity_basis(case):
     assert r.trace_stderr == 0.0
 
 
-@pytest.mark.parametrize("method", ["hutchinson", "hutchpp"])
+@pytest.mark.parametrize("method", ["hutchinson", "hutchpp", "xtrace"])
 def test_stochastic_trace_within_three_standard_errors(case, method):
     _, model, x, y, H, _ = case
     exact = float(np.trace(H))

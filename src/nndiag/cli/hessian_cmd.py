@@ -96,6 +96,8 @@ def register(app: typer.Typer) -> None:
         tol: Annotated[float, typer.Option("--tol", help="Relative residual tolerance.")] = 1e-4,
         trace_rtol: Annotated[float, typer.Option("--trace-rtol", help="Target relative s.e. of the trace.")] = 1e-2,
         trace_probes: Annotated[int, typer.Option("--trace-probes", help="Most trace probes.")] = 200,
+        trace_method: Annotated[str, typer.Option(
+            "--trace-method", help="hutchpp, xtrace, hutchinson or exact.")] = "hutchpp",
         slq_runs: Annotated[int, typer.Option("--slq-runs", help="SLQ start vectors.")] = 3,
         slq_steps: Annotated[int, typer.Option("--slq-steps", help="Lanczos steps per SLQ run.")] = 80,
         plot: Annotated[Path | None, typer.Option("--plot", help="Write the density plot (PNG/SVG).")] = None,
@@ -116,7 +118,7 @@ def register(app: typer.Typer) -> None:
         _, module, bundle = _load(model, arch, weights, data, n_samples, seed)
         r = hessian_spectrum(module, bundle, top_k=top_k, bottom_k=bottom_k, trace=trace, density=density,
                              batch_size=batch_size, seed=seed, tol=tol, slq_runs=slq_runs,
-                             trace_rtol=trace_rtol, trace_probes=trace_probes,
+                             trace_rtol=trace_rtol, trace_probes=trace_probes, trace_method=trace_method,
                              slq_steps=slq_steps, mode=mode.value, device=device.value,
                              dtype=torch.float64 if float64 else torch.float32)
         if plot is not None:

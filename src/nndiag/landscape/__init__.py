@@ -5,7 +5,7 @@ Public entry points (imported lazily):
 * :func:`hessian_spectrum` — top/bottom eigenvalues, trace, SLQ density, LLA criteria;
 * :class:`HessianOperator` — Hessian-vector products of a model's loss;
 * :func:`surface` — 1-D / 2-D loss landscapes around the weights;
-* pure kernels: :func:`eigsh`, :func:`hutchinson`, :func:`hutchpp`, :func:`slq`,
+* pure kernels: :func:`eigsh`, :func:`hutchinson`, :func:`hutchpp`, :func:`xtrace`, :func:`slq`,
   :func:`spectrum_criteria`.
 """
 
@@ -21,6 +21,7 @@ _LAZY: dict[str, str] = {
     "lanczos_tridiag": "nndiag.landscape.lanczos",
     "hutchinson": "nndiag.landscape.trace",
     "hutchpp": "nndiag.landscape.trace",
+    "xtrace": "nndiag.landscape.trace",
     "exact_trace": "nndiag.landscape.trace",
     "slq": "nndiag.landscape.density",
     "Density": "nndiag.landscape.density",

@@ -34,7 +34,7 @@ from nndiag.landscape.criteria import spectrum_criteria
 from nndiag.landscape.density import Density, slq
 from nndiag.landscape.hvp import HessianOperator
 from nndiag.landscape.lanczos import eigsh
-from nndiag.landscape.trace import TRACE_METHODS, TraceEstimate, exact_trace, hutchinson, hutchpp
+from nndiag.landscape.trace import TRACE_METHODS, TraceEstimate, exact_trace, hutchinson, hutchpp, xtrace
 from nndiag.report.results import Finding, Result, provenance
 
 #: Above this many SLQ-criteria ``re``, the spectrum looks like a random initialisation.
@@ -241,8 +241,8 @@ def hessian_spectrum(
     top_k, bottom_k : int
         Largest / smallest eigenvalues to compute (Lanczos, full reorthogonalisation).
     trace : bool
-        Also estimate the trace (``trace_method``: ``hutchpp``, ``hutchinson`` or
-        ``exact``), to a standard error of ``trace_rtol · |trace|`` or ``trace_probes``.
+        Also estimate the trace (``trace_method``: ``hutchpp``, ``xtrace``, ``hutchinson``
+        or ``exact``), to a standard error of ``trace_rtol · |trace|`` or ``trace_probes``.
     density : bool
         Also compute the SLQ density (``slq_runs`` × ``slq_steps``, ``slq_reorth``)
         and the LLA criteria ``re``, ``Kh`` (exponent ``kh_n``), ``Ct``.
@@ -307,9 +307,9 @@ def hessian_spectrum(
             kw = {"dtype": dtype, "device": dev}
             if trace_method == "exact":
                 tr_est = exact_trace(op.matmat, op.dim, **kw)
-            elif trace_method == "hutchinson":
-                tr_est = hutchinson(op.matmat, op.dim, n_probes=trace_probes, rtol=trace_rtol,
-                                    generator=gen, **kw)
+            elif trace_method in ("hutchinson", "xtrace"):
+                est = hutchinson if trace_method == "hutchinson" else xtrace
+                tr_est = est(op.matmat, op.dim, n_probes=trace_probes, rtol=trace_rtol, generator=gen, **kw)
             else:
                 tr_est = hutchpp(op.matmat, op.dim, n_probes=trace_probes, rtol=trace_rtol,
                                  generator=gen, **kw)
