@@ -254,10 +254,12 @@ def memory(threads: int) -> None:
         n = _make_checkpoint(Path(tmp), 2.0)
         size = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
         code = (
-            "import resource, time, sys; from nndiag.spectral import analyze; t = time.perf_counter(); "
+            "import re, time; from nndiag.spectral import analyze; t = time.perf_counter(); "
             f"r = analyze({tmp!r}, threads={threads}); "
-            "print(len(r.layers), round(time.perf_counter() - t, 1), "
-            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+            # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent
+            # across fork + exec, so after the speed sections it reported the parent's ~1.1 GiB
+            "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+            "print(len(r.layers), round(time.perf_counter() - t, 1), int(hwm) / 1024)"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         layers, secs, rss = out.stdout.split()

@@ -247,3 +247,19 @@ def test_mp_fit_randomize_tpl_and_fingers_columns():
     assert "SPEC-CORRELATION-TRAP" in {f.code for f in res.findings}
     assert res.summary["mp_softrank"] is not None
     assert abs(df.loc["plain", "sigma_mp"] - 1) < 0.1
+
+
+def test_one_or_two_threads_give_the_same_table():
+    # eigen-solves are shared out among threads (one matrix per thread) and fits run side by
+    # side; neither may change a number
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(128, 128, 3), nn.Conv2d(128, 256, 3), nn.Flatten(),
+                      nn.Linear(400, 300), nn.Linear(300, 120), nn.Linear(120, 10))
+    one = analyze(m, threads=1, keep_evals=True)
+    two = analyze(m, threads=2, keep_evals=True)
+    assert len(one.layers) == 5
+    cols = ["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank", "entropy"]
+    np.testing.assert_array_equal(one.layers[cols].to_numpy(), two.layers[cols].to_numpy())
+    for name, ev in one.evals.items():
+        np.testing.assert_array_equal(ev, two.evals[name])
+    np.testing.assert_allclose(one.evals["3"], _svd2(m[3].weight), rtol=1e-4, atol=1e-6 * one.evals["3"][-1])

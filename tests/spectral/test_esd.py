@@ -122,3 +122,38 @@ def test_cpu_backend_rule():
     assert cpu_backend() in ("lapack", "torch")
     if not torch.backends.mkl.is_available():
         assert cpu_backend() == "lapack"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gil_free_syevd_matches_numpy_and_its_fallback(monkeypatch, dtype):
+    from nndiag.spectral import _lapack
+
+    assert _lapack.NOGIL, "SciPy's cython_lapack function table could not be used"
+    x = np.random.default_rng(7).normal(size=(300, 130)).astype(dtype)
+    g = x.T @ x
+    ref = np.linalg.eigvalsh(g.astype(np.float64))
+    got = _lapack.syevd_values(g.copy())
+    assert got.dtype == dtype
+    tol = 1e-12 if dtype == np.float64 else 2e-6
+    np.testing.assert_allclose(got, ref, rtol=0, atol=tol * ref[-1])
+    monkeypatch.setattr(_lapack, "NOGIL", False)  # scipy.linalg.eigh, same LAPACK driver
+    np.testing.assert_allclose(_lapack.syevd_values(g.copy()), got, rtol=0, atol=tol * ref[-1])
+
+
+def test_eigvals_stacks_same_values_with_one_or_two_threads(monkeypatch):
+    from nndiag._utils.threads import limit_threads
+    from nndiag.spectral import esd as esd_mod
+
+    monkeypatch.setattr(esd_mod, "cpu_backend", lambda: "lapack")
+    rng = np.random.default_rng(9)
+    shapes = [(3, 200, 120), (1, 130, 300), (5, 40, 30), (2, 500, 100)]  # LAPACK and torch routes
+    stacks = [torch.from_numpy(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    with limit_threads(1):
+        one = esd_mod.eigvals_stacks(stacks, "auto")
+    with limit_threads(2):
+        two = esd_mod.eigvals_stacks(stacks, "auto")
+    for s, a, b, x in zip(shapes, one, two, stacks, strict=True):
+        assert a.shape == (s[0], min(s[1], s[2]))
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        for ev, w in zip(a.numpy(), x.numpy(), strict=True):
+            np.testing.assert_allclose(ev, _ref(w.astype(np.float64)), rtol=1e-4, atol=1e-6 * ev[-1])

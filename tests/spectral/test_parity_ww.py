@@ -81,14 +81,16 @@ def test_parity_resnet20_random_init(ww):
     assert len(details) == len(ours) == 20
 
 
-def test_parity_pretrained_resnet20(ww):
+@pytest.mark.parametrize("depth", [20, 32, 44, 56])
+def test_parity_pretrained_resnets(ww, depth):
     from nndiag.io.checkpoint import read_checkpoint
     from nndiag.models.registry import build_model
 
-    path = shared_asset("models", "cifar10_resnet20.th")
-    m = build_model("resnet20")
+    path = shared_asset("models", f"cifar10_resnet{depth}.th")
+    m = build_model(f"resnet{depth}")
     m.load_state_dict(read_checkpoint(path))
-    assert_parity(ww, m)
+    details, ours = assert_parity(ww, m)
+    assert len(details) == depth  # every conv and the classifier, in both tools
 
 
 def test_parity_digits_cnn_before_and_after_training(ww):
@@ -187,3 +189,19 @@ def test_ww_bug_import_changes_global_logging_and_warnings(ww):
     lvl, filters = logging.getLogger().level, list(warnings.filters)
     analyze(nn.Linear(32, 16))
     assert logging.getLogger().level == lvl and list(warnings.filters) == filters
+
+
+def test_parity_encoder_12_layers_768_wide(ww):
+    # the model: 12 layers, width 768, feed-forward 3072, randomly initialised; each
+    # layer re-initialised so the layers are distinct (nn.TransformerEncoder deep-copies one)
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(768, 12, 3072, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
+    for mod in enc.layers:
+        for sub in mod.modules():
+            if hasattr(sub, "_reset_parameters"):
+                sub._reset_parameters()
+            elif isinstance(sub, nn.Linear):
+                sub.reset_parameters()
+    details, ours = assert_parity(ww, enc)
+    assert len(details) == 36 and len(ours) == 72  # WW skips in_proj_weight; nndiag adds Q, K, V

@@ -34,7 +34,7 @@ from nndiag._utils.precision import full_precision
 from nndiag.errors import InputError
 from nndiag.report.results import Result, jsonable, provenance, table_to_records
 from nndiag.spectral import findings as _findings
-from nndiag.spectral.esd import cpu_backend, eigvals_batched
+from nndiag.spectral.esd import LAPACK_MIN, cpu_backend, eigvals_stacks
 from nndiag.spectral.matrices import (
     MAX_EVALS,
     MAX_N,
@@ -154,20 +154,26 @@ class _Batcher:
 
     def flush(self) -> None:
         t0 = time.perf_counter()
+        keys: list[list[tuple[str, int]]] = []  # per stack: (key, matrices of that key)
+        stacks: list[torch.Tensor] = []
+        cpu = self.device.type == "cpu"
         for (n, m), group in self.pending.items():
-            if n * m > _BATCH_MAX_ELEMS and self.device.type == "cpu":
-                # large matrices: one at a time (batching them only thrashes the CPU caches)
+            if cpu and (n * m > _BATCH_MAX_ELEMS or (min(n, m) >= LAPACK_MIN and cpu_backend() == "lapack")):
+                # one stack per layer: large matrices are solved one at a time (batching them only
+                # thrashes the CPU caches) and the LAPACK route shares matrices out among threads
                 for key, mats in group:
-                    ev = eigvals_batched(mats.to(self.device), self.precision).cpu().numpy()
-                    self.out[key].append(ev.reshape(-1))
+                    keys.append([(key, mats.shape[0])])
+                    stacks.append(mats)
                 continue
             mats = [x for _, x in group]
-            stack = (mats[0] if len(mats) == 1 else torch.cat(mats)).to(self.device)
-            ev = eigvals_batched(stack, self.precision).cpu().numpy()
+            stacks.append((mats[0] if len(mats) == 1 else torch.cat(mats)).to(self.device))
+            keys.append([(key, x.shape[0]) for key, x in group])
+        for ev_t, owners in zip(eigvals_stacks(stacks, self.precision), keys, strict=True):
+            ev = ev_t.cpu().numpy()
             pos = 0
-            for key, x in group:
-                self.out[key].append(ev[pos : pos + x.shape[0]].reshape(-1))
-                pos += x.shape[0]
+            for key, count in owners:
+                self.out[key].append(ev[pos : pos + count].reshape(-1))
+                pos += count
         self.pending.clear()
         self.bytes = 0
         self.eig_seconds += time.perf_counter() - t0
@@ -283,7 +289,7 @@ def analyze(
     from nndiag.io.tensors import ModuleSource
 
     ctx = _preserve(module)
-    with ctx, limit_threads(threads), torch.no_grad():
+    with ctx, limit_threads(threads) as n_threads, torch.no_grad():
         infos = source.infos()
         specs, reasons = plan_layers(infos, conv_mode=conv_mode, min_evals=min_evals,
                                      max_evals=max_evals, max_N=max_N)
@@ -338,25 +344,25 @@ def analyze(
                       small_n="ww" if ww else None)
         t_fit = time.perf_counter()
         rng = np.random.default_rng(seed)
-        memo: dict[tuple[str, float], dict[str, Any]] = {}
+        spectra: dict[str, np.ndarray] = {}
+        todo: dict[tuple[str, float], tuple[np.ndarray, LayerSpec]] = {}
         for spec in analysed:
-            raw = batcher.out[alias.get(spec.name, spec.name)]
-            ev = np.sort(np.concatenate(raw))
+            ev = np.sort(np.concatenate(batcher.out[alias.get(spec.name, spec.name)]))
+            scale = 0.5 if (ww and spec.kind == "conv2d" and conv_mode == "ww") else 1.0
+            spectra[spec.name] = ev * scale
+            if ev.size and ev[-1] != 0.0:  # an identical matrix is fitted once
+                todo.setdefault((alias.get(spec.name, spec.name), scale), (spectra[spec.name], spec))
+        memo = _fit_all(todo, fit_kw, fit, mp_fit, n_threads)
+        for spec in analysed:
+            ev = spectra.pop(spec.name)
             if not ev.size or ev[-1] == 0.0:  # WᵀW = 0 exactly only when W = 0
                 shown = spec.name if spec.part is not None else spec.tensor
                 skipped_rows.append(_skip_row(info_by_name[spec.tensor], "all-zero matrix", shown))
                 continue
             scale = 0.5 if (ww and spec.kind == "conv2d" and conv_mode == "ww") else 1.0
-            ev = ev * scale
             row: dict[str, Any] = {"name": spec.name, "index": spec.index, "tensor": spec.tensor,
                                    "kind": spec.kind}
-            memo_key = (alias.get(spec.name, spec.name), scale)
-            if memo_key in memo:  # an identical matrix was already fitted
-                row.update(memo[memo_key])
-            else:
-                fitted = _fit_layer(ev, spec, fit_kw, fit, mp_fit)
-                memo[memo_key] = fitted
-                row.update(fitted)
+            row.update(memo[(alias.get(spec.name, spec.name), scale)])
             row["dtype"] = spec.dtype
             if randomize:
                 from nndiag.spectral.randomize import randomized_metrics
@@ -397,6 +403,28 @@ def analyze(
         summary=summary, findings=finds, params=jsonable(params), seed=seed, timing=timing,
         meta=provenance(str(dev)), evals=evals_by_layer,
     )
+
+
+def _fit_all(todo: dict[tuple[str, float], tuple[np.ndarray, LayerSpec]], fit_kw: dict[str, Any],
+             fit: str, mp_fit: bool, n_threads: int) -> dict[tuple[str, float], dict[str, Any]]:
+    """:func:`_fit_layer` for every distinct ESD, spread over ``n_threads`` threads.
+
+    The fits are vectorised NumPy (the GIL is released inside the large array operations),
+    so two threads fit two layers side by side; results do not depend on the thread count.
+    """
+    def one(item: tuple[np.ndarray, LayerSpec]) -> dict[str, Any]:
+        return _fit_layer(item[0], item[1], fit_kw, fit, mp_fit)
+
+    keys = list(todo)
+    if n_threads <= 1 or len(keys) < 2:
+        return {k: one(todo[k]) for k in keys}
+    from concurrent.futures import ThreadPoolExecutor
+
+    # largest spectra first, so that the last thread to finish is not left with a big one
+    order = sorted(keys, key=lambda k: -todo[k][0].size)
+    with ThreadPoolExecutor(min(n_threads, len(keys))) as pool:
+        done = dict(zip(order, pool.map(lambda k: one(todo[k]), order), strict=True))
+    return {k: done[k] for k in keys}
 
 
 def _fit_layer(ev: np.ndarray, spec: LayerSpec, fit_kw: dict[str, Any], fit: str,
