@@ -157,3 +157,17 @@ def test_eigvals_stacks_same_values_with_one_or_two_threads(monkeypatch):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
         for ev, w in zip(a.numpy(), x.numpy(), strict=True):
             np.testing.assert_allclose(ev, _ref(w.astype(np.float64)), rtol=1e-4, atol=1e-6 * ev[-1])
+
+
+def test_float64_gram_in_row_blocks_matches_svd(monkeypatch):
+    # tall matrices get their float64 Gram matrix block by block (bounded extra memory)
+    from nndiag.spectral import esd as esd_mod
+
+    monkeypatch.setattr(esd_mod, "cpu_backend", lambda: "lapack")
+    monkeypatch.setattr(esd_mod, "GRAM64_ROWS", 128)
+    w = np.random.default_rng(11).normal(size=(1000, 100)).astype(np.float32)
+    w[:, :50] *= 1e-4  # half the spectrum below AUTO_COND·λmax: auto recomputes in float64
+    ref = _ref(w.astype(np.float64))
+    for precision in ("float64", "auto"):
+        got = esd_mod.eigvals_batched(torch.from_numpy(w[None]), precision).numpy()[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-6)  # float32 would miss the small half by far

@@ -82,16 +82,31 @@ def cpu_backend() -> str:
     return "lapack"
 
 
+#: Rows converted to float64 at a time for a float64 Gram matrix (bounds the extra memory per
+#: thread to ``GRAM64_ROWS × m`` doubles instead of a float64 copy of the whole matrix).
+GRAM64_ROWS = 8192
+
+
+def _gram64(x: np.ndarray) -> np.ndarray:
+    """``xᵀx`` in float64, converting at most :data:`GRAM64_ROWS` rows at a time."""
+    if x.dtype == np.float64 or x.shape[0] <= GRAM64_ROWS:
+        x64 = np.ascontiguousarray(x, dtype=np.float64)
+        return x64.T @ x64
+    g = np.zeros((x.shape[1], x.shape[1]))
+    for i in range(0, x.shape[0], GRAM64_ROWS):
+        b = x[i : i + GRAM64_ROWS].astype(np.float64)
+        g += b.T @ b
+    return g
+
+
 def _lapack_one(x: np.ndarray, precision: str) -> np.ndarray:
     """float64 eigenvalues of ``xᵀx`` for one ``(n, m)`` matrix through LAPACK (``precision`` rules)."""
     if precision == "float64" or x.dtype == np.float64:
-        x64 = np.ascontiguousarray(x, dtype=np.float64)
-        return syevd_values(x64.T @ x64)
+        return syevd_values(_gram64(x))
     x32 = np.ascontiguousarray(x, dtype=np.float32)
     ev = syevd_values(x32.T @ x32).astype(np.float64)
     if precision == "auto" and _poorly_resolved(ev):
-        x64 = x32.astype(np.float64)
-        ev = syevd_values(x64.T @ x64)
+        ev = syevd_values(_gram64(x32))
     return ev
 
 
