@@ -103,8 +103,14 @@ def _lapack_one(x: np.ndarray, precision: str) -> np.ndarray:
     """float64 eigenvalues of ``xᵀx`` for one ``(n, m)`` matrix through LAPACK (``precision`` rules)."""
     if precision == "float64" or x.dtype == np.float64:
         return syevd_values(_gram64(x))
-    x32 = np.ascontiguousarray(x, dtype=np.float32)
-    ev = syevd_values(x32.T @ x32).astype(np.float64)
+    x32 = x.astype(np.float32, copy=False)
+    if x32.flags.f_contiguous and not x32.flags.c_contiguous:
+        y = x32.T  # a transposed C-ordered weight (e.g. Linear(3072 → 768)): no copy needed
+        gram = y @ y.T
+    else:
+        x32 = np.ascontiguousarray(x32)
+        gram = x32.T @ x32  # NumPy uses syrk for both forms: half a matrix product
+    ev = syevd_values(gram).astype(np.float64)
     if precision == "auto" and _poorly_resolved(ev):
         ev = syevd_values(_gram64(x32))
     return ev
