@@ -92,6 +92,50 @@ def test_uncached_operator_equals_cached():
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_forward_over_reverse_engine_equals_dense_hessian(kind):
+    # jvp of grad, over three size-weighted batches, one probe and vmapped blocks of probes
+    model = tiny_mlp() if kind == "mlp" else tiny_cnn(bn=True)
+    x, y = tiny_data(kind, n=30)
+    H = dense_hessian(model, x, y)
+    op = HessianOperator(model, (x, y), batch_size=12, dtype=F64, engine="forward-over-reverse")
+    assert op.engine == "forward-over-reverse"
+    V = torch.randn(6, H.shape[0], dtype=F64, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(op.matmat(V).numpy(), V.numpy() @ H, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(op.matvec(V[0]).numpy(), H @ V[0].numpy(), rtol=1e-9, atol=1e-12)
+    assert op.n_hvp == 7
+    r = hessian_spectrum(model, (x, y), top_k=2, dtype=F64, tol=1e-8, hvp_engine="forward-over-reverse")
+    np.testing.assert_allclose(r.eigenvalues, np.linalg.eigvalsh(H)[::-1][:2], rtol=1e-6)
+    assert r.params["hvp_engine"] == "forward-over-reverse"
+
+
+def test_engine_choice_rules():
+    model = tiny_mlp()
+    x, y = tiny_data("mlp")
+    # auto on the CPU: double backward (faster on every CPU model measured), no trial
+    assert HessianOperator(model, (x, y)).engine == "double-backward"
+    r = hessian_spectrum(model, (x, y), top_k=1)
+    assert r.params["hvp_engine"] == "double-backward" and r.params["hvp_engine_requested"] == "auto"
+    with pytest.raises(InputError, match="mode='eval'"):
+        HessianOperator(model, (x, y), mode="train", engine="forward-over-reverse")
+    with pytest.raises(InputError, match="unknown engine"):
+        HessianOperator(model, (x, y), engine="fast")
+
+
+def test_auto_engine_trial_keeps_a_valid_engine_and_exact_products(monkeypatch):
+    # the GPU-only timing trial, forced on the CPU: whichever engine wins, products are exact
+    model = tiny_cnn()
+    x, y = tiny_data("cnn")
+    H = dense_hessian(model, x, y)
+    op = HessianOperator(model, (x, y), dtype=F64)
+    op.engine = None  # as after construction on a GPU in eval mode
+    V = torch.randn(3, H.shape[0], dtype=F64, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(op.matmat(V).numpy(), V.numpy() @ H, rtol=1e-9, atol=1e-12)
+    assert op.engine in ("double-backward", "forward-over-reverse")
+    assert op.n_hvp == 6  # both engines ran on the trial probes
+    np.testing.assert_allclose(op.matvec(V[0]).numpy(), H @ V[0].numpy(), rtol=1e-9, atol=1e-12)
+
+
 def test_batchnorm_train_mode_hessian_and_running_stats_untouched():
     model = tiny_cnn(bn=True)
     x, y = tiny_data("cnn")

@@ -77,6 +77,23 @@ def test_hessian_top_eigenvalues_on_cuda_match_dense():
     torch.testing.assert_close(torch.as_tensor(r.eigenvalues), dense, rtol=1e-6, atol=1e-9)
 
 
+def test_hessian_engines_on_cuda_equal_the_cpu_products():
+    from nndiag.landscape import HessianOperator
+
+    net, (x, y) = _cnn(), _xy(24)
+    net = net.eval()
+    cpu = HessianOperator(net, (x, y), batch_size=10, dtype=torch.float64)
+    V = torch.randn(4, cpu.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = cpu.matmat(V)
+    gnet = copy.deepcopy(net).cuda()
+    for engine in ("auto", "double-backward", "forward-over-reverse"):
+        op = HessianOperator(gnet, (x, y), batch_size=10, dtype=torch.float64, engine=engine)
+        got = op.matmat(V).cpu()
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+        assert op.engine in ("double-backward", "forward-over-reverse")
+        torch.testing.assert_close(op.matvec(V[1]).cpu(), ref[1], rtol=1e-9, atol=1e-12)
+
+
 def test_spectra_on_cuda_equal_cpu_float64():
     from nndiag.spectral import analyze
 

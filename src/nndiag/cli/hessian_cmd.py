@@ -98,6 +98,8 @@ def register(app: typer.Typer) -> None:
         trace_probes: Annotated[int, typer.Option("--trace-probes", help="Most trace probes.")] = 200,
         trace_method: Annotated[str, typer.Option(
             "--trace-method", help="hutchpp, xtrace, hutchinson or exact.")] = "hutchpp",
+        hvp_engine: Annotated[str, typer.Option(
+            "--hvp-engine", help="auto, double-backward or forward-over-reverse.")] = "auto",
         slq_runs: Annotated[int, typer.Option("--slq-runs", help="SLQ start vectors.")] = 3,
         slq_steps: Annotated[int, typer.Option("--slq-steps", help="Lanczos steps per SLQ run.")] = 80,
         plot: Annotated[Path | None, typer.Option("--plot", help="Write the density plot (PNG/SVG).")] = None,
@@ -120,7 +122,7 @@ def register(app: typer.Typer) -> None:
                              batch_size=batch_size, seed=seed, tol=tol, slq_runs=slq_runs,
                              trace_rtol=trace_rtol, trace_probes=trace_probes, trace_method=trace_method,
                              slq_steps=slq_steps, mode=mode.value, device=device.value,
-                             dtype=torch.float64 if float64 else torch.float32)
+                             dtype=torch.float64 if float64 else torch.float32, hvp_engine=hvp_engine)
         if plot is not None:
             if r.density is None:
                 err("nndiag: --plot needs --density; no plot written")

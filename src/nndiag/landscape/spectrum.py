@@ -227,6 +227,7 @@ def hessian_spectrum(
     dtype: torch.dtype = torch.float32,
     threads: int | None = None,
     vectors: bool = False,
+    hvp_engine: str = "auto",
 ) -> HessianResult:
     """Eigenvalues, trace and density of the Hessian of ``model``'s loss on ``data``.
 
@@ -266,6 +267,9 @@ def hessian_spectrum(
         BLAS/torch threads (default: all usable cores or ``NNDIAG_THREADS``).
     vectors : bool
         Keep the top eigenvectors in the result.
+    hvp_engine : {"auto", "double-backward", "forward-over-reverse"}
+        How Hessian-vector products are computed (:mod:`~nndiag.landscape.hvp`); ``auto``
+        times both on a GPU in eval mode. The engine used is in ``params["hvp_engine"]``.
 
     Returns
     -------
@@ -286,7 +290,7 @@ def hessian_spectrum(
     t0 = time.perf_counter()
     with limit_threads(threads), preserved(model, values=True):
         op = HessianOperator(model, data, loss=loss, n_samples=n_samples, batch_size=batch_size,
-                             seed=seed, device=device, dtype=dtype, mode=mode)
+                             seed=seed, device=device, dtype=dtype, mode=mode, engine=hvp_engine)
         timing["setup"] = time.perf_counter() - t0
         dev = op.device
         gen = torch_generator(seed)
@@ -322,6 +326,7 @@ def hessian_spectrum(
             crit = spectrum_criteria(*dens.pooled(), n=kh_n)
             timing["density"] = time.perf_counter() - t
         n_hvp, loss_value, n, dim = op.n_hvp, op.loss_value, op.data.n, op.dim
+        engine_used = op.engine or "double-backward"  # None: no product was needed
         op.release()
     timing["total"] = time.perf_counter() - t0
     params = {
@@ -331,6 +336,7 @@ def hessian_spectrum(
         "trace_probes": trace_probes, "slq_runs": slq_runs, "slq_steps": slq_steps,
         "slq_reorth": slq_reorth, "kh_n": kh_n, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
         "loss": "cross_entropy" if loss is None else getattr(loss, "__name__", "custom"),
+        "hvp_engine": engine_used, "hvp_engine_requested": hvp_engine,
     }
     return HessianResult(
         eigenvalues=np.asarray(evals, dtype=float), residuals=np.asarray(res, dtype=float),
