@@ -283,7 +283,7 @@ class HessianOperator:
         """
         self._sync()
         t0 = time.perf_counter()
-        out = torch.stack([self._dbl_matvec(v) for v in V]) if V.shape[0] > 1 else self._dbl_matvec(V[0])[None]
+        out = torch.stack([self._dbl_matvec(v) for v in V])
         self._sync()
         t1 = time.perf_counter()
         try:

@@ -34,7 +34,7 @@ from nndiag._utils.precision import full_precision
 from nndiag.errors import InputError
 from nndiag.report.results import Result, jsonable, provenance, table_to_records
 from nndiag.spectral import findings as _findings
-from nndiag.spectral.esd import LAPACK_MIN, cpu_backend, eigvals_stacks
+from nndiag.spectral.esd import cpu_backend, eigvals_stacks, uses_lapack
 from nndiag.spectral.matrices import (
     MAX_EVALS,
     MAX_N,
@@ -158,7 +158,7 @@ class _Batcher:
         stacks: list[torch.Tensor] = []
         cpu = self.device.type == "cpu"
         for (n, m), group in self.pending.items():
-            if cpu and (n * m > _BATCH_MAX_ELEMS or (min(n, m) >= LAPACK_MIN and cpu_backend() == "lapack")):
+            if cpu and (n * m > _BATCH_MAX_ELEMS or uses_lapack(group[0][1])):
                 # one stack per layer: large matrices are solved one at a time (batching them only
                 # thrashes the CPU caches) and the LAPACK route shares matrices out among threads
                 for key, mats in group:

@@ -179,7 +179,8 @@ def _as_numpy(mats: torch.Tensor) -> np.ndarray:
     return (x if x.dtype in (torch.float32, torch.float64) else x.float()).numpy()
 
 
-def _uses_lapack(mats: torch.Tensor) -> bool:
+def uses_lapack(mats: torch.Tensor) -> bool:
+    """Whether a ``(B, n, m)`` stack (``n ≥ m``) takes the CPU LAPACK route."""
     return mats.device.type == "cpu" and mats.shape[2] >= LAPACK_MIN and cpu_backend() == "lapack"
 
 
@@ -208,7 +209,7 @@ def eigvals_stacks(stacks: list[torch.Tensor], precision: str = "auto") -> list[
             raise InputError(f"expected a (B, n, m) stack of matrices, got shape {tuple(mats.shape)}")
         oriented.append(mats.mT if mats.shape[1] < mats.shape[2] else mats)
     out: list[torch.Tensor | None] = [None] * len(oriented)
-    lapack = [i for i, m in enumerate(oriented) if _uses_lapack(m)]
+    lapack = [i for i, m in enumerate(oriented) if uses_lapack(m)]
     if lapack:
         arrays = [_as_numpy(oriented[i]) for i in lapack]
         for i, ev in zip(lapack, _lapack_stacks(arrays, precision), strict=True):
