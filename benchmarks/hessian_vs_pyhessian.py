@@ -7,7 +7,10 @@ first (cached in ``--ref-cache``); then PyHessian and nndiag run at their usual 
 Lanczos residual) and both are checked against the reference. For the trace, nndiag is
 asked for the relative standard error that PyHessian's own samples give (std/√n of its
 Hutchinson probes), i.e. the same statistical accuracy; both realised errors are printed
-too. Times include building the gradient graph; medians of ``--repeats`` runs.
+too. Times include building the gradient graph; medians of ``--repeats`` runs. PyHessian
+takes the examples as one batch (its ``data=(x, y)`` mode); nndiag uses its default batch
+size (eval mode on a CPU: batches whose activations stay under 4 MiB,
+:mod:`nndiag.landscape.blocking`; the same loss, so the same Hessian).
 
 Usage::
 
@@ -122,7 +125,7 @@ def _trace_rows(args, rows, name, model, x, y, ref_trace, ph_tol) -> None:
     for r in range(args.repeats):
         t0 = time.perf_counter()
         res = hessian_spectrum(model, (x, y), top_k=0, trace=True, trace_method=args.trace_method,
-                               trace_rtol=target, trace_probes=1000, batch_size=len(y), seed=r,
+                               trace_rtol=target, trace_probes=1000, seed=r,
                                threads=args.threads)
         nt.append(time.perf_counter() - t0)
         ne.append(abs(res.trace - ref_trace) / abs(ref_trace))
@@ -157,7 +160,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             ref_top, ref_trace, ref_note = np.asarray(c["top5"]), c["trace"], c["note"] + " (cached)"
         else:
             t = time.perf_counter()
-            op = HessianOperator(model, (x, y), batch_size=len(y))
+            op = HessianOperator(model, (x, y))
             ref = eigsh(op.matvec, op.dim, top_k=5, tol=1e-7, max_iter=args.ref_iter,
                         generator=torch.Generator().manual_seed(123), vectors=False)
             if dim <= args.exact_trace_max:
@@ -183,7 +186,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 pt.append(tp)
                 pe.append(float(np.max(np.abs(np.sort(vals)[::-1] - ref_top[:k]) / np.abs(ref_top[:k]))))
                 t0 = time.perf_counter()
-                res = hessian_spectrum(model, (x, y), top_k=k, tol=1e-3, batch_size=len(y), seed=r,
+                res = hessian_spectrum(model, (x, y), top_k=k, tol=1e-3, seed=r,
                                        threads=args.threads)
                 nt.append(time.perf_counter() - t0)
                 ne.append(float(np.max(np.abs(res.eigenvalues - ref_top[:k]) / np.abs(ref_top[:k]))))
@@ -208,7 +211,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             ph_density = f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         t0 = time.perf_counter()
         res = hessian_spectrum(model, (x, y), top_k=0, density=True, slq_runs=1, slq_steps=30,
-                               batch_size=len(y), threads=args.threads)
+                               threads=args.threads)
         nd = time.perf_counter() - t0
         crit = {k: round(res.criteria[k], 4) for k in ("re", "Kh", "Ct")}
         rows.append({"model": name, "task": "density", "pyhessian": ph_density, "nndiag_s": nd, "criteria": crit})

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [int(b) for b in args.budgets.split(",")]
     with limit_threads(args.threads):
         for name, model, x, y in _models(args.models.split(","), args.samples, args.samples):
-            op = HessianOperator(model, (x, y), batch_size=len(y))
+            op = HessianOperator(model, (x, y))
             t = time.perf_counter()
             if op.dim <= args.exact_trace_max:
                 ref = exact_trace(op.matmat, op.dim, block=64)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 for s in range(args.seeds):
                     t0 = time.perf_counter()
                     r = hessian_spectrum(model, (x, y), top_k=0, trace=True, trace_method=args.method, trace_rtol=None,
-                                         trace_probes=probes, batch_size=len(y), seed=s, threads=args.threads)
+                                         trace_probes=probes, seed=s, threads=args.threads)
                     nt.append(time.perf_counter() - t0)
                     ne.append(abs(r.trace - ref.value) / abs(ref.value))
                     nh.append(r.n_hvp)

@@ -209,3 +209,20 @@ def test_plots_and_result(tmp_path):
     s2.save(tmp_path / "g.json")
     with np.load(tmp_path / "g.npz") as f:
         np.testing.assert_array_equal(f["losses"], s2.losses)
+
+
+def test_cuda_graph_strategy_needs_cuda_and_eval_mode():
+    model = tiny_cnn()
+    x, y = tiny_data("cnn", n=8)
+    before = snapshot(model)
+    for mode in ("eval", "train"):
+        with pytest.raises(InputError, match="CUDA"):
+            surface(model, (x, y), dim=1, steps=3, strategy="graph", mode=mode)
+    assert same_snapshot(before, snapshot(model))
+
+
+def test_auto_strategy_on_cpu_skips_vmap_for_convolutional_models():
+    x, y = tiny_data("cnn", n=8)
+    assert surface(tiny_cnn(), (x, y), dim=1, steps=5).params["strategy"] == "loop"
+    xm, ym = tiny_data("mlp", n=8)
+    assert surface(tiny_mlp(), (xm, ym), dim=1, steps=5).params["strategy"] in ("vmap", "loop")

@@ -121,3 +121,18 @@ def test_slices_cli_on_cuda(tmp_path):
                                    "--device", "cuda", "--format", "json"])
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.stdout)["tables"]["slices"]) == 2
+
+
+@pytest.mark.parametrize("strategy", ["graph", "auto"])
+def test_landscape_strategies_on_cuda_equal_the_cpu_loop(strategy):
+    from nndiag.landscape import surface
+
+    net, (x, y) = _cnn(), _xy(32)
+    net.eval()
+    ref = surface(net, (x, y), dim=2, steps=5, seed=1, strategy="loop", dtype=torch.float64)
+    gpu = surface(copy.deepcopy(net).cuda(), (x.cuda(), y.cuda()), dim=2, steps=5, seed=1,
+                  strategy=strategy, dtype=torch.float64)
+    assert gpu.params["strategy"] in ("vmap", "loop", "graph")
+    if strategy == "graph":
+        assert gpu.params["strategy"] == "graph"
+    torch.testing.assert_close(torch.as_tensor(gpu.losses), torch.as_tensor(ref.losses), rtol=1e-9, atol=1e-12)

@@ -10,7 +10,6 @@ import typer
 
 from nndiag.cli.common import (
     ArchOpt,
-    BatchOpt,
     DataOpt,
     Device,
     DeviceOpt,
@@ -64,7 +63,12 @@ ModeOpt = Annotated[Mode, typer.Option("--mode", help="Module mode for the forwa
 DirsOpt = Annotated[Dirs, typer.Option("--directions", help="Random Gaussian or top Hessian eigenvectors.")]
 OneDOpt = Annotated[OneD, typer.Option("--one-d", help="1-D parameters (biases, BatchNorm): zero, keep, scale.")]
 ResumeOpt = Annotated[Path | None, typer.Option("--resume", help="Checkpoint file (.npz) to resume a big grid.")]
-GridBatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Examples per forward (default all).")]
+GridBatchOpt = Annotated[int | None, typer.Option(
+    "--batch-size", help="Examples per forward (default: eval mode on a CPU: activations under 4 MiB per batch; "
+    "else all).")]
+AutoBatchOpt = Annotated[int | None, typer.Option(
+    "--batch-size", help="Examples per forward (default: eval mode on a CPU: activations under 4 MiB per batch; "
+    "else 128).")]
 
 
 def _load(model: str, arch: str | None, weights: str | None, data: str | None, n_samples: int | None,
@@ -104,7 +108,7 @@ def register(app: typer.Typer) -> None:
         slq_steps: Annotated[int, typer.Option("--slq-steps", help="Lanczos steps per SLQ run.")] = 80,
         plot: Annotated[Path | None, typer.Option("--plot", help="Write the density plot (PNG/SVG).")] = None,
         n_samples: NSamplesOpt = None,
-        batch_size: BatchOpt = 128,
+        batch_size: AutoBatchOpt = None,
         mode: ModeOpt = Mode.eval,
         float64: Annotated[bool, typer.Option("--float64", help="Compute in double precision.")] = False,
         fmt: FormatOpt = Format.human,

@@ -59,8 +59,11 @@ from nndiag.landscape._setup import (
     resolve_mode,
     trainable,
 )
+from nndiag.landscape.blocking import auto_batches
 
 ENGINES = ("auto", "double-backward", "forward-over-reverse")
+#: Examples per forward when ``batch_size=None`` and the size rule does not apply (train mode, GPU).
+DEFAULT_BATCH = 128
 
 
 class HessianOperator:
@@ -77,8 +80,12 @@ class HessianOperator:
         ``loss(logits, y) -> scalar`` (mean over the batch); mean cross-entropy by default.
     n_samples : int, optional
         Use a seeded subset of this size.
-    batch_size : int
-        Examples per forward pass.
+    batch_size : int, optional
+        Examples per forward pass. ``None`` (default): in eval mode on a CPU batches whose
+        largest activation stays under 4 MiB (:mod:`nndiag.landscape.blocking`: large
+        activations page-fault on every pass; the loss is the same size-weighted mean),
+        otherwise 128 — in train mode it sets BatchNorm's batch statistics, so choose it
+        deliberately.
     seed : int
         Seed for the subset.
     device : str or torch.device
@@ -104,6 +111,10 @@ class HessianOperator:
         Hessian-vector products computed so far (a batched call with k probes counts k).
     engine : str or None
         The engine in use; None until ``auto`` has timed both on a GPU.
+    batch_size : int
+        Examples per forward pass in use (the largest batch).
+    activation_bytes : int or None
+        Largest activation per example, measured when ``batch_size=None`` chose the size.
     """
 
     #: Probes per vectorised forward-over-reverse call (memory grows with it).
@@ -116,7 +127,7 @@ class HessianOperator:
         *,
         loss: LossFn | None = None,
         n_samples: int | None = None,
-        batch_size: int = 128,
+        batch_size: int | None = None,
         seed: int = 0,
         device: str | torch.device = "auto",
         dtype: torch.dtype = torch.float32,
@@ -142,8 +153,14 @@ class HessianOperator:
         self.params = param_copies(named, dev, dtype)
         self.buffers = buffer_copies(model, dev, dtype)
         self.data: Batches = make_batches(
-            data, n_samples=n_samples, batch_size=batch_size, seed=seed, device=dev, dtype=dtype
+            data, n_samples=n_samples, batch_size=batch_size or 1 << 30, seed=seed, device=dev, dtype=dtype
         )
+        self.activation_bytes: int | None = None
+        if batch_size is None:
+            self._set_mode()
+            self.data, self.activation_bytes = auto_batches(model, self._tensors(), self.data, self.loss_fn,
+                                                       mode=self.mode, fallback=DEFAULT_BATCH)
+        self.batch_size = max(len(yb) for _, yb in self.data.batches)
         self.cache = cache
         self.n_hvp = 0
         if engine == "auto" and (dev.type == "cpu" or self.mode != "eval"):

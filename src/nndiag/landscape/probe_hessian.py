@@ -13,7 +13,7 @@ NAME = "hessian"
 NEEDS_DATA = True
 #: Defaults that keep ``diagnose`` affordable on a CPU.
 DEFAULTS: dict[str, Any] = {"top_k": 3, "trace": True, "density": True, "n_samples": 512,
-                            "batch_size": 128, "slq_runs": 2, "slq_steps": 60, "trace_rtol": 0.02,
+                            "slq_runs": 2, "slq_steps": 60, "trace_rtol": 0.02,
                             "trace_probes": 100}
 
 

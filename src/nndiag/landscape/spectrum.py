@@ -211,7 +211,7 @@ def hessian_spectrum(
     trace: bool = False,
     density: bool = False,
     n_samples: int | None = None,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     seed: int = 0,
     tol: float = 1e-4,
     max_iter: int | None = None,
@@ -249,8 +249,11 @@ def hessian_spectrum(
         and the LLA criteria ``re``, ``Kh`` (exponent ``kh_n``), ``Ct``.
     n_samples : int, optional
         Seeded subset of the data.
-    batch_size : int
-        Examples per forward pass (batch losses are weighted by size).
+    batch_size : int, optional
+        Examples per forward pass (batch losses are weighted by size). ``None``: in eval
+        mode on a CPU batches whose largest activation stays under 4 MiB (see
+        :mod:`nndiag.landscape.blocking`), else 128; the size used is in
+        ``params["batch_size"]``.
     seed : int
         Seeds the subset, start vector and probes.
     tol : float
@@ -326,12 +329,14 @@ def hessian_spectrum(
             crit = spectrum_criteria(*dens.pooled(), n=kh_n)
             timing["density"] = time.perf_counter() - t
         n_hvp, loss_value, n, dim = op.n_hvp, op.loss_value, op.data.n, op.dim
+        used_batch, act_bytes = op.batch_size, op.activation_bytes
         engine_used = op.engine or "double-backward"  # None: no product was needed
         op.release()
     timing["total"] = time.perf_counter() - t0
     params = {
         "top_k": top_k, "bottom_k": bottom_k, "trace": trace, "density": density,
-        "n_samples": n, "batch_size": batch_size, "tol": tol, "max_iter": max_iter,
+        "n_samples": n, "batch_size": used_batch, "batch_size_requested": batch_size,
+        "activation_bytes_per_example": act_bytes, "tol": tol, "max_iter": max_iter,
         "trace_method": trace_method if trace else None, "trace_rtol": trace_rtol,
         "trace_probes": trace_probes, "slq_runs": slq_runs, "slq_steps": slq_steps,
         "slq_reorth": slq_reorth, "kh_n": kh_n, "mode": mode, "dtype": str(dtype).replace("torch.", ""),

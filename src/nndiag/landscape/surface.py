@@ -52,6 +52,7 @@ from nndiag.landscape._setup import (
     resolve_mode,
     trainable,
 )
+from nndiag.landscape.blocking import auto_batches
 from nndiag.landscape.directions import (
     Direction,
     direction_table,
@@ -60,9 +61,10 @@ from nndiag.landscape.directions import (
     random_direction,
     toward,
 )
+from nndiag.landscape.fold import Folded
 from nndiag.report.results import Finding, Result, provenance
 
-STRATEGIES = ("auto", "vmap", "loop")
+STRATEGIES = ("auto", "vmap", "loop", "graph")
 #: Grids with more points than this are refused (override with ``max_points``).
 MAX_POINTS = 250_000
 
@@ -184,6 +186,8 @@ class _Grid:
         self.model, self.base, self.dirs = model, base, dirs
         self.buffers, self.data, self.loss_fn = buffers, batches, loss_fn
         self.channels_last = channels_last
+        self._graph: tuple[torch.Tensor, Any, torch.Tensor] | None = None
+        self.folded: Folded | None = None
 
     def _params(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
@@ -194,26 +198,36 @@ class _Grid:
             out[k] = p
         return out
 
+    @staticmethod
+    def layout(params: dict[str, torch.Tensor], channels_last: bool = True) -> dict[str, torch.Tensor]:
+        """4-D (conv) weights in channels-last memory format, which makes oneDNN
+        convolutions, pooling and activations markedly faster on CPU (same values up to
+        float rounding)."""
+        if not channels_last:
+            return params
+        return {k: p.contiguous(memory_format=torch.channels_last) if p.ndim == 4 else p
+                for k, p in params.items()}
+
     def _point(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Parameters at one grid point; 4-D (conv) weights in channels-last memory format,
-        which makes oneDNN convolutions, pooling and activations markedly faster on CPU
-        (same values up to float rounding)."""
+        """Parameters at one grid point (laid out by :meth:`layout`)."""
         out = {}
         for k, b in self.base.items():
             p = b
             for j, d in enumerate(self.dirs):
                 p = p + c[j] * d[k]
-            if self.channels_last and p.ndim == 4:
-                p = p.contiguous(memory_format=torch.channels_last)
             out[k] = p
-        return out
+        return self.layout(out, self.channels_last)
 
     def _loss(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         from torch.func import functional_call
 
+        model, tensors = self.model, {**self.buffers, **p}
+        if self.folded is not None:
+            model = self.folded.module
+            tensors = {**self.buffers, **self.layout(self.folded.params(p, self.buffers), self.channels_last)}
         total = 0.0
         for (xb, yb), w in zip(self.data.batches, self.data.weights, strict=False):
-            out = functional_call(self.model, {**self.buffers, **p}, (xb,), strict=False)
+            out = functional_call(model, tensors, (xb,), strict=False)
             total = total + w * self.loss_fn(out, yb)
         return total
 
@@ -227,6 +241,58 @@ class _Grid:
         with torch.inference_mode():
             return torch.stack([torch.as_tensor(self._loss(self._point(c[i])))
                                 for i in range(c.shape[0])]).reshape(-1)
+
+    def capture(self, c0: torch.Tensor) -> None:
+        """Record one grid point's parameter update and forward(s) as a CUDA graph, with the
+        point's coefficients in a static tensor (see :meth:`graph`)."""
+        if self._graph is not None:
+            return
+        cs = c0.clone()
+        side = torch.cuda.Stream(cs.device)
+        side.wait_stream(torch.cuda.current_stream(cs.device))
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for _ in range(2):  # warm-up off the capture: cuDNN/cuBLAS pick their kernels
+                self._loss(self._point(cs))
+        torch.cuda.current_stream(cs.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(g):
+            out = torch.as_tensor(self._loss(self._point(cs)))
+        self._graph = (cs, g, out)
+
+    def graph(self, c: torch.Tensor) -> torch.Tensor:
+        """CUDA: replay the captured graph for each point (copy two coefficients, one
+        launch), instead of launching every kernel of the forward from Python; for small
+        models the launches, not the arithmetic, bound a GPU grid."""
+        self.capture(c[0])
+        cs, g, out = self._graph
+        vals = []
+        with torch.inference_mode():
+            for i in range(c.shape[0]):
+                cs.copy_(c[i])
+                g.replay()
+                vals.append(out.clone())
+        return torch.stack(vals).reshape(-1)
+
+
+def _fold(grid: _Grid, origin: float, n_dirs: int) -> int:
+    """Fold eval-mode BatchNorm into convolutions for the grid (:mod:`~nndiag.landscape.fold`)
+    when the folded model gives the model's own loss at the origin; returns the pairs folded."""
+    from nndiag.landscape.fold import fold_batchnorm
+
+    folded = fold_batchnorm(grid.model)
+    if folded is None:
+        return 0
+    grid.folded = folded
+    try:
+        with torch.inference_mode():
+            zero = next(iter(grid.base.values())).new_zeros(n_dirs)
+            value = float(grid._loss(grid._point(zero)))
+    except (RuntimeError, TypeError, ValueError, KeyError):
+        value = float("nan")
+    if not abs(value - origin) <= 1e-4 * max(1.0, abs(origin)):
+        grid.folded = None
+        return 0
+    return len(folded.pairs)
 
 
 def _fingerprint(params: dict[str, Any], dirs: list[Direction]) -> str:
@@ -262,7 +328,7 @@ def _save_resume(path: Path, fp: str, flat: np.ndarray) -> None:
 
 def _make_directions(
     directions: Any, dim: int, weights: Direction, *, model: nn.Module, data: Any, norm: str, one_d: str,
-    seed: int, mode: str, loss: LossFn | None, n_samples: int | None, batch_size: int, device: Any,
+    seed: int, mode: str, loss: LossFn | None, n_samples: int | None, batch_size: int | None, device: Any,
     dtype: torch.dtype,
 ) -> tuple[list[Direction], str, str]:
     if isinstance(directions, str):
@@ -321,6 +387,7 @@ def surface(
     dtype: torch.dtype = torch.float32,
     threads: int | None = None,
     max_points: int = MAX_POINTS,
+    fold: bool = True,
 ) -> Surface:
     """The loss on a 1-D line or 2-D plane through the weights.
 
@@ -352,11 +419,16 @@ def surface(
     n_samples : int, optional
         Seeded subset of the data.
     batch_size : int, optional
-        Examples per forward (default: all at once).
+        Examples per forward. Default: in eval mode on a CPU batches whose largest
+        activation stays under 4 MiB (:mod:`nndiag.landscape.blocking`; same loss up to
+        float rounding); otherwise all at once (in train mode BatchNorm then normalises
+        with the whole data's statistics).
     seed : int
         Seeds the directions and the subset.
-    strategy : {"auto", "vmap", "loop"}
-        How grid points are evaluated.
+    strategy : {"auto", "vmap", "loop", "graph"}
+        How grid points are evaluated: ``vmap`` over stacked parameter sets, a ``loop`` of
+        forwards, or (CUDA, eval mode) one captured CUDA ``graph`` replayed per point;
+        ``auto`` times each on a few points and keeps the fastest.
     chunk : int, optional
         Grid points per vectorised forward (default from the parameter count).
     resume : path, optional
@@ -365,6 +437,11 @@ def surface(
         Progress bar on stderr (default: when it is a terminal).
     max_points : int
         Refuse larger grids.
+    fold : bool
+        In eval mode on a CPU, evaluate a traced copy of the model with BatchNorm folded
+        into the convolutions before it (:mod:`~nndiag.landscape.fold`; the same function,
+        one pass less per layer), after checking it reproduces the loss at the origin.
+        The number of folded pairs is in ``params["batchnorm_folded"]``.
 
     Returns
     -------
@@ -396,16 +473,22 @@ def surface(
         batches = make_batches(data, n_samples=n_samples, batch_size=bs, seed=seed, device=dev, dtype=dtype)
         dirs, dkind, used_norm = _make_directions(
             directions, dim, weights, model=model, data=data, norm=norm, one_d=one_d, seed=seed, mode=mode,
-            loss=loss, n_samples=n_samples, batch_size=bs, device=dev, dtype=dtype)
+            loss=loss, n_samples=n_samples, device=dev, dtype=dtype,
+            batch_size=None if batch_size is None and mode == "eval" else bs)
         timing["directions"] = time.perf_counter() - t0
         model.train(mode == "train")
         buffers = buffer_copies(model, dev, dtype)
+        act_bytes = None
+        if batch_size is None:
+            batches, act_bytes = auto_batches(model, {**buffers, **_Grid.layout(weights)}, batches, loss_fn,
+                                              mode=mode, fallback=bs)
         with torch.inference_mode():
             origin = 0.0
             for (xb, yb), w in zip(batches.batches, batches.weights, strict=False):
                 origin += w * float(checked_loss(model, {**buffers, **weights}, xb, yb, loss_fn, check=True))
         buffers = buffer_copies(model, dev, dtype)  # running statistics as the model has them
-        grid = _Grid(model, weights, dirs, buffers, batches, loss_fn)
+        grid = _Grid(model, weights, dirs, buffers, batches, loss_fn, channels_last=dev.type == "cpu")
+        folded = _fold(grid, origin, n_dirs=dim) if mode == "eval" and dev.type == "cpu" and fold else 0
         alphas = np.linspace(lo, hi, steps)
         betas = np.linspace(lo, hi, steps) if dim == 2 else None
         if dim == 1:
@@ -419,7 +502,7 @@ def surface(
         chunk_n = int(chunk or max(1, min(16, (256 << 20) // max(per_point, 1))))
         settings = {
             "dim": dim, "steps": steps, "span": [lo, hi], "directions": dkind, "norm": used_norm,
-            "one_d": one_d, "mode": mode, "n_samples": batches.n, "batch_size": batch_size,
+            "one_d": one_d, "mode": mode, "n_samples": batches.n,
             "dtype": str(dtype).replace("torch.", ""),
             "batchnorm_modules": sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
             "batchnorm_statistics": "running (eval)" if mode == "eval" else "batch (train), running stats on copies",
@@ -428,37 +511,49 @@ def surface(
         }
         flat = np.full(n_pts, np.nan)
         done = np.zeros(n_pts, dtype=bool)
-        fp = _fingerprint(settings | {"seed": seed}, dirs)
+        fp = _fingerprint(settings | {"seed": seed, "batch_size": batch_size}, dirs)
         rpath = Path(resume) if resume is not None else None
         if rpath is not None:
             prev = _load_resume(rpath, fp, n_pts)
             if prev is not None:
                 flat = prev
                 done = ~np.isnan(flat) | np.isinf(flat)
+        graphable = dev.type == "cuda" and mode == "eval"
+        if strategy == "graph" and not graphable:
+            raise InputError("strategy='graph' (CUDA graphs) needs a CUDA device and mode='eval'")
         chosen = strategy
         times: dict[str, float] = {}
         ctensor = torch.as_tensor(coeffs, dtype=dtype, device=dev)
         t1 = time.perf_counter()
         todo = np.flatnonzero(~done)
+        # vmap over stacked parameter sets runs convolutions as grouped ones: 2–3× slower than
+        # the loop on every CPU CNN measured, so a CPU trial for a convolutional model would
+        # only waste its first points
+        convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        candidates = (["loop"] if dev.type == "cpu" and convs else ["vmap", "loop"]) + (
+            ["graph"] if graphable else [])
         with progress_bar(len(todo), f"landscape {dim}-D", enabled=progress) as bar:
             i = 0
             while i < len(todo):
                 use = chosen
-                if chosen == "auto":  # time both on a few points, keep the faster
-                    use = "vmap" if "vmap" not in times else "loop"
+                if chosen == "auto":  # time each on a few points, keep the fastest
+                    use = next(c for c in candidates if c not in times)
                 idx = todo[i:i + (min(chunk_n, 4) if chosen == "auto" else chunk_n)]
-                t = time.perf_counter()
                 try:
+                    if use == "graph":
+                        grid.capture(ctensor[idx[0]])  # once, before the clock starts
+                    t = time.perf_counter()
                     # to the host before the clock stops: CUDA kernels run asynchronously
                     vals = getattr(grid, use)(ctensor[idx]).double().cpu().numpy()
                 except (RuntimeError, NotImplementedError, ValueError):
-                    if use != "vmap" or strategy == "vmap":
+                    if use == "loop" or strategy != "auto":
                         raise
-                    times["vmap"] = float("inf")
-                    chosen = "loop"
+                    times[use] = float("inf")  # vmap or graph capture unsupported by this model
+                    if len(times) == len(candidates):
+                        chosen = min(times, key=times.get)
                     continue
                 times[use] = (time.perf_counter() - t) / len(idx)
-                if chosen == "auto" and len(times) == 2:
+                if chosen == "auto" and len(times) == len(candidates):
                     chosen = min(times, key=times.get)
                 flat[idx] = vals
                 if rpath is not None:
@@ -469,6 +564,10 @@ def surface(
     timing["total"] = time.perf_counter() - t0
     settings["strategy"] = chosen if chosen != "auto" else (next(iter(times), "none"))
     settings["chunk"] = chunk_n
+    settings["batchnorm_folded"] = folded
+    settings["batch_size"] = max(len(yb) for _, yb in batches.batches)
+    settings["batch_size_requested"] = batch_size
+    settings["activation_bytes_per_example"] = act_bytes
     table = pd.DataFrame(direction_table(dirs, weights))
     losses = flat.reshape((steps,) * dim)
     return Surface(alphas, betas, losses, origin, table, settings, seed, timing, provenance(str(dev)))

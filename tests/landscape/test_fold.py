@@ -1,0 +1,110 @@
+"""BatchNorm folded into convolutions for landscape forwards: same function, model untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from nndiag._utils.model_state import same_snapshot, snapshot
+from nndiag.landscape import surface
+from nndiag.landscape.fold import fold_batchnorm
+
+F64 = torch.float64
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(m.weight.shape, generator=g))
+                m.bias.data.copy_(torch.randn(m.bias.shape, generator=g))
+    return model.eval()
+
+
+class _Mixed(nn.Module):
+    """Foldable pairs (with and without conv bias, non-affine BN) and pairs that must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.c2, self.b2 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6, affine=False)
+        self.c3, self.b3 = nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6)  # c3's output is used twice
+        self.c4, self.b4 = nn.Conv1d(6, 4, 3, padding=1), nn.BatchNorm1d(4)
+        self.fc, self.b5 = nn.Linear(4 * 64, 8), nn.BatchNorm1d(8)  # Linear + BN: not a conv pair
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b1(self.c1(x)))
+        h = torch.relu(self.b2(self.c2(h)))
+        c = self.c3(h)
+        h = torch.relu(self.b3(c)) + c
+        h = torch.relu(self.b4(self.c4(h.flatten(2))))
+        return self.out(torch.relu(self.b5(self.fc(h.flatten(1)))))
+
+
+def test_fold_pairs_and_same_forward():
+    torch.manual_seed(0)
+    model = _randomise_bn(_Mixed()).double()
+    before = snapshot(model)
+    folded = fold_batchnorm(model)
+    assert folded is not None
+    assert [(c, b) for c, b, _ in folded.pairs] == [("c1", "b1"), ("c2", "b2"), ("c4", "b4")]
+    assert same_snapshot(before, snapshot(model))  # a traced copy was edited, not the model
+    x = torch.randn(5, 3, 8, 8, dtype=F64)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    buffers = {k: b for k, b in model.named_buffers()}
+    out = functional_call(folded.module, {**buffers, **folded.params(params, buffers)}, (x,), strict=False)
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_untraceable_model_is_not_folded():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.b, self.fc = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Linear(2 * 16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.b(self.c(x))
+            if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                h = -h
+            return self.fc(h.flatten(1))
+
+    assert fold_batchnorm(Branchy()) is None
+    x, y = torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,))
+    s = surface(Branchy().eval(), (x, y), dim=1, steps=3)
+    assert s.params["batchnorm_folded"] == 0 and np.isfinite(s.losses).all()
+
+
+@pytest.mark.parametrize("one_d", ["zero", "keep"])
+def test_folded_resnet_surface_equals_unfolded(one_d):
+    from nndiag.models import build_model
+
+    torch.manual_seed(0)
+    model = _randomise_bn(build_model("resnet20"))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 10, (6,), generator=g)
+    before = snapshot(model)
+    kw = dict(dim=2, steps=3, seed=1, one_d=one_d, dtype=F64, strategy="loop")
+    folded = surface(model, (x, y), fold=True, **kw)
+    plain = surface(model, (x, y), fold=False, **kw)
+    assert folded.params["batchnorm_folded"] == 19 and plain.params["batchnorm_folded"] == 0
+    np.testing.assert_allclose(folded.losses, plain.losses, rtol=1e-10)
+    assert same_snapshot(before, snapshot(model))
+
+
+def test_train_mode_is_never_folded():
+    from nndiag.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("digits-cnn", batchnorm=True)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    assert surface(model, (x, y), dim=1, steps=3, mode="train").params["batchnorm_folded"] == 0
+    assert surface(model.eval(), (x, y), dim=1, steps=3).params["batchnorm_folded"] == 2
