@@ -78,3 +78,14 @@ def test_blocked_surface_equals_one_batch(monkeypatch):
     np.testing.assert_allclose(split.origin_loss, whole.origin_loss, rtol=1e-12)
     train = surface(model, (x, y), dim=1, steps=3, mode="train", dtype=F64)
     assert train.params["batch_size"] == 48  # train mode: all at once, as before
+
+
+def test_non_positive_batch_size_is_refused():
+    from nndiag.errors import InputError
+
+    model = tiny_cnn()
+    x, y = tiny_data("cnn", n=8)
+    with pytest.raises(InputError, match="batch_size"):
+        hessian_spectrum(model, (x, y), batch_size=0)
+    with pytest.raises(InputError, match="batch_size"):
+        surface(model, (x, y), dim=1, steps=3, batch_size=0)

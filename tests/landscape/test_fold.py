@@ -96,6 +96,7 @@ def test_folded_resnet_surface_equals_unfolded(one_d):
     folded = surface(model, (x, y), fold=True, **kw)
     plain = surface(model, (x, y), fold=False, **kw)
     assert folded.params["batchnorm_folded"] == 19 and plain.params["batchnorm_folded"] == 0
+    assert folded.params["in_place_ops"] == 28 and plain.params["in_place_ops"] == 0
     np.testing.assert_allclose(folded.losses, plain.losses, rtol=1e-10)
     assert same_snapshot(before, snapshot(model))
 
@@ -108,3 +109,43 @@ def test_train_mode_is_never_folded():
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     assert surface(model, (x, y), dim=1, steps=3, mode="train").params["batchnorm_folded"] == 0
     assert surface(model.eval(), (x, y), dim=1, steps=3).params["batchnorm_folded"] == 2
+
+
+class _Views(nn.Module):
+    """ReLUs and sums that must stay out of place: on a view, on a tensor used twice, on the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.bn, self.fc = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Linear(2 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.bn(self.c(x))                    # folded; c is used three times below
+        v = torch.relu(c.flatten(1))              # input is a view of c: no relu_
+        s = c + 1.0                               # c has other users: no add_
+        t = torch.relu(x) + s                     # relu of the model input: no relu_
+        return self.fc(v) + t.mean((1, 2, 3))[:, None]
+
+
+def test_in_place_only_on_fresh_single_use_tensors():
+    model = _randomise_bn(_Views())
+    folded = fold_batchnorm(model)
+    assert folded is not None and len(folded.pairs) == 1
+    code = folded.module.code
+    assert "torch.relu_(" not in code
+    # the last sum's first operand is the Linear's output (fresh, single use): it may be in place
+    assert folded.in_place == code.count(".add_(") == 1
+    x = torch.randn(4, 2, 4, 4)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    with torch.inference_mode():
+        out = functional_call(folded.module, {**buffers, **folded.params(params, buffers)}, (x,), strict=False)
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_resnet_relus_and_residual_sums_run_in_place():
+    from nndiag.models import build_model
+
+    folded = fold_batchnorm(build_model("resnet20").eval())
+    # 19 ReLUs after folded convolutions or sums, 9 residual sums on the second convolution
+    assert folded is not None and folded.in_place == 28 and folded.module.code.count(".add_(") == 9

@@ -64,10 +64,10 @@ DirsOpt = Annotated[Dirs, typer.Option("--directions", help="Random Gaussian or 
 OneDOpt = Annotated[OneD, typer.Option("--one-d", help="1-D parameters (biases, BatchNorm): zero, keep, scale.")]
 ResumeOpt = Annotated[Path | None, typer.Option("--resume", help="Checkpoint file (.npz) to resume a big grid.")]
 GridBatchOpt = Annotated[int | None, typer.Option(
-    "--batch-size", help="Examples per forward (default: eval mode on a CPU: activations under 4 MiB per batch; "
+    "--batch-size", help="Examples per forward (default: eval mode on a CPU: activations under 2 MiB per batch; "
     "else all).")]
 AutoBatchOpt = Annotated[int | None, typer.Option(
-    "--batch-size", help="Examples per forward (default: eval mode on a CPU: activations under 4 MiB per batch; "
+    "--batch-size", help="Examples per forward (default: eval mode on a CPU: activations under 2 MiB per batch; "
     "else 128).")]
 
 

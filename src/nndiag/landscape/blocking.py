@@ -8,15 +8,16 @@ batch is an allocation glibc serves with a fresh ``mmap`` once it exceeds its dy
 threshold (at most 32 MiB) and unmaps again when freed, so every pass page-faults that
 memory anew. ResNet20 on 512 CIFAR images (16×32×32 floats = 64 KiB per image and
 layer, 32 MiB per batch) took 0.90 s per forward and 5.3 s per double-backward
-Hessian-vector product whole, 0.40 s and 2.6 s in batches of 64/128; the digits CNN on
-512 examples (4 MiB activations) fell from 2,400 minor page faults per forward to none in
-batches of 128 only until glibc had raised its threshold, after which the whole batch was
-as fast (timed end to end: no gain). Smaller batches also keep activations in cache.
+Hessian-vector product whole, 0.40 s and 2.6 s in batches of 64/128. The digits CNN on
+512 examples (4 MiB activations) took 2,400 minor page faults and 15.9 ms per forward whole
+against none and 11.1 ms in batches of 128 in one measurement, but end to end (traces,
+landscapes) gained nothing: glibc raises its threshold after the first frees of blocks that
+size. Smaller batches also keep activations in cache.
 
 So the rule is by size, not by a timing trial (which was noisy and cost more than it
-saved on small models): :func:`blocked_size` measures the largest activation per example
-with one forward of two examples and cuts batches so that no single activation exceeds
-:data:`ACTIVATION_LIMIT`. Only for ``mode="eval"`` on a CPU: in train mode BatchNorm
+saved on small models): :func:`activation_bytes` measures the largest activation per
+example with one forward of two examples, and :func:`blocked_size` cuts batches so that no
+single activation exceeds :data:`ACTIVATION_LIMIT`. Only for ``mode="eval"`` on a CPU: in train mode BatchNorm
 normalises with batch statistics, so the batch size is part of the loss and stays the
 user's choice; GPUs want large batches.
 """

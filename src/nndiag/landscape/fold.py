@@ -1,27 +1,40 @@
-"""Eval-mode BatchNorm folded into the convolution before it, for landscape forwards.
+"""Inference rewrites of a traced model copy for landscape forwards: BatchNorm folded into
+the convolution before it, activations and residual sums in place.
 
 In eval mode ``BN(conv(x; W, b))`` equals ``conv(x; W·s, (b − μ)·s + β)`` with
 ``s = γ / √(σ² + ε)`` per output channel, so a grid point can run one convolution where the
-model runs a convolution and a normalisation pass over the whole activation (7–16 % of a
-ResNet20 forward on the CPU in a profile). :func:`fold_batchnorm` traces a *copy* of the
-model with ``torch.fx``, removes every BatchNorm node whose input is a convolution used
-by nothing else, and gives those convolutions a bias; :meth:`Folded.params` turns one
-grid point's parameters (the perturbed ``W``, ``b``, ``γ``, ``β`` and the running
-statistics) into the folded ones, so directions that move BatchNorm's affine parameters
-(``one_d="keep"``/``"scale"``) are folded exactly too. Models that ``torch.fx`` cannot
-trace (data-dependent control flow) are left unfolded. The caller checks the folded loss
-against the model's own at the origin before using it.
+model runs a convolution and a normalisation pass over the whole activation. The grid runs
+under ``inference_mode``, so a ReLU whose input is a fresh tensor (the output of a
+convolution, linear layer, normalisation or sum) used by nothing else can overwrite it
+(``relu_``), and a sum whose first operand is such a tensor can accumulate into it
+(``add_``): one pass over memory less each. On ResNet20 (CIFAR, batches of 32) a forward
+spent 7–16 % in BatchNorm and 15 % in ReLU in profiles.
+
+:func:`fold_batchnorm` traces a *copy* of the model with ``torch.fx``, removes every
+BatchNorm node whose input is a convolution used by nothing else, gives those convolutions
+a bias and makes the in-place rewrites; :meth:`Folded.params` turns one grid point's
+parameters (the perturbed ``W``, ``b``, ``γ``, ``β`` and the running statistics) into the
+folded ones, so directions that move BatchNorm's affine parameters (``one_d="keep"``/
+``"scale"``) are folded exactly too. Models that ``torch.fx`` cannot trace (data-dependent
+control flow) are left as they are. The caller checks the rewritten model's loss against
+the model's own at the origin before using it (a failed in-place sum, e.g. a broadcast
+first operand, then falls back to the model itself).
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 _PAIRS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
+#: Modules whose output is a new tensor (never a view of their input).
+_FRESH_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+_ADDS = (operator.add, torch.add)
+_RELUS = (torch.relu, torch.nn.functional.relu)
 
 
 @dataclass
@@ -34,10 +47,13 @@ class Folded:
         The copy; call it with :meth:`params` through ``functional_call``.
     pairs : list of (str, str, float)
         ``(conv name, BatchNorm name, eps)`` of every folded pair.
+    in_place : int
+        ReLUs and sums made in place.
     """
 
     module: nn.Module
     pairs: list[tuple[str, str, float]]
+    in_place: int = 0
 
     def params(self, p: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The folded convolution weights and biases for parameters ``p`` (other entries
@@ -60,9 +76,10 @@ class Folded:
 
 
 def fold_batchnorm(model: nn.Module) -> Folded | None:
-    """Trace a copy of ``model`` and fold eval-mode BatchNorm into the convolutions before it.
+    """Trace a copy of ``model``, fold eval-mode BatchNorm into the convolutions before it and
+    make ReLUs and residual sums in place (see the module docstring).
 
-    Returns None when the model cannot be traced or has no foldable pair.
+    Returns None when the model cannot be traced or nothing was rewritten.
     """
     import torch.fx
 
@@ -89,7 +106,42 @@ def fold_batchnorm(model: nn.Module) -> Folded | None:
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         pairs.append((str(src.target), str(node.target), float(bn.eps)))
-    if not pairs:
+    in_place = _in_place(gm, modules)
+    if not pairs and not in_place:
         return None
     gm.recompile()
-    return Folded(gm, pairs)
+    return Folded(gm, pairs, in_place)
+
+
+def _fresh(node: object, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is an fx node computing a new tensor that only one node consumes."""
+    if getattr(node, "op", None) is None or len(node.users) != 1:
+        return False
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _FRESH_MODULES)
+    if node.op == "call_method":  # an in-place sum made here: its first operand, fresh itself
+        return node.target == "add_"
+    return node.op == "call_function" and node.target in _ADDS and not node.kwargs
+
+
+def _in_place(gm: nn.Module, modules: dict[str, nn.Module]) -> int:
+    """Turn ReLUs and sums on fresh single-use tensors into ``relu_``/``add_``; returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        relu = ((node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU)
+                or (node.op == "call_function" and node.target in _RELUS
+                    and dict(node.kwargs) in ({}, {"inplace": False}))
+                or (node.op == "call_method" and node.target == "relu"))
+        if relu and len(node.args) == 1 and _fresh(node.args[0], modules):
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(torch.relu_, (node.args[0],))
+        elif (node.op == "call_function" and node.target in _ADDS and len(node.args) == 2 and not node.kwargs
+              and _fresh(node.args[0], modules) and hasattr(node.args[1], "op")):
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_method("add_", (node.args[0], node.args[1]))
+        else:
+            continue
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    return count

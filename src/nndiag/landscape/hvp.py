@@ -82,7 +82,7 @@ class HessianOperator:
         Use a seeded subset of this size.
     batch_size : int, optional
         Examples per forward pass. ``None`` (default): in eval mode on a CPU batches whose
-        largest activation stays under 4 MiB (:mod:`nndiag.landscape.blocking`: large
+        largest activation stays under 2 MiB (:mod:`nndiag.landscape.blocking`: large
         activations page-fault on every pass; the loss is the same size-weighted mean),
         otherwise 128 — in train mode it sets BatchNorm's batch statistics, so choose it
         deliberately.
@@ -153,7 +153,8 @@ class HessianOperator:
         self.params = param_copies(named, dev, dtype)
         self.buffers = buffer_copies(model, dev, dtype)
         self.data: Batches = make_batches(
-            data, n_samples=n_samples, batch_size=batch_size or 1 << 30, seed=seed, device=dev, dtype=dtype
+            data, n_samples=n_samples, batch_size=1 << 30 if batch_size is None else batch_size, seed=seed,
+            device=dev, dtype=dtype,
         )
         self.activation_bytes: int | None = None
         if batch_size is None:

@@ -251,7 +251,7 @@ def hessian_spectrum(
         Seeded subset of the data.
     batch_size : int, optional
         Examples per forward pass (batch losses are weighted by size). ``None``: in eval
-        mode on a CPU batches whose largest activation stays under 4 MiB (see
+        mode on a CPU batches whose largest activation stays under 2 MiB (see
         :mod:`nndiag.landscape.blocking`), else 128; the size used is in
         ``params["batch_size"]``.
     seed : int

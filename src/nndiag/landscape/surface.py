@@ -274,25 +274,26 @@ class _Grid:
         return torch.stack(vals).reshape(-1)
 
 
-def _fold(grid: _Grid, origin: float, n_dirs: int) -> int:
-    """Fold eval-mode BatchNorm into convolutions for the grid (:mod:`~nndiag.landscape.fold`)
-    when the folded model gives the model's own loss at the origin; returns the pairs folded."""
+def _fold(grid: _Grid, origin: float, n_dirs: int) -> tuple[int, int]:
+    """Run the grid on a rewritten copy of the model (:mod:`~nndiag.landscape.fold`: BatchNorm
+    folded, ReLUs and sums in place) when it gives the model's own loss at the origin;
+    returns the BatchNorm pairs folded and the operations made in place."""
     from nndiag.landscape.fold import fold_batchnorm
 
     folded = fold_batchnorm(grid.model)
     if folded is None:
-        return 0
+        return 0, 0
     grid.folded = folded
     try:
         with torch.inference_mode():
             zero = next(iter(grid.base.values())).new_zeros(n_dirs)
             value = float(grid._loss(grid._point(zero)))
-    except (RuntimeError, TypeError, ValueError, KeyError):
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError):  # e.g. an in-place sum that broadcasts
         value = float("nan")
     if not abs(value - origin) <= 1e-4 * max(1.0, abs(origin)):
         grid.folded = None
-        return 0
-    return len(folded.pairs)
+        return 0, 0
+    return len(folded.pairs), folded.in_place
 
 
 def _fingerprint(params: dict[str, Any], dirs: list[Direction]) -> str:
@@ -420,7 +421,7 @@ def surface(
         Seeded subset of the data.
     batch_size : int, optional
         Examples per forward. Default: in eval mode on a CPU batches whose largest
-        activation stays under 4 MiB (:mod:`nndiag.landscape.blocking`; same loss up to
+        activation stays under 2 MiB (:mod:`nndiag.landscape.blocking`; same loss up to
         float rounding); otherwise all at once (in train mode BatchNorm then normalises
         with the whole data's statistics).
     seed : int
@@ -439,9 +440,10 @@ def surface(
         Refuse larger grids.
     fold : bool
         In eval mode on a CPU, evaluate a traced copy of the model with BatchNorm folded
-        into the convolutions before it (:mod:`~nndiag.landscape.fold`; the same function,
-        one pass less per layer), after checking it reproduces the loss at the origin.
-        The number of folded pairs is in ``params["batchnorm_folded"]``.
+        into the convolutions before it and ReLUs/residual sums in place
+        (:mod:`~nndiag.landscape.fold`; the same function, fewer passes over memory), after
+        checking it reproduces the loss at the origin. The counts are in
+        ``params["batchnorm_folded"]`` and ``params["in_place_ops"]``.
 
     Returns
     -------
@@ -469,7 +471,7 @@ def surface(
         dev = model_device(model) if device == "auto" else resolve_device(device)
         named = trainable(model)
         weights = {k: p.detach().to(device=dev, dtype=dtype).clone() for k, p in named.items()}
-        bs = batch_size or 1 << 30
+        bs = 1 << 30 if batch_size is None else batch_size
         batches = make_batches(data, n_samples=n_samples, batch_size=bs, seed=seed, device=dev, dtype=dtype)
         dirs, dkind, used_norm = _make_directions(
             directions, dim, weights, model=model, data=data, norm=norm, one_d=one_d, seed=seed, mode=mode,
@@ -488,7 +490,7 @@ def surface(
                 origin += w * float(checked_loss(model, {**buffers, **weights}, xb, yb, loss_fn, check=True))
         buffers = buffer_copies(model, dev, dtype)  # running statistics as the model has them
         grid = _Grid(model, weights, dirs, buffers, batches, loss_fn, channels_last=dev.type == "cpu")
-        folded = _fold(grid, origin, n_dirs=dim) if mode == "eval" and dev.type == "cpu" and fold else 0
+        folded, in_place = _fold(grid, origin, n_dirs=dim) if mode == "eval" and dev.type == "cpu" and fold else (0, 0)
         alphas = np.linspace(lo, hi, steps)
         betas = np.linspace(lo, hi, steps) if dim == 2 else None
         if dim == 1:
@@ -565,6 +567,7 @@ def surface(
     settings["strategy"] = chosen if chosen != "auto" else (next(iter(times), "none"))
     settings["chunk"] = chunk_n
     settings["batchnorm_folded"] = folded
+    settings["in_place_ops"] = in_place
     settings["batch_size"] = max(len(yb) for _, yb in batches.batches)
     settings["batch_size_requested"] = batch_size
     settings["activation_bytes_per_example"] = act_bytes
