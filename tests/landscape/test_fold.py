@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from nndiag._utils.model_state import same_snapshot, snapshot
 from nndiag.landscape import surface
-from nndiag.landscape.fold import fold_batchnorm
+from nndiag.landscape.fold import inference_copy
 
 F64 = torch.float64
 
@@ -52,7 +52,7 @@ def test_fold_pairs_and_same_forward():
     torch.manual_seed(0)
     model = _randomise_bn(_Mixed()).double()
     before = snapshot(model)
-    folded = fold_batchnorm(model)
+    folded = inference_copy(model)
     assert folded is not None
     assert [(c, b) for c, b, _ in folded.pairs] == [("c1", "b1"), ("c2", "b2"), ("c4", "b4")]
     assert same_snapshot(before, snapshot(model))  # a traced copy was edited, not the model
@@ -77,7 +77,7 @@ def test_untraceable_model_is_not_folded():
                 h = -h
             return self.fc(h.flatten(1))
 
-    assert fold_batchnorm(Branchy()) is None
+    assert inference_copy(Branchy()) is None
     x, y = torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,))
     s = surface(Branchy().eval(), (x, y), dim=1, steps=3)
     assert s.params["batchnorm_folded"] == 0 and np.isfinite(s.losses).all()
@@ -128,7 +128,7 @@ class _Views(nn.Module):
 
 def test_in_place_only_on_fresh_single_use_tensors():
     model = _randomise_bn(_Views())
-    folded = fold_batchnorm(model)
+    folded = inference_copy(model)
     assert folded is not None and len(folded.pairs) == 1
     code = folded.module.code
     assert "torch.relu_(" not in code
@@ -146,6 +146,18 @@ def test_in_place_only_on_fresh_single_use_tensors():
 def test_resnet_relus_and_residual_sums_run_in_place():
     from nndiag.models import build_model
 
-    folded = fold_batchnorm(build_model("resnet20").eval())
+    folded = inference_copy(build_model("resnet20").eval())
     # 19 ReLUs after folded convolutions or sums, 9 residual sums on the second convolution
     assert folded is not None and folded.in_place == 28 and folded.module.code.count(".add_(") == 9
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_in_place_mlp_grid_equals_plain_model(strategy):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x, y = torch.randn(20, 6), torch.randint(0, 4, (20,))
+    kw = dict(dim=2, steps=4, seed=3, dtype=F64, strategy=strategy)
+    fast = surface(model, (x, y), fold=True, **kw)
+    plain = surface(model, (x, y), fold=False, **kw)
+    assert fast.params["in_place_ops"] == 2 and fast.params["strategy"] == strategy
+    np.testing.assert_allclose(fast.losses, plain.losses, rtol=1e-12)

@@ -10,7 +10,7 @@ convolution, linear layer, normalisation or sum) used by nothing else can overwr
 (``add_``): one pass over memory less each. On ResNet20 (CIFAR, batches of 32) a forward
 spent 7–16 % in BatchNorm and 15 % in ReLU in profiles.
 
-:func:`fold_batchnorm` traces a *copy* of the model with ``torch.fx``, removes every
+:func:`inference_copy` traces a *copy* of the model with ``torch.fx``, removes every
 BatchNorm node whose input is a convolution used by nothing else, gives those convolutions
 a bias and makes the in-place rewrites; :meth:`Folded.params` turns one grid point's
 parameters (the perturbed ``W``, ``b``, ``γ``, ``β`` and the running statistics) into the
@@ -39,7 +39,7 @@ _RELUS = (torch.relu, torch.nn.functional.relu)
 
 @dataclass
 class Folded:
-    """A traced copy of a model with BatchNorm folded into convolutions.
+    """A traced copy of a model with BatchNorm folded into convolutions and ReLUs/sums in place.
 
     Attributes
     ----------
@@ -75,7 +75,7 @@ class Folded:
         return out
 
 
-def fold_batchnorm(model: nn.Module) -> Folded | None:
+def inference_copy(model: nn.Module) -> Folded | None:
     """Trace a copy of ``model``, fold eval-mode BatchNorm into the convolutions before it and
     make ReLUs and residual sums in place (see the module docstring).
 

@@ -278,9 +278,9 @@ def _fold(grid: _Grid, origin: float, n_dirs: int) -> tuple[int, int]:
     """Run the grid on a rewritten copy of the model (:mod:`~nndiag.landscape.fold`: BatchNorm
     folded, ReLUs and sums in place) when it gives the model's own loss at the origin;
     returns the BatchNorm pairs folded and the operations made in place."""
-    from nndiag.landscape.fold import fold_batchnorm
+    from nndiag.landscape.fold import inference_copy
 
-    folded = fold_batchnorm(grid.model)
+    folded = inference_copy(grid.model)
     if folded is None:
         return 0, 0
     grid.folded = folded
