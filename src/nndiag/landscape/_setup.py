@@ -47,6 +47,11 @@ class Batches:
     n: int
     name: str
 
+    @property
+    def batch_size(self) -> int:
+        """Examples in the largest batch."""
+        return max(len(yb) for _, yb in self.batches)
+
 
 def resolve_mode(mode: str) -> str:
     """Validate a train/eval mode name."""

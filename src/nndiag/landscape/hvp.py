@@ -161,7 +161,7 @@ class HessianOperator:
             self._set_mode()
             self.data, self.activation_bytes = auto_batches(model, self._tensors(), self.data, self.loss_fn,
                                                        mode=self.mode, fallback=DEFAULT_BATCH)
-        self.batch_size = max(len(yb) for _, yb in self.data.batches)
+        self.batch_size = self.data.batch_size
         self.cache = cache
         self.n_hvp = 0
         if engine == "auto" and (dev.type == "cpu" or self.mode != "eval"):

@@ -568,7 +568,7 @@ def surface(
     settings["chunk"] = chunk_n
     settings["batchnorm_folded"] = folded
     settings["in_place_ops"] = in_place
-    settings["batch_size"] = max(len(yb) for _, yb in batches.batches)
+    settings["batch_size"] = batches.batch_size
     settings["batch_size_requested"] = batch_size
     settings["activation_bytes_per_example"] = act_bytes
     table = pd.DataFrame(direction_table(dirs, weights))
