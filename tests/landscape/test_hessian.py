@@ -79,8 +79,29 @@ def test_batched_probes_equal_looped():
     op = HessianOperator(model, (x, y), dtype=F64)
     V = torch.randn(5, op.dim, dtype=F64)
     loop = op.matmat(V, batched=False)
-    auto = op.matmat(V)
-    np.testing.assert_allclose(auto.numpy(), loop.numpy(), rtol=1e-9, atol=1e-12)
+    vectorised = op.matmat(V, batched=True)
+    np.testing.assert_allclose(vectorised.numpy(), loop.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("remembered", [False, True])
+def test_batched_choice_is_remembered_per_architecture(monkeypatch, remembered):
+    from nndiag.landscape import hvp
+
+    model = tiny_cnn()
+    x, y = tiny_data("cnn")
+    monkeypatch.setattr(hvp, "_BATCHED_CHOICE", {})
+    first = HessianOperator(model, (x, y), dtype=F64)
+    first.matmat(torch.randn(4, first.dim, dtype=F64))  # times both ways, stores the winner
+    assert hvp._BATCHED_CHOICE == {first._shape_key(): first._batched_ok}
+    hvp._BATCHED_CHOICE[first._shape_key()] = remembered
+    second = HessianOperator(model, (x, y), dtype=F64)
+    calls = []
+    real = second._batched
+    monkeypatch.setattr(second, "_batched", lambda V: calls.append(len(V)) or real(V))
+    V = torch.randn(3, second.dim, dtype=F64)
+    out = second.matmat(V)
+    assert calls == ([3] if remembered else [])  # no new trial: the remembered way only
+    np.testing.assert_allclose(out.numpy(), second.matmat(V, batched=False).numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_uncached_operator_equals_cached():

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
+from typing import Any
+
+_controller: tuple[int, Any] | None = None
 
 
 def usable_cores() -> int:
@@ -40,6 +44,22 @@ def default_threads() -> int:
     return max(1, min(cores, int(round(cores - load + 0.5))))
 
 
+def controller() -> Any:
+    """A ``threadpoolctl.ThreadpoolController``, rebuilt only when modules were imported since.
+
+    Building one scans every loaded shared library (~3 ms), which dominated short analyses
+    called in a loop; native thread pools arrive with imports, so the number of imported
+    modules tells when the cached scan may be stale.
+    """
+    global _controller
+    from threadpoolctl import ThreadpoolController
+
+    n_modules = len(sys.modules)
+    if _controller is None or _controller[0] != n_modules:
+        _controller = (n_modules, ThreadpoolController())
+    return _controller[1]
+
+
 @contextlib.contextmanager
 def limit_threads(n: int | None = None) -> Iterator[int]:
     """Limit BLAS, OpenMP and torch intra-op threads inside the block.
@@ -61,11 +81,10 @@ def limit_threads(n: int | None = None) -> Iterator[int]:
     1
     """
     import torch
-    from threadpoolctl import threadpool_limits
 
     n = default_threads() if n is None else max(1, int(n))
     old = torch.get_num_threads()
-    with threadpool_limits(limits=n):
+    with controller().limit(limits=n):
         torch.set_num_threads(n)
         try:
             yield n

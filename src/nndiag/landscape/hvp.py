@@ -64,6 +64,9 @@ from nndiag.landscape.blocking import auto_batches
 ENGINES = ("auto", "double-backward", "forward-over-reverse")
 #: Examples per forward when ``batch_size=None`` and the size rule does not apply (train mode, GPU).
 DEFAULT_BATCH = 128
+#: The batched-vs-loop decision of :meth:`HessianOperator.matmat`, per model shape and setting
+#: (a process-wide memo: repeated analyses of one architecture skip the timing trial).
+_BATCHED_CHOICE: dict[tuple[Any, ...], bool] = {}
 
 
 class HessianOperator:
@@ -330,13 +333,16 @@ class HessianOperator:
 
         ``batched=None`` measures once which is faster for this model — one vectorised
         backward over all k probes (``is_grads_batched``) or a loop of single products —
-        and keeps the winner (vectorising pays for small models, a loop for big CNNs).
+        and keeps the winner (vectorising pays for small models, a loop for big CNNs); the
+        choice is remembered for the process per architecture, sizes, device and mode.
         """
         V = V.to(device=self.device, dtype=self.dtype)
         if self.engine is None:
             return self._choose_engine(V)
         if self.engine == "forward-over-reverse":
             return torch.cat([self._fr_matmat(c) for c in torch.split(V, 64)])
+        if batched is None and self._batched_ok is None:
+            self._batched_ok = _BATCHED_CHOICE.get(self._shape_key())
         use = self._batched_ok if batched is None else batched
         if use is None and V.shape[0] >= 2:
             half = min(2, V.shape[0] // 2)  # a short trial: batching can be several times slower
@@ -353,10 +359,16 @@ class HessianOperator:
             self._sync()
             t2 = time.perf_counter()
             self._batched_ok = (t1 - t0) / half < (t2 - t1) / (V.shape[0] - half)
+            _BATCHED_CHOICE[self._shape_key()] = self._batched_ok
             return torch.cat([first, rest])
         if use:
             return self._batched(V)
         return torch.stack([self._dbl_matvec(v) for v in V])
+
+    def _shape_key(self) -> tuple[Any, ...]:
+        """What the batched-vs-loop timing depends on: architecture, sizes, device, dtype, mode."""
+        return (type(self.model).__qualname__, tuple(self.shapes), tuple(len(yb) for _, yb in self.data.batches),
+                tuple(self.data.batches[0][0].shape[1:]), str(self.device), self.dtype, self.mode)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

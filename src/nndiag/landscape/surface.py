@@ -47,12 +47,14 @@ from nndiag.landscape._setup import (
     LossFn,
     buffer_copies,
     checked_loss,
+    cpu_cross_entropy,
     default_loss,
     make_batches,
     resolve_mode,
     trainable,
 )
 from nndiag.landscape.blocking import auto_batches
+from nndiag.landscape.bound import BoundCopy
 from nndiag.landscape.directions import (
     Direction,
     direction_table,
@@ -64,7 +66,7 @@ from nndiag.landscape.directions import (
 from nndiag.landscape.fold import Folded
 from nndiag.report.results import Finding, Result, provenance
 
-STRATEGIES = ("auto", "vmap", "loop", "graph")
+STRATEGIES = ("auto", "vmap", "loop", "threads", "graph")
 #: Grids with more points than this are refused (override with ``max_points``).
 MAX_POINTS = 250_000
 
@@ -188,6 +190,9 @@ class _Grid:
         self.channels_last = channels_last
         self._graph: tuple[torch.Tensor, Any, torch.Tensor] | None = None
         self.folded: Folded | None = None
+        self.bound: BoundCopy | None = None
+        self.workers: list[BoundCopy] = []  # more bound copies for points side by side
+        self.point_loss = loss_fn  # the loss used by :meth:`loop` on a bound copy
 
     def _params(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
@@ -237,8 +242,53 @@ class _Grid:
         with torch.inference_mode():
             return vmap(self._loss, randomness="same")(self._params(c)).reshape(-1)
 
+    def _bound_loss(self, c: torch.Tensor, bound: BoundCopy | None = None) -> torch.Tensor:
+        bound = bound or self.bound
+        assert bound is not None
+        bound.set_point(c)
+        total = 0.0
+        for (xb, yb), w in zip(self.data.batches, self.data.weights, strict=False):
+            total = total + w * self.point_loss(bound(xb), yb)
+        return torch.as_tensor(total)
+
+    def _side_by_side(self, c: torch.Tensor, n: int) -> torch.Tensor:
+        """Points shared out over ``n`` Python threads, each with its own bound copy and one
+        intra-op thread (convolutions and matrix products release the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        assert self.bound is not None
+        while len(self.workers) < n - 1:
+            self.workers.append(self.bound.copy())
+        copies = [self.bound, *self.workers[:n - 1]]
+        out: list[torch.Tensor | None] = [None] * c.shape[0]
+
+        def work(j: int) -> None:
+            with torch.inference_mode():
+                for i in range(j, c.shape[0], n):
+                    out[i] = self._bound_loss(c[i], copies[j])
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)  # threads started from here on take one intra-op thread each
+        try:
+            with ThreadPoolExecutor(n) as pool:
+                list(pool.map(work, range(n)))
+        finally:
+            torch.set_num_threads(old)
+        return torch.stack(out).reshape(-1)  # type: ignore[arg-type]
+
+    def threads(self, c: torch.Tensor) -> torch.Tensor:
+        """Points side by side in Python threads (:meth:`_side_by_side`)."""
+        if self.bound is None:
+            raise ValueError("points side by side need a bound copy")
+        n = min(torch.get_num_threads(), c.shape[0])
+        if n < 2:
+            return self.loop(c)
+        return self._side_by_side(c, n)
+
     def loop(self, c: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
+            if self.bound is not None:
+                return torch.stack([self._bound_loss(c[i]) for i in range(c.shape[0])]).reshape(-1)
             return torch.stack([torch.as_tensor(self._loss(self._point(c[i])))
                                 for i in range(c.shape[0])]).reshape(-1)
 
@@ -294,6 +344,26 @@ def _fold(grid: _Grid, origin: float, n_dirs: int) -> tuple[int, int]:
         grid.folded = None
         return 0, 0
     return len(folded.pairs), folded.in_place
+
+
+def _bind(grid: _Grid, origin: float, n_dirs: int) -> bool:
+    """Give the loop a :class:`~nndiag.landscape.bound.BoundCopy` (the folded copy when there
+    is one) when it reproduces the model's loss at the origin; returns whether it does."""
+    try:
+        grid.bound = BoundCopy(grid.model, grid.base, grid.dirs, grid.buffers, folded=grid.folded,
+                               channels_last=grid.channels_last)
+        if grid.loss_fn is default_loss:
+            grid.point_loss = cpu_cross_entropy
+        with torch.inference_mode():
+            value = float(grid._bound_loss(next(iter(grid.base.values())).new_zeros(n_dirs)))
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError):
+        value = float("nan")
+    if not abs(value - origin) <= 1e-4 * max(1.0, abs(origin)):
+        grid.bound, grid.point_loss = None, grid.loss_fn
+        return False
+    # the same values, held once: views into the bound copy's flat vectors
+    grid.base, grid.dirs = grid.bound.base_views, grid.bound.dir_views
+    return True
 
 
 def _fingerprint(params: dict[str, Any], dirs: list[Direction]) -> str:
@@ -426,10 +496,12 @@ def surface(
         with the whole data's statistics).
     seed : int
         Seeds the directions and the subset.
-    strategy : {"auto", "vmap", "loop", "graph"}
+    strategy : {"auto", "vmap", "loop", "threads", "graph"}
         How grid points are evaluated: ``vmap`` over stacked parameter sets, a ``loop`` of
-        forwards, or (CUDA, eval mode) one captured CUDA ``graph`` replayed per point;
-        ``auto`` times each on a few points and keeps the fastest.
+        forwards, (CPU, eval mode) ``threads``: points side by side, one per thread, each on
+        its own bound copy with one intra-op thread, or (CUDA, eval mode) one captured CUDA
+        ``graph`` replayed per point; ``auto`` times each on a few points (kept in the
+        grid) and keeps the fastest.
     chunk : int, optional
         Grid points per vectorised forward (default from the parameter count).
     resume : path, optional
@@ -439,11 +511,13 @@ def surface(
     max_points : int
         Refuse larger grids.
     fold : bool
-        In eval mode on a CPU, evaluate a traced copy of the model with BatchNorm folded
-        into the convolutions before it and ReLUs/residual sums in place
-        (:mod:`~nndiag.landscape.fold`; the same function, fewer passes over memory), after
-        checking it reproduces the loss at the origin. The counts are in
-        ``params["batchnorm_folded"]`` and ``params["in_place_ops"]``.
+        On a CPU, loop over the grid with a private copy of the model bound to one flat
+        parameter buffer (:mod:`~nndiag.landscape.bound`: a point costs one operation per
+        direction and a plain forward, ``params["bound_copy"]``), in eval mode a traced copy
+        with BatchNorm folded into the convolutions before it and ReLUs/residual sums in
+        place (:mod:`~nndiag.landscape.fold`; the same function, fewer passes over memory),
+        each used only after checking it reproduces the loss at the origin. The counts are
+        in ``params["batchnorm_folded"]`` and ``params["in_place_ops"]``.
 
     Returns
     -------
@@ -491,6 +565,8 @@ def surface(
         buffers = buffer_copies(model, dev, dtype)  # running statistics as the model has them
         grid = _Grid(model, weights, dirs, buffers, batches, loss_fn, channels_last=dev.type == "cpu")
         folded, in_place = _fold(grid, origin, n_dirs=dim) if mode == "eval" and dev.type == "cpu" and fold else (0, 0)
+        bound = _bind(grid, origin, n_dirs=dim) if dev.type == "cpu" and fold else False
+        weights, dirs = grid.base, grid.dirs  # (views into the bound copy's vectors when bound)
         alphas = np.linspace(lo, hi, steps)
         betas = np.linspace(lo, hi, steps) if dim == 2 else None
         if dim == 1:
@@ -523,6 +599,11 @@ def surface(
         graphable = dev.type == "cuda" and mode == "eval"
         if strategy == "graph" and not graphable:
             raise InputError("strategy='graph' (CUDA graphs) needs a CUDA device and mode='eval'")
+        # side by side only in eval mode: in train mode the copies would share running
+        # statistics and dropout's random stream, and the order of draws would vary
+        threadable = bound and mode == "eval" and torch.get_num_threads() > 1
+        if strategy == "threads" and not (bound and mode == "eval"):
+            raise InputError("strategy='threads' needs mode='eval' on a CPU (with fold=True)")
         chosen = strategy
         times: dict[str, float] = {}
         ctensor = torch.as_tensor(coeffs, dtype=dtype, device=dev)
@@ -533,7 +614,7 @@ def surface(
         # only waste its first points
         convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         candidates = (["loop"] if dev.type == "cpu" and convs else ["vmap", "loop"]) + (
-            ["graph"] if graphable else [])
+            ["threads"] if threadable else []) + (["graph"] if graphable else [])
         with progress_bar(len(todo), f"landscape {dim}-D", enabled=progress) as bar:
             i = 0
             while i < len(todo):
@@ -568,6 +649,7 @@ def surface(
     settings["chunk"] = chunk_n
     settings["batchnorm_folded"] = folded
     settings["in_place_ops"] = in_place
+    settings["bound_copy"] = bound
     settings["batch_size"] = batches.batch_size
     settings["batch_size_requested"] = batch_size
     settings["activation_bytes_per_example"] = act_bytes

@@ -139,20 +139,20 @@ def _lapack_stacks(stacks: list[np.ndarray], precision: str) -> list[np.ndarray]
         i, b = job
         outs[i][b] = _lapack_one(stacks[i][b], precision)
 
-    from threadpoolctl import threadpool_limits
+    from nndiag._utils.threads import controller
 
     if workers <= 1:
         # a lone matrix below 2048² gains nothing from BLAS threads here (a 768² float64 solve
         # took 0.13 s with OpenBLAS's two threads, 0.05 s with one); from 4096² up they pay
         big = max(x.shape[2] for x in stacks) >= BLAS_THREADS_MIN
         one = not big and torch.get_num_threads() > 1  # (limit_threads(1) has set BLAS to 1 already)
-        with threadpool_limits(limits=1 if one else None, user_api="blas"):
+        with controller().limit(limits=1 if one else None, user_api="blas"):
             for job in jobs:
                 run(job)
         return outs
     from concurrent.futures import ThreadPoolExecutor
 
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+    with controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
         list(pool.map(run, jobs))
     return outs
 
