@@ -161,3 +161,45 @@ def test_in_place_mlp_grid_equals_plain_model(strategy):
     plain = surface(model, (x, y), fold=False, **kw)
     assert fast.params["in_place_ops"] == 2 and fast.params["strategy"] == strategy
     np.testing.assert_allclose(fast.losses, plain.losses, rtol=1e-12)
+
+
+class _Pools(nn.Module):
+    """2×2 poolings to rewrite (module and function forms) and poolings that must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(2, 3, 3, padding=1)
+        self.norm, self.drop = nn.Identity(), nn.Dropout(0.5)
+        self.p1 = nn.MaxPool2d(2)
+        self.keep3 = nn.MaxPool2d(3, stride=2)             # 3×3 windows: stays
+        self.keep_ceil = nn.MaxPool2d(2, ceil_mode=True)   # ceil mode: stays
+        self.fc = nn.Linear(3 * 9 + 3 * 4 + 3 * 9, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.drop(self.norm(self.c(x))))     # Identity and Dropout bypassed: relu_
+        a = self.p1(h)                                       # 7×7 → 3×3 (floor: last row/column dropped)
+        b = torch.nn.functional.max_pool2d(a, kernel_size=2, stride=2)  # 3×3 → 1×1 ... function form
+        c = self.keep3(h)
+        d = self.keep_ceil(a)
+        e = torch.nn.functional.max_pool2d(h, 2, 2, 1)       # padded: stays
+        return self.fc(torch.cat([a.flatten(1), d.flatten(1), c.flatten(1)], 1)) + b.sum() + e.mean()
+
+
+def test_two_by_two_poolings_rewritten_exactly():
+    from nndiag.landscape.fold import pool2x2
+
+    torch.manual_seed(0)
+    model = _Pools().eval()
+    folded = inference_copy(model)
+    assert folded is not None and folded.pools == 2 and folded.in_place >= 1
+    code = folded.module.code
+    assert code.count("fold_pool2x2(") == 2 and "torch.relu_(" in code and "drop" not in code
+    x = torch.randn(6, 2, 7, 7)
+    x[0, 0, 0, 0] = float("nan")  # NaN propagates as in max_pool2d
+    with torch.inference_mode():
+        torch.testing.assert_close(folded.module(x), model(x), rtol=0, atol=0, equal_nan=True)
+    for shape in ((4, 3, 8, 8), (2, 5, 9, 6), (3, 5, 5)):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            t = torch.randn(shape)
+            t = t.contiguous(memory_format=fmt) if t.ndim == 4 else t
+            assert torch.equal(pool2x2(t), torch.nn.functional.max_pool2d(t, 2))

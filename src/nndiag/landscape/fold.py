@@ -1,5 +1,6 @@
 """Inference rewrites of a traced model copy for landscape forwards: BatchNorm folded into
-the convolution before it, activations and residual sums in place.
+the convolution before it, activations and residual sums in place, 2×2 max-poolings as two
+pairwise maxima.
 
 In eval mode ``BN(conv(x; W, b))`` equals ``conv(x; W·s, (b − μ)·s + β)`` with
 ``s = γ / √(σ² + ε)`` per output channel, so a grid point can run one convolution where the
@@ -12,13 +13,15 @@ spent 7–16 % in BatchNorm and 15 % in ReLU in profiles.
 
 :func:`inference_copy` traces a *copy* of the model with ``torch.fx``, removes every
 BatchNorm node whose input is a convolution used by nothing else, gives those convolutions
-a bias and makes the in-place rewrites; :meth:`Folded.params` turns one grid point's
-parameters (the perturbed ``W``, ``b``, ``γ``, ``β`` and the running statistics) into the
-folded ones, so directions that move BatchNorm's affine parameters (``one_d="keep"``/
-``"scale"``) are folded exactly too. Models that ``torch.fx`` cannot trace (data-dependent
-control flow) are left as they are. The caller checks the rewritten model's loss against
-the model's own at the origin before using it (a failed in-place sum, e.g. a broadcast
-first operand, then falls back to the model itself).
+a bias, bypasses ``nn.Identity``/dropout nodes (the copy serves eval-mode grids only), makes
+the in-place rewrites and replaces 2×2 stride-2 max-poolings by :func:`pool2x2`;
+:meth:`Folded.params` turns one grid point's parameters (the perturbed ``W``, ``b``, ``γ``,
+``β`` and the running statistics) into the folded ones, so directions that move
+BatchNorm's affine parameters (``one_d="keep"``/``"scale"``) are folded exactly too.
+Models that ``torch.fx`` cannot trace (data-dependent control flow) are left as they are.
+The caller checks the rewritten model's loss against the model's own at the origin before
+using it (a failed in-place sum, e.g. a broadcast first operand, then falls back to the
+model itself).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ _PAIRS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, 
 _FRESH_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 _ADDS = (operator.add, torch.add)
 _RELUS = (torch.relu, torch.nn.functional.relu)
+_MAXPOOLS = (torch.nn.functional.max_pool2d, torch.max_pool2d)
+#: Modules that return their input unchanged in eval mode.
+_PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
 
 
 @dataclass
@@ -49,11 +55,14 @@ class Folded:
         ``(conv name, BatchNorm name, eps)`` of every folded pair.
     in_place : int
         ReLUs and sums made in place.
+    pools : int
+        2×2 max-poolings computed as two pairwise maxima (:func:`pool2x2`).
     """
 
     module: nn.Module
     pairs: list[tuple[str, str, float]]
     in_place: int = 0
+    pools: int = 0
 
     def params(self, p: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The folded convolution weights and biases for parameters ``p`` (other entries
@@ -106,11 +115,74 @@ def inference_copy(model: nn.Module) -> Folded | None:
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         pairs.append((str(src.target), str(node.target), float(bn.eps)))
+    _drop_identities(gm, modules)
     in_place = _in_place(gm, modules)
-    if not pairs and not in_place:
+    pools = _pools(gm, modules)
+    if not pairs and not in_place and not pools:
         return None
     gm.recompile()
-    return Folded(gm, pairs, in_place)
+    return Folded(gm, pairs, in_place, pools)
+
+
+def _drop_identities(gm: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Bypass ``nn.Identity`` and (eval-mode: the copy only serves eval grids) dropout nodes, so a
+    ReLU after ``conv → Identity`` (an optional normalisation left out) sees the fresh tensor."""
+    for node in list(gm.graph.nodes):
+        if (node.op == "call_module" and isinstance(modules.get(node.target), _PASS_THROUGH)
+                and len(node.args) == 1 and not node.kwargs and hasattr(node.args[0], "op")):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+
+
+def pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(x, 2)`` (stride 2, no padding, floor mode) as two pairwise maxima.
+
+    The same values (maxima are exact; NaN propagates through ``torch.maximum`` as through
+    the pooling), in the input's memory format. On CPU, 256×32×8×8 channels-last
+    activations took 68 µs against ``max_pool2d``'s 194 µs (3.0 ms in NCHW), one thread.
+    """
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    rows = torch.maximum(x[..., 0:h:2, :w], x[..., 1:h:2, :w])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
+def _is_pool2x2(node: object, modules: dict[str, nn.Module]) -> bool:
+    """Whether fx ``node`` is a 2×2, stride-2, unpadded, floor-mode max-pooling without indices."""
+    def two(v: object) -> bool:
+        return v == 2 or v == (2, 2)
+
+    def unit(v: object, one: int) -> bool:
+        return v == one or v == (one, one)
+
+    if getattr(node, "op", None) == "call_module":
+        m = modules.get(node.target)  # type: ignore[attr-defined]
+        return (type(m) is nn.MaxPool2d and two(m.kernel_size) and two(m.stride) and unit(m.padding, 0)
+                and unit(m.dilation, 1) and not m.ceil_mode and not m.return_indices
+                and len(node.args) == 1 and not node.kwargs)  # type: ignore[attr-defined]
+    if getattr(node, "op", None) != "call_function" or node.target not in _MAXPOOLS:  # type: ignore[attr-defined]
+        return False
+    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)  # type: ignore[attr-defined]
+    if set(given) - set(names) or "kernel_size" not in given:
+        return False
+    stride = given.get("stride")
+    return (two(given["kernel_size"]) and (stride is None or stride == [] or two(stride))
+            and unit(given.get("padding", 0), 0) and unit(given.get("dilation", 1), 1)
+            and given.get("ceil_mode", False) is False and given.get("return_indices", False) is False)
+
+
+def _pools(gm: nn.Module, modules: dict[str, nn.Module]) -> int:
+    """Replace 2×2 max-poolings by :func:`pool2x2`; returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not _is_pool2x2(node, modules):
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(pool2x2, (node.args[0],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
 
 
 def _fresh(node: object, modules: dict[str, nn.Module]) -> bool:

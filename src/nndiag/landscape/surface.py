@@ -324,15 +324,16 @@ class _Grid:
         return torch.stack(vals).reshape(-1)
 
 
-def _fold(grid: _Grid, origin: float, n_dirs: int) -> tuple[int, int]:
+def _fold(grid: _Grid, origin: float, n_dirs: int) -> tuple[int, int, int]:
     """Run the grid on a rewritten copy of the model (:mod:`~nndiag.landscape.fold`: BatchNorm
-    folded, ReLUs and sums in place) when it gives the model's own loss at the origin;
-    returns the BatchNorm pairs folded and the operations made in place."""
+    folded, ReLUs and sums in place, 2×2 max-poolings as pairwise maxima) when it gives the
+    model's own loss at the origin; returns the BatchNorm pairs folded, the operations made in
+    place and the poolings rewritten."""
     from nndiag.landscape.fold import inference_copy
 
     folded = inference_copy(grid.model)
     if folded is None:
-        return 0, 0
+        return 0, 0, 0
     grid.folded = folded
     try:
         with torch.inference_mode():
@@ -342,8 +343,8 @@ def _fold(grid: _Grid, origin: float, n_dirs: int) -> tuple[int, int]:
         value = float("nan")
     if not abs(value - origin) <= 1e-4 * max(1.0, abs(origin)):
         grid.folded = None
-        return 0, 0
-    return len(folded.pairs), folded.in_place
+        return 0, 0, 0
+    return len(folded.pairs), folded.in_place, folded.pools
 
 
 def _bind(grid: _Grid, origin: float, n_dirs: int) -> bool:
@@ -516,8 +517,9 @@ def surface(
         direction and a plain forward, ``params["bound_copy"]``), in eval mode a traced copy
         with BatchNorm folded into the convolutions before it and ReLUs/residual sums in
         place (:mod:`~nndiag.landscape.fold`; the same function, fewer passes over memory),
-        each used only after checking it reproduces the loss at the origin. The counts are
-        in ``params["batchnorm_folded"]`` and ``params["in_place_ops"]``.
+        and 2×2 max-poolings as two pairwise maxima, each used only after checking it
+        reproduces the loss at the origin. The counts are in ``params["batchnorm_folded"]``,
+        ``params["in_place_ops"]`` and ``params["pools_rewritten"]``.
 
     Returns
     -------
@@ -564,7 +566,8 @@ def surface(
                 origin += w * float(checked_loss(model, {**buffers, **weights}, xb, yb, loss_fn, check=True))
         buffers = buffer_copies(model, dev, dtype)  # running statistics as the model has them
         grid = _Grid(model, weights, dirs, buffers, batches, loss_fn, channels_last=dev.type == "cpu")
-        folded, in_place = _fold(grid, origin, n_dirs=dim) if mode == "eval" and dev.type == "cpu" and fold else (0, 0)
+        folded, in_place, pools = (_fold(grid, origin, n_dirs=dim) if mode == "eval" and dev.type == "cpu" and fold
+                                   else (0, 0, 0))
         bound = _bind(grid, origin, n_dirs=dim) if dev.type == "cpu" and fold else False
         weights, dirs = grid.base, grid.dirs  # (views into the bound copy's vectors when bound)
         alphas = np.linspace(lo, hi, steps)
@@ -649,6 +652,7 @@ def surface(
     settings["chunk"] = chunk_n
     settings["batchnorm_folded"] = folded
     settings["in_place_ops"] = in_place
+    settings["pools_rewritten"] = pools
     settings["bound_copy"] = bound
     settings["batch_size"] = batches.batch_size
     settings["batch_size_requested"] = batch_size
