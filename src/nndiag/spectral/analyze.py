@@ -53,6 +53,8 @@ SUMMARY_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm",
                    "log_spectral_norm", "stable_rank", "mp_softrank")
 _ALPHA_BASED = ("alpha", "alpha_weighted", "log_alpha_norm")
 _ESD_BINS = 60
+#: Fits go to threads only when the largest ESD has this many values (see :func:`_fit_all`).
+FIT_THREADS_MIN = 4096
 #: On the CPU, matrices with more entries than this are solved one at a time, smaller ones batched.
 _BATCH_MAX_ELEMS = 256 * 256
 
@@ -381,8 +383,7 @@ def analyze(
     cols = LAYER_COLUMNS + list(dict.fromkeys(extra))
     df = pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame(columns=cols)
     skipped = pd.DataFrame(skipped_rows, columns=SKIPPED_COLUMNS)
-    esd_df = (pd.concat(esd_rows, ignore_index=True) if esd_rows
-              else pd.DataFrame(columns=["name", "log10_lo", "log10_hi", "count"]))
+    esd_df = _esd_table(esd_rows)
     summary = summarize(df)
     summary.update({"model": name, "layers_analysed": int(len(df)),
                     "layers_skipped": int(len(skipped))})
@@ -407,16 +408,22 @@ def analyze(
 
 def _fit_all(todo: dict[tuple[str, float], tuple[np.ndarray, LayerSpec]], fit_kw: dict[str, Any],
              fit: str, mp_fit: bool, n_threads: int) -> dict[tuple[str, float], dict[str, Any]]:
-    """:func:`_fit_layer` for every distinct ESD, spread over ``n_threads`` threads.
+    """:func:`_fit_layer` for every distinct ESD, spread over ``n_threads`` threads when the
+    largest has at least :data:`FIT_THREADS_MIN` values.
 
     The fits are vectorised NumPy (the GIL is released inside the large array operations),
-    so two threads fit two layers side by side; results do not depend on the thread count.
+    so two threads fit two large layers side by side; results do not depend on the thread
+    count. Smaller fits are mostly Python-level work that threads only fight over the GIL
+    for (two threads, fits + metrics: ResNet56's 144–576-value ESDs 0.050 s vs 0.026 s
+    one after another, the encoder's 768-value ones 0.111 vs 0.082 s; ResNet-18's 4,608-value
+    pooled ESDs 0.053 vs 0.056 s).
     """
     def one(item: tuple[np.ndarray, LayerSpec]) -> dict[str, Any]:
         return _fit_layer(item[0], item[1], fit_kw, fit, mp_fit)
 
     keys = list(todo)
-    if n_threads <= 1 or len(keys) < 2:
+    largest = max((todo[k][0].size for k in keys), default=0)
+    if n_threads <= 1 or len(keys) < 2 or largest < FIT_THREADS_MIN:
         return {k: one(todo[k]) for k in keys}
     from concurrent.futures import ThreadPoolExecutor
 
@@ -471,8 +478,8 @@ def _skip_row(info: Any, reason: str, name: str | None = None) -> dict[str, Any]
     }
 
 
-def _esd_hist(name: str, ev: np.ndarray, thresh: float) -> pd.DataFrame | None:
-    """A 60-bin histogram of ``log10 λ`` (λ > thresh) as a tidy table, for plots."""
+def _esd_hist(name: str, ev: np.ndarray, thresh: float) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """A 60-bin histogram of ``log10 λ`` (λ > thresh): ``(name, edges, counts)``, for plots."""
     pos = ev[ev > thresh]
     if pos.size == 0:
         return None
@@ -482,8 +489,20 @@ def _esd_hist(name: str, ev: np.ndarray, thresh: float) -> pd.DataFrame | None:
         hi = lo + 1e-6
     edges = np.linspace(lo, hi, _ESD_BINS + 1)
     idx = np.minimum(((lg - lo) / (hi - lo) * _ESD_BINS).astype(np.int64), _ESD_BINS - 1)
-    counts = np.bincount(idx, minlength=_ESD_BINS)
-    return pd.DataFrame({"name": name, "log10_lo": edges[:-1], "log10_hi": edges[1:], "count": counts})
+    return name, edges, np.bincount(idx, minlength=_ESD_BINS)
+
+
+def _esd_table(hists: list[tuple[str, np.ndarray, np.ndarray]]) -> pd.DataFrame:
+    """The histograms as one tidy table (built once: a DataFrame per layer cost ~0.4 ms each,
+    a fifth of ResNet56's whole analysis)."""
+    if not hists:
+        return pd.DataFrame(columns=["name", "log10_lo", "log10_hi", "count"])
+    return pd.DataFrame({
+        "name": np.repeat(np.array([h[0] for h in hists], dtype=object), _ESD_BINS),
+        "log10_lo": np.concatenate([h[1][:-1] for h in hists]),
+        "log10_hi": np.concatenate([h[1][1:] for h in hists]),
+        "count": np.concatenate([h[2] for h in hists]),
+    })
 
 
 def summarize(df: pd.DataFrame) -> dict[str, Any]:
