@@ -79,6 +79,9 @@ def test_cpu_cross_entropy_equals_cross_entropy():
                                    rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(cpu_cross_entropy(logits.double(), y), F.cross_entropy(logits.double(), y),
                                    rtol=1e-13, atol=1e-14)
+    probs = torch.softmax(torch.randn(8, 5, generator=g), 1)  # class probabilities as targets
+    logits = torch.randn(8, 5, generator=g)
+    torch.testing.assert_close(cpu_cross_entropy(logits, probs), F.cross_entropy(logits, probs))
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])

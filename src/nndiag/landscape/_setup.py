@@ -38,7 +38,8 @@ def cpu_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     it in a small MLP; over the first axis of the transposed logits it took 23 µs. Same
     arithmetic per row (max, subtract, exp, sum, log), so the loss agrees to rounding.
     """
-    if logits.ndim == 2 and logits.shape[1] <= FEW_CLASSES and logits.device.type == "cpu":
+    if (logits.ndim == 2 and logits.shape[1] <= FEW_CLASSES and logits.device.type == "cpu"
+            and y.ndim == 1 and not y.is_floating_point()):  # class indices, not probabilities
         return F.nll_loss(F.log_softmax(logits.T, dim=0).T, y)
     return F.cross_entropy(logits, y)
 
