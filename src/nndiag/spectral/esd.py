@@ -131,7 +131,9 @@ def _lapack_stacks(stacks: list[np.ndarray], precision: str) -> list[np.ndarray]
     calls release the GIL, :mod:`~nndiag.spectral._lapack`); a lone matrix gets the BLAS
     threads only from :data:`BLAS_THREADS_MIN` up. Every matrix goes through the same routine.
     """
-    jobs = [(i, b) for i, x in enumerate(stacks) for b in range(x.shape[0])]
+    # dearest first (Gram n·m², solve m³), so that no thread is left alone with a big one at the end
+    jobs = sorted(((i, b) for i, x in enumerate(stacks) for b in range(x.shape[0])),
+                  key=lambda j: -(stacks[j[0]].shape[1] + stacks[j[0]].shape[2]) * stacks[j[0]].shape[2] ** 2)
     outs = [np.empty((x.shape[0], x.shape[2]), dtype=np.float64) for x in stacks]
     workers = min(torch.get_num_threads(), len(jobs)) if NOGIL else 1
 
