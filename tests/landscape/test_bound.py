@@ -137,6 +137,9 @@ def test_points_side_by_side_equal_the_loop():
     loop = surface(model, (x, y), strategy="loop", **kw)
     assert side.params["strategy"] == "threads"
     np.testing.assert_allclose(side.losses, loop.losses, rtol=1e-12)
+    alone = surface(model, (x, y), strategy="threads", **(kw | {"threads": 1}))
+    assert alone.params["strategy"] == "loop"  # one thread: nothing to put side by side
+    np.testing.assert_allclose(alone.losses, loop.losses, rtol=1e-12)
     assert same_snapshot(before, snapshot(model))
 
 

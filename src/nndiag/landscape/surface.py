@@ -281,9 +281,7 @@ class _Grid:
         if self.bound is None:
             raise ValueError("points side by side need a bound copy")
         n = min(torch.get_num_threads(), c.shape[0])
-        if n < 2:
-            return self.loop(c)
-        return self._side_by_side(c, n)
+        return self._side_by_side(c, n) if n > 1 else self.loop(c)
 
     def loop(self, c: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -607,7 +605,8 @@ def surface(
         threadable = bound and mode == "eval" and torch.get_num_threads() > 1
         if strategy == "threads" and not (bound and mode == "eval"):
             raise InputError("strategy='threads' needs mode='eval' on a CPU (with fold=True)")
-        chosen = strategy
+        # one thread: points side by side is the loop (and is recorded as such)
+        chosen = "loop" if strategy == "threads" and torch.get_num_threads() < 2 else strategy
         times: dict[str, float] = {}
         ctensor = torch.as_tensor(coeffs, dtype=dtype, device=dev)
         t1 = time.perf_counter()
