@@ -322,6 +322,21 @@ class _Grid:
         return torch.stack(vals).reshape(-1)
 
 
+#: Errors that make a rewritten or bound copy fall back to the model itself.
+_FALLBACK_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+
+
+def _reproduces_origin(loss_at: Any, grid: _Grid, origin: float, n_dirs: int) -> bool:
+    """Whether ``loss_at`` (coefficients → loss) gives the model's own loss at the origin
+    (1e-4 relative) without raising."""
+    try:
+        with torch.inference_mode():
+            value = float(loss_at(next(iter(grid.base.values())).new_zeros(n_dirs)))
+    except _FALLBACK_ERRORS:
+        return False
+    return abs(value - origin) <= 1e-4 * max(1.0, abs(origin))
+
+
 def _fold(grid: _Grid, origin: float, n_dirs: int) -> tuple[int, int, int]:
     """Run the grid on a rewritten copy of the model (:mod:`~nndiag.landscape.fold`: BatchNorm
     folded, ReLUs and sums in place, 2×2 max-poolings as pairwise maxima) when it gives the
@@ -333,13 +348,8 @@ def _fold(grid: _Grid, origin: float, n_dirs: int) -> tuple[int, int, int]:
     if folded is None:
         return 0, 0, 0
     grid.folded = folded
-    try:
-        with torch.inference_mode():
-            zero = next(iter(grid.base.values())).new_zeros(n_dirs)
-            value = float(grid._loss(grid._point(zero)))
-    except (RuntimeError, TypeError, ValueError, KeyError, IndexError):  # e.g. an in-place sum that broadcasts
-        value = float("nan")
-    if not abs(value - origin) <= 1e-4 * max(1.0, abs(origin)):
+    # (an in-place sum that broadcasts, say, fails or differs here)
+    if not _reproduces_origin(lambda c: grid._loss(grid._point(c)), grid, origin, n_dirs):
         grid.folded = None
         return 0, 0, 0
     return len(folded.pairs), folded.in_place, folded.pools
@@ -348,16 +358,14 @@ def _fold(grid: _Grid, origin: float, n_dirs: int) -> tuple[int, int, int]:
 def _bind(grid: _Grid, origin: float, n_dirs: int) -> bool:
     """Give the loop a :class:`~nndiag.landscape.bound.BoundCopy` (the folded copy when there
     is one) when it reproduces the model's loss at the origin; returns whether it does."""
-    try:
+    try:  # (a model that cannot be deep-copied stays on functional_call)
         grid.bound = BoundCopy(grid.model, grid.base, grid.dirs, grid.buffers, folded=grid.folded,
                                channels_last=grid.channels_last)
-        if grid.loss_fn is default_loss:
-            grid.point_loss = cpu_cross_entropy
-        with torch.inference_mode():
-            value = float(grid._bound_loss(next(iter(grid.base.values())).new_zeros(n_dirs)))
-    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError):
-        value = float("nan")
-    if not abs(value - origin) <= 1e-4 * max(1.0, abs(origin)):
+    except _FALLBACK_ERRORS:
+        return False
+    if grid.loss_fn is default_loss:
+        grid.point_loss = cpu_cross_entropy
+    if not _reproduces_origin(grid._bound_loss, grid, origin, n_dirs):
         grid.bound, grid.point_loss = None, grid.loss_fn
         return False
     # the same values, held once: views into the bound copy's flat vectors
