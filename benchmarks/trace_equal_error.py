@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budgets", default="8,12,16,20,24", help="nndiag products per estimate")
-    ap.add_argument("--method", default="xtrace", choices=["xtrace", "hutchinson"])
+    ap.add_argument("--method", default="xtrace", choices=["xtrace", "hutchinson", "split"],
+                    help="split: budgets count probes of both kinds (parameter- and output-space)")
     ap.add_argument("--exact-trace-max", type=int, default=20_000)
     ap.add_argument("--ref-rtol", type=float, default=2e-3,
                     help="relative standard error of the Hutch++ reference (models too big for the exact trace)")
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                 mark = ""
                 if chosen is None and me <= pe:
                     chosen, mark = b, "  <- equal accuracy"
-                print(f"nndiag {args.method}, {statistics.mean(nh):.0f} products: mean {mt:.3f} s, mean rel. error "
+                what = f"{b} probes" if args.method == "split" else f"{statistics.mean(nh):.0f} products"
+                print(f"nndiag {args.method}, {what}: mean {mt:.3f} s, mean rel. error "
                       f"{me:.4f} (median {statistics.median(ne):.4f}), time ratio nndiag/PyHessian {mt / pt:.2f}{mark}")
     return 0
 

@@ -95,13 +95,14 @@ def register(app: typer.Typer) -> None:
         weights: WeightsOpt = None,
         top_k: Annotated[int, typer.Option("--top-k", help="Largest eigenvalues to compute.")] = 1,
         bottom_k: Annotated[int, typer.Option("--bottom-k", help="Smallest eigenvalues to compute.")] = 0,
-        trace: Annotated[bool, typer.Option("--trace", help="Estimate the trace (Hutch++).")] = False,
+        trace: Annotated[bool, typer.Option("--trace", help="Estimate the trace.")] = False,
         density: Annotated[bool, typer.Option("--density", help="SLQ density and the LLA criteria.")] = False,
         tol: Annotated[float, typer.Option("--tol", help="Relative residual tolerance.")] = 1e-4,
         trace_rtol: Annotated[float, typer.Option("--trace-rtol", help="Target relative s.e. of the trace.")] = 1e-2,
         trace_probes: Annotated[int, typer.Option("--trace-probes", help="Most trace probes.")] = 200,
         trace_method: Annotated[str, typer.Option(
-            "--trace-method", help="hutchpp, xtrace, hutchinson or exact.")] = "hutchpp",
+            "--trace-method", help="auto (split where it applies, else hutchpp), split, hutchpp, xtrace, "
+                                   "hutchinson or exact.")] = "auto",
         hvp_engine: Annotated[str, typer.Option(
             "--hvp-engine", help="auto, double-backward or forward-over-reverse.")] = "auto",
         slq_runs: Annotated[int, typer.Option("--slq-runs", help="SLQ start vectors.")] = 3,

@@ -103,6 +103,10 @@ class HessianOperator:
         the graph for each product.
     engine : {"auto", "double-backward", "forward-over-reverse"}
         How products are computed (see the module docstring).
+    lazy : bool
+        With ``cache``, build the gradient graphs at the first product instead of now
+        (construction then runs one checked forward pass without gradients); for callers
+        that may need no product at all.
 
     Attributes
     ----------
@@ -137,6 +141,7 @@ class HessianOperator:
         mode: str = "eval",
         cache: bool = True,
         engine: str = "auto",
+        lazy: bool = False,
     ) -> None:
         if engine not in ENGINES:
             raise InputError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
@@ -175,7 +180,10 @@ class HessianOperator:
         self._batched_ok: bool | None = None
         self.loss_value = float("nan")
         self._set_mode()
-        self.loss_value = self._build() if cache else self._check()
+        if cache and lazy:
+            self.loss_value = self._forward_check()
+        else:
+            self.loss_value = self._build() if cache else self._check()
 
     # --- set-up ---------------------------------------------------------------------
     def _set_mode(self) -> None:
@@ -216,7 +224,18 @@ class HessianOperator:
                 total += lv
         return total
 
+    @full_precision
+    def _forward_check(self) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for (xb, yb), w in zip(self.data.batches, self.data.weights, strict=True):
+                loss = checked_loss(self.model, self._tensors(), xb, yb, self.loss_fn, check=True)
+                total += float(loss) * w
+        return total
+
     def _iter_graphs(self):
+        if self._graphs is None and self.cache:
+            self._build()
         if self._graphs is not None:
             yield from self._graphs
             return

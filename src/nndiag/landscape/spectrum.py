@@ -34,6 +34,8 @@ from nndiag.landscape.criteria import spectrum_criteria
 from nndiag.landscape.density import Density, slq
 from nndiag.landscape.hvp import HessianOperator
 from nndiag.landscape.lanczos import eigsh
+from nndiag.landscape.split_trace import GaussNewtonProbes, split_trace
+from nndiag.landscape.taylor import QuadraticForms, Unsupported
 from nndiag.landscape.trace import TRACE_METHODS, TraceEstimate, exact_trace, hutchinson, hutchpp, xtrace
 from nndiag.report.results import Finding, Result, provenance
 
@@ -200,6 +202,33 @@ class HessianResult:
         return self.density.plot(ax=ax)
 
 
+def _trace_plan(op: HessianOperator,
+                method: str) -> tuple[str, tuple[QuadraticForms, GaussNewtonProbes | None] | None]:
+    """The trace method to run and, for ``split``, its two probe engines.
+
+    ``auto`` becomes ``split`` where the model, mode and loss allow it, else ``hutchpp``;
+    an explicit ``split`` that does not apply is an :class:`InputError` naming the reason.
+    """
+    if method not in ("auto", "split"):
+        return method, None
+    reason = "train mode (BatchNorm batch statistics, dropout)" if op.mode != "eval" else None
+    if reason is None:
+        op._set_mode()
+        try:
+            forms = QuadraticForms(op.model, op.params, op.buffers, op.data, op.loss_fn)
+        except Unsupported as e:
+            reason = str(e)
+        else:
+            try:
+                gauss_newton = GaussNewtonProbes(op.model, op.params, op.buffers, op.data, op.loss_fn)
+            except Unsupported:
+                gauss_newton = None  # a loss without a known factor: parameter-space probes only
+            return "split", (forms, gauss_newton)
+    if method == "split":
+        raise InputError(f"trace_method='split' does not apply here: {reason}; use 'hutchpp'")
+    return "hutchpp", None
+
+
 @full_precision
 def hessian_spectrum(
     model: nn.Module,
@@ -215,7 +244,7 @@ def hessian_spectrum(
     seed: int = 0,
     tol: float = 1e-4,
     max_iter: int | None = None,
-    trace_method: str = "hutchpp",
+    trace_method: str = "auto",
     trace_rtol: float = 1e-2,
     trace_probes: int = 200,
     slq_runs: int = 3,
@@ -242,8 +271,14 @@ def hessian_spectrum(
     top_k, bottom_k : int
         Largest / smallest eigenvalues to compute (Lanczos, full reorthogonalisation).
     trace : bool
-        Also estimate the trace (``trace_method``: ``hutchpp``, ``xtrace``, ``hutchinson``
-        or ``exact``), to a standard error of ``trace_rtol · |trace|`` or ``trace_probes``.
+        Also estimate the trace (``trace_method``: ``split``, ``hutchpp``, ``xtrace``,
+        ``hutchinson`` or ``exact``; ``auto`` = ``split`` where it applies, else ``hutchpp``),
+        to a standard error of ``trace_rtol · |trace|`` or ``trace_probes``. ``split``
+        (:mod:`~nndiag.landscape.split_trace`) estimates the Gauss–Newton part by
+        output-space probes (default cross-entropy) and the rest by second-order forward
+        passes; it needs eval mode and a model whose operations
+        :mod:`~nndiag.landscape.taylor` supports. The method used is in
+        ``params["trace_method"]``.
     density : bool
         Also compute the SLQ density (``slq_runs`` × ``slq_steps``, ``slq_reorth``)
         and the LLA criteria ``re``, ``Kh`` (exponent ``kh_n``), ``Ct``.
@@ -293,7 +328,7 @@ def hessian_spectrum(
     t0 = time.perf_counter()
     with limit_threads(threads), preserved(model, values=True):
         op = HessianOperator(model, data, loss=loss, n_samples=n_samples, batch_size=batch_size,
-                             seed=seed, device=device, dtype=dtype, mode=mode, engine=hvp_engine)
+                             seed=seed, device=device, dtype=dtype, mode=mode, engine=hvp_engine, lazy=True)
         timing["setup"] = time.perf_counter() - t0
         dev = op.device
         gen = torch_generator(seed)
@@ -309,13 +344,18 @@ def hessian_spectrum(
             iters, converged = er.iterations, er.converged
             timing["eigenvalues"] = time.perf_counter() - t
         tr_est = None
+        method_used = None
         if trace:
             t = time.perf_counter()
             kw = {"dtype": dtype, "device": dev}
-            if trace_method == "exact":
+            method_used, split_parts = _trace_plan(op, trace_method)
+            if split_parts is not None:
+                tr_est = split_trace(*split_parts, op.dim, n_probes=trace_probes, rtol=trace_rtol, generator=gen,
+                                     **kw)
+            elif method_used == "exact":
                 tr_est = exact_trace(op.matmat, op.dim, **kw)
-            elif trace_method in ("hutchinson", "xtrace"):
-                est = hutchinson if trace_method == "hutchinson" else xtrace
+            elif method_used in ("hutchinson", "xtrace"):
+                est = hutchinson if method_used == "hutchinson" else xtrace
                 tr_est = est(op.matmat, op.dim, n_probes=trace_probes, rtol=trace_rtol, generator=gen, **kw)
             else:
                 tr_est = hutchpp(op.matmat, op.dim, n_probes=trace_probes, rtol=trace_rtol,
@@ -337,7 +377,8 @@ def hessian_spectrum(
         "top_k": top_k, "bottom_k": bottom_k, "trace": trace, "density": density,
         "n_samples": n, "batch_size": used_batch, "batch_size_requested": batch_size,
         "activation_bytes_per_example": act_bytes, "tol": tol, "max_iter": max_iter,
-        "trace_method": trace_method if trace else None, "trace_rtol": trace_rtol,
+        "trace_method": method_used, "trace_method_requested": trace_method if trace else None,
+        "trace_rtol": trace_rtol,
         "trace_probes": trace_probes, "slq_runs": slq_runs, "slq_steps": slq_steps,
         "slq_reorth": slq_reorth, "kh_n": kh_n, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
         "loss": "cross_entropy" if loss is None else getattr(loss, "__name__", "custom"),

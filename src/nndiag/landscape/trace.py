@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ import torch
 from nndiag.errors import InputError
 
 MatMat = Callable[[torch.Tensor], torch.Tensor]  # V (k, dim) -> rows A v_i
-TRACE_METHODS = ("hutchpp", "xtrace", "hutchinson", "exact")
+TRACE_METHODS = ("auto", "split", "hutchpp", "xtrace", "hutchinson", "exact")
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,12 @@ class TraceEstimate:
     n_matvec : int
         Matrix-vector products used.
     method : str
-        ``hutchinson``, ``hutchpp`` or ``exact``.
+        ``hutchinson``, ``hutchpp``, ``xtrace``, ``split`` or ``exact``.
     lowrank : float
         The exact low-rank part ``tr(Qᵀ A Q)`` of Hutch++ (0 otherwise).
+    parts : dict, optional
+        Per-part figures of the ``split`` estimate
+        (:func:`~nndiag.landscape.split_trace.split_trace`).
     """
 
     value: float
@@ -70,6 +74,7 @@ class TraceEstimate:
     n_matvec: int
     method: str
     lowrank: float = 0.0
+    parts: dict[str, Any] | None = None
 
 
 def _rademacher(k: int, dim: int, gen: torch.Generator, dtype: torch.dtype,
