@@ -58,6 +58,7 @@ def test_data_command_json():
     assert r.exit_code == 0
     doc = json.loads(r.stdout)
     assert doc["n_samples"] == 50 and sum(doc["class_counts"]) == 50
+    assert doc["x_dtype"] == "float32"
 
 
 @pytest.mark.parametrize(

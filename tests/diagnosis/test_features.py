@@ -14,9 +14,9 @@ from nndiag._utils.seeding import fork_rng
 from nndiag._utils.threads import limit_threads
 from nndiag._utils.training import evaluate, train_classifier
 from nndiag.diagnosis.curves import connect
-from nndiag.diagnosis.features import compute_features, linear_cka, mixup_inputs, output_cka
+from nndiag.diagnosis.features import compute_features, linear_cka, mixup_inputs, output_cka, train_metrics
 from nndiag.errors import DataError, InputError
-from nndiag.io.data import load_data
+from nndiag.io.data import as_data, load_data
 from nndiag.models.small import MLP, DigitsCNN
 
 
@@ -179,3 +179,34 @@ def test_bad_pairs_and_small_data_are_clear_errors(two_cnns, digits):
         compute_features(a, copy.deepcopy(a), digits.subset(50), hessian=True, hessian_samples=200)
     with pytest.raises(InputError, match="curve"):
         connect(a, copy.deepcopy(a), digits, curve="spline")
+
+
+def test_token_models_train_evaluate_and_connect():
+    import torch.nn.functional as F
+
+    from tests.landscape._dense import tiny_embedding, token_data
+
+    x, _ = token_data(n=64)
+    data = as_data((x, x[:, 0] % 4))  # learnable: the class is the first token mod 4
+    a, b = tiny_embedding(0), tiny_embedding(1)
+    log = train_classifier(a, data, epochs=40, batch_size=16, lr=0.2, seed=0, progress=False)
+    assert log.losses[-1] < 0.3 * log.losses[0] and log.train_accuracy == 1.0
+    with torch.no_grad():
+        own = float(F.cross_entropy(a(x), data.y)), float((a(x).argmax(1) == data.y).double().mean())
+    assert evaluate(a, data) == pytest.approx(own, rel=1e-6)
+    err, loss = train_metrics(a, data.x, data.y)
+    assert err == pytest.approx(100 * (1 - own[1])) and loss == pytest.approx(own[0], rel=1e-6)
+    curve = connect(a, b, data, curve="linear", n_points=3)
+    assert curve.errors[0] == pytest.approx(100 * (1 - own[1]))
+    assert curve.errors[-1] == pytest.approx(100 * (1 - evaluate(b, data)[1]))
+    with pytest.raises(DataError, match="not defined for token ids"):
+        output_cka(a, b, data.x, n_samples=50)
+
+
+def test_integer_features_of_an_mlp_are_floats_for_cka_and_metrics():
+    with fork_rng(5):
+        a, b = MLP(6, 8, 3), MLP(6, 8, 3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 5, (40, 6), generator=g), torch.randint(0, 3, (40,), generator=g)
+    assert output_cka(a, b, x, n_samples=60) == pytest.approx(output_cka(a, b, x.float(), n_samples=60), abs=1e-12)
+    assert train_metrics(a, x, y) == pytest.approx(train_metrics(a, x.float(), y), abs=1e-12)

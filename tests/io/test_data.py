@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
-from nndiag.errors import DataError
-from nndiag.io.data import as_data, load_data
+from nndiag._utils.model_state import same_snapshot, snapshot
+from nndiag.errors import DataError, InputError
+from nndiag.io.data import as_data, index_layer, load_data, model_inputs
 
 
 def test_digits_matches_sklearn_and_splits_are_disjoint():
@@ -99,3 +101,82 @@ def test_bad_data(tmp_path):
         load_data(tmp_path / "empty_dir")
     with pytest.raises(DataError, match="NaN"):
         as_data((torch.tensor([[float("nan")]]), torch.tensor([0])))
+
+
+def _token_model(vocab: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Embedding(vocab, 4), nn.Flatten(), nn.Linear(12, 2))
+
+
+def test_integer_inputs_are_kept_as_int64_and_cast_per_model():
+    ids = torch.tensor([[1, 2, 3], [4, 5, 9]], dtype=torch.int32)
+    d = as_data((ids, torch.tensor([0, 1])))
+    assert d.x.dtype == torch.int64 and torch.equal(d.x, ids.long())
+    tok, mlp = _token_model(), nn.Sequential(nn.Linear(3, 2))
+    for dtype in (torch.float32, torch.float64):  # token ids stay ids even for float64 analyses
+        t = model_inputs(tok, d.x, dtype=dtype)
+        assert t.dtype == torch.int64 and torch.equal(t, d.x)
+        f = model_inputs(mlp, d.x, dtype=dtype)  # integer features of an MLP become floats
+        assert f.dtype == dtype and torch.equal(f, ids.to(dtype))
+    assert model_inputs(tok, d.x) is d.x  # nothing to change: no copy
+    assert model_inputs(tok, torch.rand(2, 3)).dtype == torch.float32  # floats never become ids
+    assert index_layer(tok, d.x) == ("0", tok[0])
+    assert index_layer(mlp, d.x) is None and index_layer(tok, d.x.float()) is None
+    assert index_layer(nn.EmbeddingBag(10, 3), d.x)[1].num_embeddings == 10
+    assert as_data((torch.tensor([[True], [False]]), torch.tensor([0, 1]))).x.dtype == torch.float32
+    uint8 = as_data((np.array([[0, 255]], dtype=np.uint8), np.array([1])))  # raw arrays: values kept
+    assert torch.equal(model_inputs(mlp, uint8.x), torch.tensor([[0.0, 255.0]]))
+    with pytest.raises(InputError, match="floating dtype"):
+        model_inputs(mlp, d.x, dtype=torch.int64)
+
+
+class _LinearFirst(nn.Module):
+    """Registers an embedding first but applies a linear layer to its input first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.position = nn.Embedding(3, 2)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) + self.position(torch.arange(2, device=x.device)).sum()
+
+
+class _EmbeddingCalledFirst(nn.Module):
+    """Registers the head first; the embedding reads the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(12, 2)
+        self.blocks = nn.Sequential(nn.Embedding(10, 4), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).flatten(1))
+
+
+def test_the_first_layer_applied_decides_not_registration_order():
+    ids = torch.tensor([[1, 2, 3], [4, 5, 9]])
+    lin = _LinearFirst()
+    assert index_layer(lin, ids) is None
+    assert model_inputs(lin, ids).dtype == torch.float32
+    emb = _EmbeddingCalledFirst()
+    before = snapshot(emb)
+    assert index_layer(emb, ids) == ("blocks.0", emb.blocks[0])
+    assert model_inputs(emb, ids, dtype=torch.float64).dtype == torch.int64
+    assert same_snapshot(before, snapshot(emb))  # probe hooks removed, nothing changed
+    assert not any(m._forward_pre_hooks for m in emb.modules())
+    assert emb(model_inputs(emb, ids)).shape == (2, 2)
+
+
+def test_token_ids_out_of_range_and_integer_npz(tmp_path):
+    ids = torch.tensor([[1, 2, 3], [4, 5, 10]])
+    with pytest.raises(DataError, match=r"tokens: token ids must lie in \[0, 9\] for layer '0' "
+                                        r"\(Embedding with 10 entries\); found 1\.\.10"):
+        model_inputs(_token_model(), ids, name="tokens")
+    with pytest.raises(DataError, match=r"found -1\.\.3"):
+        model_inputs(_token_model(), ids.clamp(max=5) - 2)
+    np.savez(tmp_path / "tokens.npz", x=np.array([[1, 2, 3], [7, 8, 9]], dtype=np.int16), y=np.array([0, 1]))
+    d = load_data(tmp_path / "tokens.npz")
+    assert d.x.dtype == torch.int64 and int(d.x[1, 2]) == 9
+    std = load_data(f"{tmp_path / 'tokens.npz'}?normalize=standard")  # normalised: numeric features
+    assert std.x.dtype == torch.float32
+    np.testing.assert_allclose(std.x[:, 0].numpy(), [-0.70710678, 0.70710678], rtol=1e-6)

@@ -32,6 +32,19 @@ def tiny_data(kind: str, n: int = 48, seed: int = 1) -> tuple[torch.Tensor, torc
     return x, y
 
 
+def tiny_embedding(seed: int = 0, vocab: int = 11, length: int = 3, classes: int = 4) -> nn.Module:
+    """A token classifier: integer ids → embedding → linear (its input must stay int64)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(vocab, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * length, classes))
+
+
+def token_data(n: int = 48, seed: int = 1, vocab: int = 11, length: int = 3,
+               classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer token ids ``(n, length)`` in ``[0, vocab)`` and labels in ``[0, classes)``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
 def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool = False) -> np.ndarray:
     """The exact float64 Hessian of mean cross-entropy over the trainable parameters."""
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
@@ -48,7 +61,8 @@ def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: boo
         parts = torch.split(flat, sizes)
         d = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes, strict=True)}
         bufs = {k: v.clone() for k, v in buffers.items()}
-        return F.cross_entropy(functional_call(model, {**bufs, **d}, (x.double(),)), y)
+        xd = x.double() if x.is_floating_point() else x  # token ids stay integers
+        return F.cross_entropy(functional_call(model, {**bufs, **d}, (xd,)), y)
 
     with limit_threads(1):
         H = torch.autograd.functional.hessian(f, flat0)

@@ -61,6 +61,34 @@ def test_hessian_human_and_bad_input(tmp_path):
     assert method.exit_code == 2 and "xtrace" in method.output
 
 
+def test_hessian_and_landscape_cli_on_token_ids(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from tests.landscape._dense import tiny_embedding, token_data
+
+    x, y = token_data()
+    tokens = tmp_path / "tokens.npz"
+    np.savez(tokens, x=x.numpy().astype(np.int32), y=y.numpy())
+    spec = "tests.landscape._dense:tiny_embedding"
+    res = runner.invoke(app, ["hessian", spec, "--data", str(tokens), "--top-k", "2", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    lib = hessian_spectrum(tiny_embedding(), (x, y), top_k=2)
+    np.testing.assert_allclose(json.loads(res.stdout)["eigenvalues"], lib.eigenvalues, rtol=1e-5)
+    res = runner.invoke(app, ["landscape", spec, "--data", str(tokens), "--dim", "1", "--steps", "3",
+                              "--format", "json"])
+    assert res.exit_code == 0, res.output
+    grid = json.loads(res.stdout)["tables"]["grid"]
+    with torch.no_grad():
+        own = float(F.cross_entropy(tiny_embedding()(x), y))
+    assert [r for r in grid if r["alpha"] == 0.0][0]["loss"] == pytest.approx(own, rel=1e-6)
+    big = tmp_path / "big.npz"
+    np.savez(big, x=x.numpy() + 5, y=y.numpy())
+    bad = runner.invoke(app, ["hessian", spec, "--data", str(big)])
+    assert bad.exit_code == 2 and "token ids must lie in [0, 10]" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+
+
 def test_hessian_cli_trace_method_reaches_the_library(tmp_path):
     import torch
 

@@ -10,7 +10,7 @@ from torch import nn
 from nndiag._utils.model_state import same_snapshot, snapshot
 from nndiag.errors import AnalysisError, DataError, InputError
 from nndiag.landscape import HessianOperator, hessian_spectrum
-from tests.landscape._dense import dense_hessian, tiny_cnn, tiny_data, tiny_mlp
+from tests.landscape._dense import dense_hessian, tiny_cnn, tiny_data, tiny_embedding, tiny_mlp, token_data
 
 F64 = torch.float64
 
@@ -243,3 +243,46 @@ def test_slq_density_mass_matches_dense_spectrum(case):
     assert np.all(est >= lo - 0.06) and np.all(est <= hi + 0.06), (est, lo, hi)
     assert r.criteria["lambda_max"] == pytest.approx(ev[-1], rel=1e-4)
     assert r.criteria["lambda_min"] == pytest.approx(ev[0], rel=1e-3)
+
+
+def test_token_ids_reach_the_embedding_as_integers_and_match_dense():
+    model = tiny_embedding()
+    x, y = token_data()
+    assert x.dtype == torch.int64
+    H = dense_hessian(model, x, y)
+    ev = np.linalg.eigvalsh(H)
+    r = hessian_spectrum(model, (x, y), top_k=4, dtype=F64, tol=1e-6)
+    np.testing.assert_allclose(r.eigenvalues, ev[::-1][:4], rtol=1e-4)
+    exact = hessian_spectrum(model, (x, y), top_k=0, trace=True, trace_method="exact", dtype=F64)
+    assert exact.trace == pytest.approx(np.trace(H), rel=1e-10)
+    r32 = hessian_spectrum(model, (x.to(torch.int32), y), top_k=2, tol=1e-4)  # int32 ids too
+    np.testing.assert_allclose(r32.eigenvalues, ev[::-1][:2], rtol=1e-3)
+    op = HessianOperator(model, (x, y), dtype=F64)
+    assert all(xb.dtype == torch.int64 for xb, _ in op.data.batches)
+
+
+def test_integer_features_of_an_mlp_are_cast_to_the_analysis_dtype():
+    model = tiny_mlp()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (40, 6), generator=g)  # integer features, no embedding layer
+    y = torch.randint(0, 4, (40,), generator=g)
+    op = HessianOperator(model, (x, y), dtype=F64)
+    assert all(xb.dtype == F64 for xb, _ in op.data.batches)
+    H = dense_hessian(model, x.double(), y)
+    r = hessian_spectrum(model, (x, y), top_k=3, dtype=F64, tol=1e-6)
+    np.testing.assert_allclose(r.eigenvalues, np.linalg.eigvalsh(H)[::-1][:3], rtol=1e-4)
+    as_float = hessian_spectrum(model, (x.float(), y), top_k=3, dtype=F64, tol=1e-6)
+    np.testing.assert_allclose(r.eigenvalues, as_float.eigenvalues, rtol=1e-10)
+
+
+def test_token_ids_out_of_the_embedding_range_give_a_data_error():
+    model = tiny_embedding(vocab=11)
+    x, y = token_data(vocab=11)
+    before = snapshot(model)
+    big = x.clone()
+    big[5, 1] = 11
+    with pytest.raises(DataError, match=r"token ids must lie in \[0, 10\] for layer '0'.*found 0\.\.11"):
+        hessian_spectrum(model, (big, y))
+    with pytest.raises(DataError, match="found -1"):
+        hessian_spectrum(model, (x - 1, y))
+    assert same_snapshot(before, snapshot(model))

@@ -15,7 +15,7 @@ from nndiag.errors import AnalysisError, DataError, InputError
 from nndiag.landscape import hessian_spectrum, surface
 from nndiag.landscape.directions import normalize_direction, random_direction, toward
 from nndiag.landscape.surface import _Grid
-from tests.landscape._dense import tiny_cnn, tiny_data, tiny_mlp
+from tests.landscape._dense import tiny_cnn, tiny_data, tiny_embedding, tiny_mlp, token_data
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -226,3 +226,26 @@ def test_auto_strategy_on_cpu_skips_vmap_for_convolutional_models():
     assert surface(tiny_cnn(), (x, y), dim=1, steps=5).params["strategy"] == "loop"
     xm, ym = tiny_data("mlp", n=8)
     assert surface(tiny_mlp(), (xm, ym), dim=1, steps=5).params["strategy"] in ("vmap", "loop")
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_token_model_surface_origin_is_the_models_loss(strategy):
+    model = tiny_embedding()
+    x, y = token_data()
+    before = snapshot(model)
+    with torch.no_grad():
+        own = float(F.cross_entropy(model(x), y))
+    s = surface(model, (x, y), dim=2, steps=5, strategy=strategy, seed=2)
+    assert s.origin_loss == pytest.approx(own, rel=1e-6)
+    assert s.losses[2, 2] == pytest.approx(own, rel=1e-6)
+    assert s.params["strategy"] == strategy
+    w = _weights(model)
+    gen = torch.Generator().manual_seed(2)
+    d1, d2 = (normalize_direction(random_direction(w, generator=gen), w) for _ in range(2))
+    shift = {k: s.alphas[4] * d1[k] + s.betas[0] * d2[k] for k in w}
+    assert s.losses[4, 0] == pytest.approx(_loss_at(model, x, y, shift), rel=1e-5)
+    s64 = surface(model, (x, y), dim=1, steps=3, dtype=torch.float64)
+    with torch.no_grad():
+        own64 = float(F.cross_entropy(copy.deepcopy(model).double()(x), y))
+    assert s64.origin_loss == pytest.approx(own64, rel=1e-12)
+    assert same_snapshot(before, snapshot(model))

@@ -119,6 +119,21 @@ def test_evaluation_matches_an_independent_computation(digits_test):
         assert pc["accuracy"][k] == pytest.approx((pred[y == k] == k).mean())
 
 
+def test_evaluation_and_hessian_probes_on_token_ids():
+    from tests.landscape._dense import tiny_embedding, token_data
+
+    x, y = token_data()
+    model = tiny_embedding()
+    rep = nndiag.diagnose(model, data=(x, y), probes=["evaluation", "hessian"])
+    runs = {r.probe: r for r in rep.models[0].runs}
+    assert {k: r.status for k, r in runs.items()} == {"evaluation": "ok", "hessian": "ok"}
+    with torch.no_grad():
+        logits = model.eval()(x)
+    res = rep.models[0].result("evaluation")
+    assert res.summary["accuracy"] == pytest.approx(float((logits.argmax(1) == y).double().mean()), abs=1e-12)
+    assert res.summary["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+
+
 def test_comparison_spearman_matches_scipy(monkeypatch, digits_test):
     from scipy.stats import spearmanr
 

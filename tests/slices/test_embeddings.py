@@ -103,3 +103,19 @@ def test_load_user_embeddings(tmp_path):
     np.savez(tmp_path / "bad.npz", z=z, loss=loss)
     with pytest.raises(InputError, match="1 embedding row"):
         load_embeddings(tmp_path / "bad.npz")
+
+
+def test_token_ids_reach_the_embedding_layer():
+    from tests.landscape._dense import tiny_embedding, token_data
+
+    x, y = token_data()
+    model = tiny_embedding()
+    emb = extract_embeddings(model, (x, y), batch_size=20)
+    with torch.no_grad():
+        z = model[:-1](x).double().numpy()
+        logits = model(x).double()
+    assert emb.layer == "3 (input)"
+    np.testing.assert_allclose(emb.z, z, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(emb.losses, F.cross_entropy(logits, y, reduction="none").numpy(), rtol=1e-6)
+    with pytest.raises(DataError, match="token ids must lie in"):
+        extract_embeddings(model, (x + 11, y))

@@ -167,3 +167,25 @@ def test_failures_become_rows_not_crashes():
         parse_proxies("gradsign,foo")
     with pytest.raises(AnalysisError, match="ReLU"):
         P.nwot(nn.Sequential(nn.Linear(5, 3)), x)
+
+
+def test_token_ids_stay_integers_and_integer_features_become_floats():
+    from nndiag.zerocost.gradsign import gradsign_detail
+    from nndiag.zerocost.score import compute_proxies
+    from tests.landscape._dense import tiny_embedding, tiny_mlp, token_data
+
+    x, y = token_data()
+    model = tiny_embedding()
+    fast = gradsign_detail(model, x, y)  # fast path needs input gradients: falls back for ids
+    assert fast.score == gradsign_detail(model, x, y, method="loop").score > 0
+    res = compute_proxies(model, x, y, ["gradsign", "grad_norm", "snip", "params"])
+    assert res["errors"] == {} and res["gradsign"] == fast.score
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    norms = [m.weight.grad.norm() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert res["grad_norm"] == pytest.approx(float(sum(norms)), rel=1e-5)
+    feats = torch.randint(-3, 4, (48, 6), generator=torch.Generator().manual_seed(0))
+    names = ["gradsign", "synflow", "grad_norm", "snip", "jacob_cov"]
+    as_int = compute_proxies(tiny_mlp(), feats, y, names)
+    as_float = compute_proxies(tiny_mlp(), feats.float(), y, names)
+    assert as_int["errors"] == {} and all(as_int[n] == as_float[n] for n in names)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nndiag._utils.progress import progress_bar
-from nndiag.io.data import DataBundle
+from nndiag.io.data import DataBundle, model_inputs
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ def train_classifier(
     -------
     TrainLog
     """
+    x = model_inputs(model, data.x, name=data.name)
     g = torch.Generator().manual_seed(seed)
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -76,7 +77,7 @@ def train_classifier(
                 if max_steps is not None and steps >= max_steps:
                     break
                 idx = perm[i:i + batch_size]
-                xb, yb = data.x[idx], data.y[idx]
+                xb, yb = x[idx], data.y[idx]
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(xb), yb)
                 loss.backward()
@@ -97,17 +98,18 @@ def train_classifier(
 @torch.no_grad()
 def accuracy(model: nn.Module, data: DataBundle, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` (in its current mode) on ``data``."""
-    correct = 0
-    for xb, yb in data.batches(batch_size):
-        correct += int((model(xb).argmax(1) == yb).sum())
+    x, correct = model_inputs(model, data.x, name=data.name), 0
+    for i in range(0, len(data), batch_size):
+        correct += int((model(x[i:i + batch_size]).argmax(1) == data.y[i:i + batch_size]).sum())
     return correct / max(1, len(data))
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 512) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` in its current mode."""
-    total, correct = 0.0, 0
-    for xb, yb in data.batches(batch_size):
+    x, total, correct = model_inputs(model, data.x, name=data.name), 0.0, 0
+    for i in range(0, len(data), batch_size):
+        xb, yb = x[i:i + batch_size], data.y[i:i + batch_size]
         out = model(xb)
         total += float(F.cross_entropy(out, yb, reduction="sum"))
         correct += int((out.argmax(1) == yb).sum())

@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
             "name": d.name,
             "n_samples": len(d),
             "input_shape": list(d.input_shape),
+            "x_dtype": str(d.x.dtype).removeprefix("torch."),  # int64: token ids or integer features
             "num_classes": d.num_classes,
             "class_counts": counts,
             "x_min": float(d.x.min()),

@@ -180,7 +180,7 @@ def connect(
     -------
     Curve
     """
-    from nndiag.io.data import as_data
+    from nndiag.io.data import as_data, model_inputs
 
     if curve not in ("bezier", "linear"):
         raise InputError(f"unknown curve '{curve}'; choose bezier or linear")
@@ -189,7 +189,7 @@ def connect(
     check_same_architecture(model_a, model_b)
     bundle = as_data(data)
     dev = device_of(model_a)
-    x, y = bundle.x.to(dev), bundle.y.to(dev)
+    x, y = model_inputs(model_a, bundle.x, device=dev, name=bundle.name), bundle.y.to(dev)
     pa = {k: v.detach().clone() for k, v in model_a.named_parameters()}
     pb = {k: v.detach().to(dev, copy=True) for k, v in model_b.named_parameters()}
     work = copy.deepcopy(model_a)

@@ -86,9 +86,20 @@ def _outputs(model: nn.Module, x: torch.Tensor, bs: int = 512) -> torch.Tensor:
 @full_precision
 def output_cka(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, *, n_samples: int = 1000,
                alpha: float = 16.0, seed: int = 0) -> float:
-    """Linear CKA of two models' softmax outputs on ``n_samples`` mixup inputs (eval mode)."""
-    from nndiag.diagnosis.curves import device_of
+    """Linear CKA of two models' softmax outputs on ``n_samples`` mixup inputs (eval mode).
 
+    Raises
+    ------
+    DataError
+        When ``model_a`` reads ``x`` as token ids: mixing ids is not defined.
+    """
+    from nndiag.diagnosis.curves import device_of
+    from nndiag.io.data import model_inputs
+
+    x = model_inputs(model_a, x)
+    if not x.is_floating_point():
+        raise DataError("CKA mixes pairs of inputs (mixup), which is not defined for token ids; "
+                        f"{type(model_a).__name__} reads its integer inputs through an embedding layer")
     xm = mixup_inputs(x, n_samples, alpha=alpha, seed=seed).to(device_of(model_a))
     with preserved(model_a, values=False), preserved(model_b, values=False):
         model_a.eval()
@@ -104,8 +115,9 @@ def train_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 
     import torch.nn.functional as F
 
     from nndiag.diagnosis.curves import device_of
+    from nndiag.io.data import model_inputs
 
-    x, y = x.to(device_of(model)), y.to(device_of(model))
+    x, y = model_inputs(model, x, device=device_of(model)), y.to(device_of(model))
     with preserved(model, values=False), torch.no_grad():
         model.eval()
         wrong, total = 0, 0.0

@@ -13,6 +13,14 @@ digits), ``normalize=none|imagenet|cifar|standard``, ``flatten=1``.
 
 From Python, :func:`as_data` also accepts ``(x, y)`` tensors or arrays, a
 ``DataLoader`` and a :class:`DataBundle`.
+
+Input dtypes: floating inputs are held as float32; integer inputs (other than the uint8
+images of ``.npz`` files and image folders, which become floats in [0, 1]) are held as
+int64, because they may be token ids. Whether integers are ids or numeric features depends
+on the model, so it is decided where a model meets the data, in one place:
+:func:`model_inputs` keeps them int64 when the model reads them through an
+``nn.Embedding``/``nn.EmbeddingBag`` (:func:`index_layer`) and casts them to the floating
+analysis dtype otherwise. Every analysis feeds ``bundle.x`` to a model through it.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
+from torch import nn
 
-from nndiag.errors import DataError
+from nndiag.errors import DataError, InputError
 
 BUILTIN_DATA = ("digits", "mnist1d")
 _NORMS = {
@@ -34,6 +43,8 @@ _NORMS = {
 }
 _OPTIONS = ("split", "normalize", "flatten")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+#: Layers whose input is integer indices (token ids), not numbers to compute with.
+INDEX_LAYERS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,8 @@ class DataBundle:
     Attributes
     ----------
     x : torch.Tensor
-        Inputs, float32, first axis = examples.
+        Inputs, first axis = examples: float32, or int64 when the source holds integers
+        (token ids or integer features; :func:`model_inputs` makes them what a model takes).
     y : torch.Tensor
         Integer class labels (int64).
     name : str
@@ -128,9 +140,12 @@ def _bundle(x: Any, y: Any, name: str, num_classes: int | None = None, **meta: A
     yt = yt.long()
     if int(yt.min()) < 0:
         raise DataError(f"{name}: class labels must be >= 0 (found {int(yt.min())})")
-    xt = xt.float() if not xt.is_floating_point() else xt.to(torch.float32)
-    if not torch.isfinite(xt).all():
-        raise DataError(f"{name}: x contains NaN or Inf")
+    if xt.is_floating_point() or xt.is_complex() or xt.dtype == torch.bool:
+        xt = xt.to(torch.float32)
+        if not torch.isfinite(xt).all():
+            raise DataError(f"{name}: x contains NaN or Inf")
+    else:  # maybe token ids: model_inputs decides, per model, whether they stay integers
+        xt = xt.to(torch.int64)
     k = int(yt.max()) + 1
     if num_classes is not None:
         if k > num_classes:
@@ -230,6 +245,8 @@ def _image_folder(path: Path) -> DataBundle:
 def _apply_options(b: DataBundle, opts: dict[str, str]) -> DataBundle:
     norm = opts.get("normalize", "none")
     x = b.x
+    if norm != "none" and not x.is_floating_point():
+        x = x.float()  # normalised integers are numeric features, not ids
     if norm in _NORMS:
         if x.ndim != 4 or x.shape[1] != 3:
             raise DataError(f"{b.name}: normalize={norm} needs 3-channel images, got shape {tuple(x.shape)}")
@@ -332,3 +349,136 @@ def as_data(obj: Any, *, n_samples: int | None = None, seed: int | None = 0, nam
         b = _bundle(torch.cat(xs), torch.cat(ys), name)
         return b.take(torch.arange(min(len(b), n_samples))) if n_samples else b
     raise DataError(f"cannot use {type(obj).__name__} as data; pass a spec, (x, y), a DataLoader or a DataBundle")
+
+
+class _Reached(Exception):
+    """Raised by :func:`_first_layer`'s hook to stop the forward pass at the first layer."""
+
+
+def _first_layer(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
+    """The first leaf module (or index layer) a forward pass on ``x[:1]`` calls.
+
+    The pass is stopped by a forward pre-hook before that module runs, so nothing of the
+    model is computed or changed beyond the Python code of ``forward`` ahead of it; the
+    hooks are removed again. None when the pass raises before any module is reached.
+    """
+    from nndiag._utils.device import model_device
+
+    reached: list[nn.Module] = []
+
+    def hook(module: nn.Module, _args: Any) -> None:
+        reached.append(module)
+        raise _Reached
+
+    handles = []
+    try:
+        for m in model.modules():
+            if isinstance(m, INDEX_LAYERS) or next(m.children(), None) is None:
+                handles.append(m.register_forward_pre_hook(hook))
+        with torch.no_grad():
+            model(x[:1].to(model_device(model)))
+    except Exception:  # _Reached, or the model cannot run on integers before any layer
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return reached[0] if reached else None
+
+
+def index_layer(model: nn.Module, x: torch.Tensor) -> tuple[str, nn.Embedding | nn.EmbeddingBag] | None:
+    """The embedding layer that reads ``x`` as indices, or None when ``x`` is numeric input.
+
+    Integer ``x`` is read as indices when the first layer the model applies to it is an
+    ``nn.Embedding`` or ``nn.EmbeddingBag`` (or a subclass): found with a forward pass on
+    one example that stops before that layer runs (:func:`_first_layer`). When that pass
+    fails before reaching any layer, the first leaf module in registration order decides.
+    Models without an embedding layer, and floating or boolean ``x``, never take indices
+    (no forward pass is made for them).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model the data is for.
+    x : torch.Tensor
+        Inputs, first axis = examples.
+
+    Returns
+    -------
+    (str, nn.Embedding or nn.EmbeddingBag) or None
+        The layer's qualified name (``""`` for the model itself) and the layer.
+    """
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool or x.shape[0] == 0:
+        return None
+    if not any(isinstance(m, INDEX_LAYERS) for m in model.modules()):
+        return None
+    first = _first_layer(model, x)
+    if first is None:
+        first = next((m for m in model.modules() if next(m.children(), None) is None), None)
+    if not isinstance(first, (nn.Embedding, nn.EmbeddingBag)):
+        return None
+    return next(n for n, m in model.named_modules() if m is first), first
+
+
+def model_inputs(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    name: str = "data",
+) -> torch.Tensor:
+    """``x`` as ``model`` takes it: the one rule for input dtypes in nndiag.
+
+    - floating (and boolean) ``x`` is cast to ``dtype``;
+    - integer ``x`` stays integer (int64) when the model reads it through an embedding
+      layer (:func:`index_layer`), after a check that every id lies in the layer's range;
+    - other integer ``x`` (counts, pixel values, integer features) is cast to ``dtype``.
+
+    So a float64 analysis runs numeric inputs in float64 and leaves token ids int64.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model the inputs are for.
+    x : torch.Tensor
+        Inputs (e.g. ``DataBundle.x``), first axis = examples.
+    device : torch.device or str, optional
+        Move the result there (default: where ``x`` is).
+    dtype : torch.dtype
+        Floating dtype of numeric inputs (float32 by default).
+    name : str
+        The data's name, for error messages.
+
+    Returns
+    -------
+    torch.Tensor
+        ``x`` itself when nothing needs to change, else a converted copy.
+
+    Raises
+    ------
+    InputError
+        ``dtype`` is not a floating dtype.
+    DataError
+        Token ids outside ``[0, num_embeddings - 1]`` of the embedding layer.
+
+    Examples
+    --------
+    >>> emb = nn.Sequential(nn.Embedding(100, 4), nn.Flatten(), nn.Linear(12, 2))
+    >>> model_inputs(emb, torch.tensor([[1, 2, 3]])).dtype
+    torch.int64
+    >>> model_inputs(nn.Linear(3, 2), torch.tensor([[1, 2, 3]]), dtype=torch.float64).dtype
+    torch.float64
+    """
+    if not dtype.is_floating_point:
+        raise InputError(f"the analysis dtype must be a floating dtype, got {dtype}")
+    found = index_layer(model, x)
+    if found is None:
+        return x.to(device=device, dtype=dtype)
+    layer_name, layer = found
+    n = int(layer.num_embeddings)
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi >= n:
+        where = f"layer '{layer_name}'" if layer_name else "the model"
+        raise DataError(f"{name}: token ids must lie in [0, {n - 1}] for {where} "
+                        f"({type(layer).__name__} with {n} entries); found {lo}..{hi}")
+    return x.to(device=device, dtype=torch.int64)

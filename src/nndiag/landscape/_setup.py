@@ -81,27 +81,31 @@ def resolve_mode(mode: str) -> str:
 def make_batches(
     data: Any,
     *,
+    model: nn.Module,
     n_samples: int | None,
     batch_size: int,
     seed: int,
     device: torch.device,
     dtype: torch.dtype,
 ) -> Batches:
-    """Coerce ``data`` (DataBundle, (x, y), spec, DataLoader) to device batches.
+    """Coerce ``data`` (DataBundle, (x, y), spec, DataLoader) to device batches for ``model``.
+
+    Inputs go through :func:`nndiag.io.data.model_inputs`: numeric inputs take ``dtype``,
+    token ids for an embedding layer stay int64.
 
     Raises
     ------
     DataError
-        When the data cannot be used.
+        When the data cannot be used (token ids out of the embedding's range included).
     InputError
         When ``batch_size`` is not positive.
     """
-    from nndiag.io.data import as_data
+    from nndiag.io.data import as_data, model_inputs
 
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     bundle = as_data(data, n_samples=n_samples, seed=seed)
-    x = bundle.x.to(device=device, dtype=dtype)
+    x = model_inputs(model, bundle.x, device=device, dtype=dtype, name=bundle.name)
     y = bundle.y.to(device)
     n = int(x.shape[0])
     out, weights = [], []

@@ -161,7 +161,7 @@ class HessianOperator:
         self.params = param_copies(named, dev, dtype)
         self.buffers = buffer_copies(model, dev, dtype)
         self.data: Batches = make_batches(
-            data, n_samples=n_samples, batch_size=1 << 30 if batch_size is None else batch_size, seed=seed,
+            data, model=model, n_samples=n_samples, batch_size=1 << 30 if batch_size is None else batch_size, seed=seed,
             device=dev, dtype=dtype,
         )
         self.activation_bytes: int | None = None

@@ -554,7 +554,8 @@ def surface(
         named = trainable(model)
         weights = {k: p.detach().to(device=dev, dtype=dtype).clone() for k, p in named.items()}
         bs = 1 << 30 if batch_size is None else batch_size
-        batches = make_batches(data, n_samples=n_samples, batch_size=bs, seed=seed, device=dev, dtype=dtype)
+        batches = make_batches(data, model=model, n_samples=n_samples, batch_size=bs, seed=seed,
+                               device=dev, dtype=dtype)
         dirs, dkind, used_norm = _make_directions(
             directions, dim, weights, model=model, data=data, norm=norm, one_d=one_d, seed=seed, mode=mode,
             loss=loss, n_samples=n_samples, device=dev, dtype=dtype,

@@ -71,6 +71,7 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
     """
     from nndiag._utils.device import model_device
     from nndiag._utils.model_state import preserved
+    from nndiag.io.data import model_inputs
 
     if data is None:
         raise DataError("evaluation needs labelled data")
@@ -80,7 +81,9 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
     preds, losses = [], []
     with preserved(module, values=False), torch.no_grad():
         module.eval()
-        for xb, yb in data.batches(batch_size):
+        x = model_inputs(module, data.x, name=data.name)
+        for i in range(0, len(data), batch_size):
+            xb, yb = x[i:i + batch_size], data.y[i:i + batch_size]
             out = module(xb.to(dev))
             if out.ndim != 2:
                 raise DataError(f"{data.name}: the model's output has shape {tuple(out.shape)}; "

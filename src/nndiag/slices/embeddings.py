@@ -165,7 +165,7 @@ def extract_embeddings(
     """
     from nndiag._utils.device import model_device, resolve_device
     from nndiag._utils.model_state import preserved
-    from nndiag.io.data import as_data
+    from nndiag.io.data import as_data, model_inputs
 
     bundle = as_data(data)
     dev = model_device(model) if device is None else resolve_device(device)
@@ -175,6 +175,7 @@ def extract_embeddings(
         if dev != model_device(model):
             raise InputError(f"the model is on {model_device(model)} but device={dev} was asked; "
                              "move the model or leave device unset")
+        x = model_inputs(model, bundle.x, name=bundle.name)
         if layer is not None:
             if layer not in modules or not layer:
                 valid = layer_names(model)
@@ -182,7 +183,7 @@ def extract_embeddings(
                 raise InputError(f"unknown layer '{layer}'; valid layer names: {shown}")
             target, use_input, where = modules[layer], False, f"{layer} (output)"
         else:
-            order = _linear_in_execution_order(model, bundle.x[:2].to(dev))
+            order = _linear_in_execution_order(model, x[:2].to(dev))
             if not order:
                 valid = layer_names(model)
                 raise InputError("the model has no nn.Linear layer; name one with layer=... "
@@ -198,7 +199,8 @@ def extract_embeddings(
         zs, losses, preds, probs = [], [], [], []
         try:
             with torch.no_grad():
-                for xb, yb in bundle.batches(batch_size):
+                for i in range(0, len(bundle), batch_size):
+                    xb, yb = x[i:i + batch_size], bundle.y[i:i + batch_size]
                     n_before = len(captured)
                     logits = model(xb.to(dev))
                     if len(captured) != n_before + 1:

@@ -180,7 +180,9 @@ def gradsign_detail(
     names = [f"{n}.weight" if n else "weight" for n, _ in scored_weights(net)]
     n_params = sum(m.weight.numel() for _, m in layers)
     dev = next(net.parameters()).device
-    x, y = x.to(dev, dtype=next(net.parameters()).dtype), y.to(dev)
+    from nndiag.io.data import model_inputs
+
+    x, y = model_inputs(net, x, device=dev, dtype=next(net.parameters()).dtype), y.to(dev)
     fn = _loss_fn(loss)
     if method == "loop":
         sums, nz = _sign_sums_loop(net, names, x, y, fn)
@@ -190,7 +192,8 @@ def gradsign_detail(
         size = chunk_size or auto_chunk_size(n_params)
         modules = dict(net.named_modules())
         scored = [modules[n.removesuffix("weight").removesuffix(".")] for n in names]
-        if method == "fast" and supports(net, scored):
+        # the fast path backpropagates to the input: token ids (integers) cannot carry a gradient
+        if method == "fast" and x.is_floating_point() and supports(net, scored):
             sums, nz = _sign_sums_batched(net, names, x, y, fn, size, track_zero)
         else:
             sums, nz = _sign_sums_fast(net, names, x, y, fn, size)

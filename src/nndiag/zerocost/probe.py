@@ -47,7 +47,7 @@ def run(model: Any, data: Any = None, *, seed: int = 0, device: torch.device | s
         Proxy names (default :data:`DEFAULT_PROXIES`).
     """
     from nndiag.errors import InputError
-    from nndiag.io.data import as_data
+    from nndiag.io.data import as_data, model_inputs
     from nndiag.zerocost.gradsign import gradsign_detail
     from nndiag.zerocost.rank import reinitialised
     from nndiag.zerocost.score import compute_proxies, parse_proxies
@@ -68,7 +68,7 @@ def run(model: Any, data: Any = None, *, seed: int = 0, device: torch.device | s
 
     t0 = time.perf_counter()
     net = reinitialised(module, seed).to(dev)
-    x, y = sub.x.to(dev), sub.y.to(dev)
+    x, y = model_inputs(net, sub.x, device=dev, name=bundle.name), sub.y.to(dev)
     with limit_threads():
         scores = compute_proxies(net, x, y, [p for p in names if p != "gradsign"])
         detail = None

@@ -48,9 +48,11 @@ def _prep(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, what: str,
           train: bool = True, dtype: torch.dtype | None = None):
     check_batch(x, y, what=what)
     scored_weights(model)  # raises when there is nothing to score
+    from nndiag.io.data import model_inputs
+
     net = working_copy(model, train=train, dtype=dtype)
     p = next(net.parameters())
-    xx = x.to(p.device, dtype=p.dtype)
+    xx = model_inputs(net, x, device=p.device, dtype=p.dtype)  # token ids stay int64
     yy = None if y is None else y.to(p.device)
     return net, scored_weights(net), xx, yy
 

@@ -61,13 +61,17 @@ def compute_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     names: Sequence[str]) -> dict[str, Any]:
     """Scores, seconds and errors of the named proxies on ``model`` and the batch ``(x, y)``.
 
-    A proxy that fails gives NaN and its error message; the others still run.
+    A proxy that fails gives NaN and its error message; the others still run. ``x`` goes
+    through :func:`nndiag.io.data.model_inputs` (float32 unless ``model`` reads token ids).
 
     Returns
     -------
     dict
         ``{name: score, f"{name}_seconds": s, "errors": {name: message}}``.
     """
+    from nndiag.io.data import model_inputs
+
+    x = model_inputs(model, x)
     table = _table()
     out: dict[str, Any] = {"errors": {}}
     for name in names:
