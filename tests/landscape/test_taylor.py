@@ -247,3 +247,23 @@ def test_split_trace_spends_a_fixed_budget_without_rtol():
     assert est.n_matvec == 24 == est.parts["parameter_probes"] + est.parts["output_probes"]
     with pytest.raises(InputError, match="at least 4"):
         split_trace(qf, gn, op.dim, n_probes=3)
+
+
+def test_token_model_quadratic_forms_and_split_trace():
+    from ._dense import tiny_embedding, token_data
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 4, padding_idx=0), nn.Flatten(), nn.ReLU(), nn.Linear(12, 4)).double()
+    for m in (model, tiny_embedding().double()):
+        x, y = token_data(n=40)
+        m.eval()
+        op = HessianOperator(m, (x, y), dtype=F64, batch_size=16)
+        assert op.data.batches[0][0].dtype == torch.int64
+        H = dense_hessian(m, x, y)
+        qf = QuadraticForms(m, op.params, op.buffers, op.data, op.loss_fn)
+        Z = (torch.randint(0, 2, (4, op.dim), generator=torch.Generator().manual_seed(0)) * 2 - 1).to(F64)
+        np.testing.assert_allclose(qf(Z).numpy(), np.einsum("ki,ij,kj->k", Z.numpy(), H, Z.numpy()), rtol=1e-9)
+        assert qf.residual_vanishes is (m is model)
+        r = hessian_spectrum(m, (x, y), top_k=0, trace=True, trace_rtol=0.02, trace_probes=4000, dtype=F64)
+        assert r.params["trace_method"] == "split"
+        assert abs(r.trace - np.trace(H)) < 4 * r.trace_stderr

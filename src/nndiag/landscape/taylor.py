@@ -217,6 +217,10 @@ class QuadraticForms:
                     if m.padding_mode != "zeros":
                         raise Unsupported(f"convolution '{node.target}' with padding_mode={m.padding_mode!r}")
                     continue
+                if type(m) is nn.Embedding:
+                    if m.max_norm is not None:
+                        raise Unsupported(f"embedding '{node.target}' with max_norm (renormalises its weights)")
+                    continue
                 if type(m) in (nn.Linear, nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d) or type(m) in _ACT_MODULES:
                     continue
                 if isinstance(m, _LINEAR_MODULES):
@@ -317,6 +321,8 @@ class QuadraticForms:
         if type(m) is nn.Linear:
             return F.linear(args[0], self._tensor_attr(f"{node.target}.weight"),
                             self._tensor_attr(f"{node.target}.bias"))
+        if type(m) is nn.Embedding:
+            return F.embedding(args[0], self._tensor_attr(f"{node.target}.weight"), m.padding_idx)
         if isinstance(m, _BNS):
             return self._bn_primal(node.target, m, args[0])[0]
         if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
@@ -439,6 +445,15 @@ class QuadraticForms:
                                     self._tensor_attr(f"{node.target}.weight"), node.target)
             if isinstance(m, _BNS):
                 return self._bn(node, m, P, T, dirs, k)
+            if type(m) is nn.Embedding:  # rows picked by fixed ids: linear in the weights
+                zw = dirs.get(f"{node.target}.weight")
+                if zw is None:
+                    return None
+                if m.padding_idx is not None:  # autograd gives the padding row no gradient
+                    zw = zw.clone()
+                    zw[:, m.padding_idx] = 0
+                rows = zw[:, P[node.args[0]]]
+                return rows if self._orders == 1 else torch.cat([rows, torch.zeros_like(rows)])
         if not varying:
             return None
         if op == "call_module":
