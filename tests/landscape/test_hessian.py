@@ -286,3 +286,25 @@ def test_token_ids_out_of_the_embedding_range_give_a_data_error():
     with pytest.raises(DataError, match="found -1"):
         hessian_spectrum(model, (x - 1, y))
     assert same_snapshot(before, snapshot(model))
+
+
+def test_folded_products_equal_dense_hessian_of_the_batchnorm_model():
+    # eval mode: BatchNorm folded into the convolution inside the graph; the Hessian is still
+    # over the model's own W, b, γ, β (three size-weighted batches; lazy and eager building)
+    model = tiny_cnn(bn=True)
+    x, y = tiny_data("cnn", n=30)
+    with torch.no_grad():
+        model.train()
+        model(x)  # non-trivial running statistics
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    H = dense_hessian(model, x, y)
+    V = torch.randn(4, H.shape[0], dtype=F64, generator=torch.Generator().manual_seed(0))
+    for lazy in (False, True):
+        op = HessianOperator(model, (x, y), batch_size=12, dtype=F64, lazy=lazy)
+        np.testing.assert_allclose(op.matmat(V, batched=False).numpy(), V.numpy() @ H, rtol=1e-9, atol=1e-12)
+        assert op.folded is not None and [p[1] for p in op.folded.pairs] == ["1"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    train = HessianOperator(model, (x, y), batch_size=30, dtype=F64, mode="train")
+    train.matvec(V[0])
+    assert train.folded is None  # batch statistics: nothing to fold

@@ -43,6 +43,10 @@ _MAXPOOLS = (torch.nn.functional.max_pool2d, torch.max_pool2d)
 _PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
 
 
+#: Errors a rewritten copy may raise where the model itself runs; the caller then keeps the model.
+FALLBACK_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+
+
 @dataclass
 class Folded:
     """A traced copy of a model with BatchNorm folded into convolutions and ReLUs/sums in place.
@@ -84,11 +88,23 @@ class Folded:
         return out
 
 
-def inference_copy(model: nn.Module) -> Folded | None:
+def inference_copy(model: nn.Module, *, in_place: bool = True, rewrite_pools: bool = True) -> Folded | None:
     """Trace a copy of ``model``, fold eval-mode BatchNorm into the convolutions before it and
     make ReLUs and residual sums in place (see the module docstring).
 
-    Returns None when the model cannot be traced or nothing was rewritten.
+    Parameters
+    ----------
+    model : nn.Module
+        The model (not modified).
+    in_place : bool
+        Make ReLUs and residual sums in place (only for forwards without autograd).
+    rewrite_pools : bool
+        Compute 2×2 max-poolings as :func:`pool2x2`.
+
+    Returns
+    -------
+    Folded or None
+        None when the model cannot be traced or nothing was rewritten.
     """
     import torch.fx
 
@@ -116,12 +132,12 @@ def inference_copy(model: nn.Module) -> Folded | None:
         gm.graph.erase_node(node)
         pairs.append((str(src.target), str(node.target), float(bn.eps)))
     _drop_identities(gm, modules)
-    in_place = _in_place(gm, modules)
-    pools = _pools(gm, modules)
-    if not pairs and not in_place and not pools:
+    n_in_place = _in_place(gm, modules) if in_place else 0
+    pools = _pools(gm, modules) if rewrite_pools else 0
+    if not pairs and not n_in_place and not pools:
         return None
     gm.recompile()
-    return Folded(gm, pairs, in_place, pools)
+    return Folded(gm, pairs, n_in_place, pools)
 
 
 def _drop_identities(gm: nn.Module, modules: dict[str, nn.Module]) -> None:

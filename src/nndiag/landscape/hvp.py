@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from nndiag._utils.device import model_device, resolve_device
 from nndiag._utils.precision import full_precision
@@ -60,6 +61,7 @@ from nndiag.landscape._setup import (
     trainable,
 )
 from nndiag.landscape.blocking import auto_batches
+from nndiag.landscape.fold import FALLBACK_ERRORS, Folded, inference_copy
 
 ENGINES = ("auto", "double-backward", "forward-over-reverse")
 #: Examples per forward when ``batch_size=None`` and the size rule does not apply (train mode, GPU).
@@ -180,6 +182,8 @@ class HessianOperator:
         self._batched_ok: bool | None = None
         self.loss_value = float("nan")
         self._set_mode()
+        self.folded: Folded | None = None  # decided at the first graph (:meth:`_forward`)
+        self._fold_pending = self.mode == "eval"
         if cache and lazy:
             self.loss_value = self._forward_check()
         else:
@@ -192,9 +196,43 @@ class HessianOperator:
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {**self.buffers, **self.params}
 
+    def _fold(self) -> Folded | None:
+        """The model with eval-mode BatchNorm folded into its convolutions, for the gradient
+        graphs (:func:`~nndiag.landscape.fold.inference_copy` without the in-place rewrites).
+
+        The folded weights are computed from the parameters inside the graph, so gradients
+        and Hessian are still those of the model's parameters; the graph just has no
+        normalisation pass over the activations (ResNet20, 128 images, 2 CPU threads: 0.60 →
+        0.49 s per double-backward product, graph built in 0.22 instead of 0.45 s). Used only
+        when it reproduces the model's loss on the first batch (1e-4 relative).
+        """
+        folded = inference_copy(self.model, in_place=False, rewrite_pools=False)
+        if folded is None or not folded.pairs:
+            return None
+        xb, yb = self.data.batches[0]
+        try:
+            with torch.no_grad():
+                ref = float(self.loss_fn(functional_call(self.model, self._tensors(), (xb,)), yb))
+                got = float(self.loss_fn(functional_call(folded.module, self._folded_tensors(folded), (xb,)), yb))
+        except FALLBACK_ERRORS:
+            return None
+        return folded if abs(got - ref) <= 1e-4 * max(1.0, abs(ref)) else None
+
+    def _folded_tensors(self, folded: Folded) -> dict[str, torch.Tensor]:
+        return {**self.buffers, **folded.params(self.params, self.buffers)}
+
+    def _forward(self) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """The module the products differentiate and the tensors to call it with."""
+        if self._fold_pending:
+            self._fold_pending = False
+            self.folded = self._fold()
+        if self.folded is not None:
+            return self.folded.module, self._folded_tensors(self.folded)
+        return self.model, self._tensors()
+
     def _grad(self, xb: torch.Tensor, yb: torch.Tensor, w: float, check: bool) -> tuple[torch.Tensor, float]:
-        tensors = self._tensors()
-        loss = checked_loss(self.model, tensors, xb, yb, self.loss_fn, check=check)
+        module, tensors = self._forward()
+        loss = checked_loss(module, tensors, xb, yb, self.loss_fn, check=check)
         grads = torch.autograd.grad(loss * w, list(self.params.values()), create_graph=True,
                                     allow_unused=True)
         flat = torch.cat([
@@ -229,7 +267,7 @@ class HessianOperator:
         total = 0.0
         with torch.no_grad():
             for (xb, yb), w in zip(self.data.batches, self.data.weights, strict=True):
-                loss = checked_loss(self.model, self._tensors(), xb, yb, self.loss_fn, check=True)
+                loss = checked_loss(self.model, self._tensors(), xb, yb, self.loss_fn, check=True)  # the model's own
                 total += float(loss) * w
         return total
 
@@ -281,7 +319,7 @@ class HessianOperator:
     # --- forward-over-reverse ---------------------------------------------------------
     def _fr_funcs(self) -> tuple[dict[str, torch.Tensor], list[Any]]:
         if self._fr is None:
-            from torch.func import functional_call, grad
+            from torch.func import grad
 
             params = {k: p.detach() for k, p in self.params.items()}
             grads = []

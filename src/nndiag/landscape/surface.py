@@ -63,7 +63,7 @@ from nndiag.landscape.directions import (
     random_direction,
     toward,
 )
-from nndiag.landscape.fold import Folded
+from nndiag.landscape.fold import FALLBACK_ERRORS, Folded
 from nndiag.report.results import Finding, Result, provenance
 
 STRATEGIES = ("auto", "vmap", "loop", "threads", "graph")
@@ -323,7 +323,7 @@ class _Grid:
 
 
 #: Errors that make a rewritten or bound copy fall back to the model itself.
-_FALLBACK_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+_FALLBACK_ERRORS = FALLBACK_ERRORS
 
 
 def _reproduces_origin(loss_at: Any, grid: _Grid, origin: float, n_dirs: int) -> bool:
