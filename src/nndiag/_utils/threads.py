@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 _controller: tuple[int, Any] | None = None
+_pools: dict[int, Any] = {}
 
 
 def usable_cores() -> int:
@@ -58,6 +59,20 @@ def controller() -> Any:
     if _controller is None or _controller[0] != n_modules:
         _controller = (n_modules, ThreadpoolController())
     return _controller[1]
+
+
+def worker_pool(workers: int) -> Any:
+    """A process-wide ``ThreadPoolExecutor`` with ``workers`` threads, created once.
+
+    Starting a pool's threads cost ~3 ms each on the 2-core VM (12 ms of a 0.25 s spectral
+    analysis); idle workers wait on a queue and exit with the interpreter.
+    """
+    pool = _pools.get(workers)
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="nndiag")
+    return pool
 
 
 @contextlib.contextmanager

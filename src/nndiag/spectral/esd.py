@@ -141,7 +141,7 @@ def _lapack_stacks(stacks: list[np.ndarray], precision: str) -> list[np.ndarray]
         i, b = job
         outs[i][b] = _lapack_one(stacks[i][b], precision)
 
-    from nndiag._utils.threads import controller
+    from nndiag._utils.threads import controller, worker_pool
 
     if workers <= 1:
         # a lone matrix below 2048² gains nothing from BLAS threads here (a 768² float64 solve
@@ -152,10 +152,8 @@ def _lapack_stacks(stacks: list[np.ndarray], precision: str) -> list[np.ndarray]
             for job in jobs:
                 run(job)
         return outs
-    from concurrent.futures import ThreadPoolExecutor
-
-    with controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        list(pool.map(run, jobs))
+    with controller().limit(limits=1, user_api="blas"):
+        list(worker_pool(workers).map(run, jobs))
     return outs
 
 

@@ -169,37 +169,32 @@ def ks_distances(x: np.ndarray, alphas: np.ndarray, candidates: np.ndarray | Non
     return D
 
 
-def _bounds(x: np.ndarray, alphas: np.ndarray, cand: np.ndarray, stride: int
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Lower and upper bounds of ``D_i`` from the tail sampled every ``stride`` values.
-
-    The lower bound is the KS maximum over the sampled points (a subset). Between two
-    consecutive samples ``a < b`` both CDFs are non-decreasing, so
-    ``|F(x_k) − e_k| ≤ max(F(x_b) − e_a, e_b − F(x_a))`` bounds every skipped point.
-    """
+def _lower_bounds(x: np.ndarray, alphas: np.ndarray, cand: np.ndarray, stride: int) -> np.ndarray:
+    """Lower bounds of ``D_i``: the KS maximum over the tail sampled every ``stride`` values
+    (a subset of the points the exact ``D_i`` maximises over)."""
     n = x.size
     logx = np.log(x)
     grid = np.unique(np.r_[np.arange(0, n, stride), n - 1])
     lb = np.empty(cand.size)
-    ub = np.empty(cand.size)
     step = max(1, _BLOCK_ELEMS // max(1, grid.size))
     for b0 in range(0, cand.size, step):
         blk = cand[b0 : b0 + step]
-        valid = grid[None, :] > blk[:, None]
-        rel = np.where(valid, logx[None, grid] - logx[blk, None], 0.0)
-        F = -np.expm1((1.0 - alphas[blk])[:, None] * rel)
-        E = np.where(valid, (grid[None, :] - blk[:, None]) / (n - blk)[:, None].astype(np.float64), 0.0)
-        lb[b0 : b0 + step] = np.abs(F - E).max(axis=1)
-        up = np.maximum(F[:, 1:] - E[:, :-1], E[:, 1:] - F[:, :-1])
-        ub[b0 : b0 + step] = np.maximum(up.max(axis=1), lb[b0 : b0 + step])
-    return lb, ub
+        # points at or below x_i contribute 0: clip both terms there instead of masking
+        rel = np.maximum(logx[None, grid] - logx[blk, None], 0.0)
+        rel *= (1.0 - alphas[blk])[:, None]
+        F = np.expm1(rel, out=rel)  # −F(x_k)
+        E = np.maximum(grid[None, :] - blk[:, None], 0) / (n - blk)[:, None].astype(np.float64)
+        F += E  # E − F
+        np.abs(F, out=F)
+        lb[b0 : b0 + step] = F.max(axis=1)
+    return lb
 
 
 def ks_distances_pruned(x: np.ndarray, alphas: np.ndarray, cand: np.ndarray) -> np.ndarray:
     """:func:`ks_distances` for the candidates that can be the argmin; ``inf`` for the others.
 
-    Candidates whose lower bound exceeds the smallest upper bound (see :func:`_bounds`)
-    cannot have the smallest ``D`` and are skipped; the rest are computed exactly,
+    Candidates whose lower bound (:func:`_lower_bounds`) exceeds the exact ``D`` of another
+    candidate cannot have the smallest ``D`` and are skipped; the rest are computed exactly,
     so the chosen candidate and its ``D`` equal the full computation's.
     """
     n = x.size
@@ -214,11 +209,12 @@ def ks_distances_pruned(x: np.ndarray, alphas: np.ndarray, cand: np.ndarray) -> 
     for st in (stride, stride // 4):  # a coarse pass, then a finer one on the survivors
         if st < 8 and st != stride:
             break
-        lb, ub = _bounds(x, alphas, gc, st)
-        # the exact D of the most promising candidates (smallest lower bounds, O(n) each) is a
-        # much tighter bar than the sampled upper bounds: 4-5x less work on 4,608-value ESDs
+        lb = _lower_bounds(x, alphas, gc, st)
+        # the exact D of the most promising candidates (smallest lower bounds, O(n) each) is an
+        # attained value, so no candidate whose lower bound exceeds it can be the argmin (a
+        # tighter bar than sampled upper bounds, and half the work of computing those)
         top = gc[np.argsort(lb, kind="stable")[:_EXACT_TOP]]
-        best = min(best, float(ub.min()), float(ks_distances(x, alphas, top)[top].min()))
+        best = min(best, float(ks_distances(x, alphas, top)[top].min()))
         gc = gc[lb <= best * (1 + 1e-9) + 1e-15]
         if gc.size <= 64:
             break
