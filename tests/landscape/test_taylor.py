@@ -267,3 +267,19 @@ def test_token_model_quadratic_forms_and_split_trace():
         r = hessian_spectrum(m, (x, y), top_k=0, trace=True, trace_rtol=0.02, trace_probes=4000, dtype=F64)
         assert r.params["trace_method"] == "split"
         assert abs(r.trace - np.trace(H)) < 4 * r.trace_stderr
+
+
+def test_split_trace_does_not_depend_on_timing(monkeypatch):
+    # the allocation uses counted costs: a seed gives the same probes however long each took
+    import itertools
+
+    from nndiag.landscape import split_trace as st
+
+    model, x, y, _ = _setup("tanh-mlp")
+    first = hessian_spectrum(model, (x, y), top_k=0, trace=True, trace_probes=60, trace_rtol=None, seed=3)
+    ticks = itertools.count()
+    monkeypatch.setattr(st.time, "perf_counter", lambda: float(next(ticks) ** 2))  # erratic "durations"
+    second = hessian_spectrum(model, (x, y), top_k=0, trace=True, trace_probes=60, trace_rtol=None, seed=3)
+    assert second.trace == first.trace and second.trace_stderr == first.trace_stderr
+    p1, p2 = first.trace_estimate.parts, second.trace_estimate.parts
+    assert (p1["parameter_probes"], p1["output_probes"]) == (p2["parameter_probes"], p2["output_probes"])

@@ -20,8 +20,8 @@ On ResNet20 (128 CIFAR-10 test images) the per-probe standard deviations were 19
 ``zᵀRz``, 621 for the output-space Gauss–Newton probe (0.17 s each, 2 CPU threads) and
 908 for Hutchinson's ``zᵀHz`` — so at equal standard error the split needs a fraction of
 Hutchinson's time. :func:`split_trace` starts with a few probes of each kind and then
-spends each next block where it lowers the variance most per second, until the standard
-error ``√(s²_G/m_G + s²_R/m_R)`` is at most ``rtol · |estimate|`` or the probe budget is
+spends each next block where it lowers the variance most per unit of (counted, not timed)
+cost, until the standard error is at most ``rtol · |estimate|`` or the probe budget is
 spent.
 
 The Gauss–Newton factor ``A_n`` is known in closed form for the mean cross-entropy
@@ -120,6 +120,15 @@ def _merged(data: Batches, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor,
     return out
 
 
+#: Relative cost of one probe in passes over the network, for the allocation. A wall-clock
+#: measure would make the estimate depend on machine load (same seed, different probes);
+#: these counts are deterministic: a first-order parameter probe runs ``W∗ẋ`` and ``Ż∗x``,
+#: a second-order one twice that, an output-space probe one backward (input and weight
+#: gradients). Measured on ResNet20 (128 images, 2 CPU threads): 0.17–0.20, 0.41–0.44 and
+#: 0.19–0.29 s per probe.
+COST_PARAM_FIRST, COST_PARAM_SECOND, COST_OUTPUT = 1.0, 2.0, 1.0
+
+
 def _combined(r: np.ndarray, g: np.ndarray, o: np.ndarray, m_r: int | None = None,
               m_o: int | None = None) -> tuple[float, float]:
     """The weight ``λ`` and the variance of ``mean(r) + λ·mean(g) + (1−λ)·mean(o)``.
@@ -163,8 +172,9 @@ def split_trace(
     ``mean(zᵀRz) + λ·mean(zᵀGz) + (1−λ)·mean(o)`` with the variance-minimising ``λ ∈ [0, 1]``
     (plug-in, from the samples): ``λ = 1`` is Hutchinson's estimator, ``λ = 0`` the pure
     split. After two blocks of each kind, every next block goes to the kind that lowers
-    the variance most per second (seconds per probe from each kind's latest block), until
-    the standard error is at most ``rtol · |estimate|`` or ``n_probes`` are spent.
+    the variance most per unit of cost (:data:`COST_PARAM_FIRST` …: pass counts, not
+    seconds, so that a seed gives the same estimate on any machine and load), until the
+    standard error is at most ``rtol · |estimate|`` or ``n_probes`` are spent.
 
     Parameters
     ----------
@@ -197,22 +207,24 @@ def split_trace(
     block = max(2, min(block, n_probes // 4))
     gen = generator or torch.Generator().manual_seed(0)
     dev = torch.device(device)
+    second = not forms.residual_vanishes
+    cost_param = COST_PARAM_SECOND if second else COST_PARAM_FIRST
     r_s: list[float] = []
     g_s: list[float] = []
     o_s: list[float] = []
-    recent = {"param": 0.0, "output": 0.0}  # seconds per probe of each kind's latest block
+    recent = {"param": 0.0, "output": 0.0}  # seconds per probe of each kind's latest block (reported)
 
     def step(kind: str, k: int) -> None:
         t = time.perf_counter()
         if kind == "param":
-            r, g = forms.parts(_rademacher(k, dim, gen, dtype, dev), second_order=not forms.residual_vanishes)
+            r, g = forms.parts(_rademacher(k, dim, gen, dtype, dev), second_order=second)
             r_s.extend(r.cpu().tolist())
             g_s.extend(g.cpu().tolist())
         else:
             o_s.extend(gauss_newton(k, gen).tolist())  # type: ignore[misc]
         recent[kind] = (time.perf_counter() - t) / k
 
-    # the first block of each kind pays one-off costs (vmap set-up, allocator): time a second
+    # two blocks of each kind before the variances steer
     kinds = ("param", "output", "param", "output") if gauss_newton is not None else ("param",)
     for kind in kinds:
         if len(r_s) + len(o_s) + block <= n_probes or not r_s:
@@ -231,8 +243,8 @@ def split_trace(
         if gauss_newton is None or len(o) < 2:
             step("param", k)
             continue
-        gain_p = (var - _combined(r, g, o, m_r=len(r) + k)[1]) / max(recent["param"], 1e-9)
-        gain_o = (var - _combined(r, g, o, m_o=len(o) + k)[1]) / max(recent["output"], 1e-9)
+        gain_p = (var - _combined(r, g, o, m_r=len(r) + k)[1]) / cost_param
+        gain_o = (var - _combined(r, g, o, m_o=len(o) + k)[1]) / COST_OUTPUT
         step("param" if gain_p >= gain_o else "output", k)
     r, g, o = arrays()
     lam, var = _combined(r, g, o)
