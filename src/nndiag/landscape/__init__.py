@@ -6,7 +6,9 @@ Public entry points (imported lazily):
 * :class:`HessianOperator` — Hessian-vector products of a model's loss;
 * :func:`surface` — 1-D / 2-D loss landscapes around the weights;
 * pure kernels: :func:`eigsh`, :func:`hutchinson`, :func:`hutchpp`, :func:`xtrace`, :func:`slq`,
-  :func:`spectrum_criteria`.
+  :func:`spectrum_criteria`;
+* the split trace: :class:`QuadraticForms` (``zᵀHz`` by second-order forward passes),
+  :class:`GaussNewtonProbes` (output-space probes of the Gauss–Newton trace), :func:`split_trace`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ _LAZY: dict[str, str] = {
     "hutchpp": "nndiag.landscape.trace",
     "xtrace": "nndiag.landscape.trace",
     "exact_trace": "nndiag.landscape.trace",
+    "QuadraticForms": "nndiag.landscape.taylor",
+    "GaussNewtonProbes": "nndiag.landscape.split_trace",
+    "split_trace": "nndiag.landscape.split_trace",
     "slq": "nndiag.landscape.density",
     "Density": "nndiag.landscape.density",
     "spectrum_criteria": "nndiag.landscape.criteria",
