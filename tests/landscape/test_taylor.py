@@ -71,6 +71,21 @@ class _Twice(nn.Module):
         return self.out(torch.relu(self.mid(torch.relu(self.mid(torch.relu(self.inp(x)))))))
 
 
+class _Pads(nn.Module):
+    """Reflect padding, constant padding with a non-zero value, a slice, a scalar offset and a
+    functional leaky ReLU with its own slope."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv, self.head = nn.Conv2d(1, 2, 3), nn.Linear(2 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(F.pad(x, (1, 1, 1, 1), mode="reflect")))
+        h = F.pad(h, (1, 1, 1, 1), value=0.5)
+        return self.head(F.leaky_relu(h[:, :, 1:-1, 1:-1].flatten(1) + 1.0, 0.2))
+
+
 def _resnet_like() -> nn.Module:
     torch.manual_seed(6)
     return _ResNetLike()
@@ -83,6 +98,7 @@ MODELS = {
     "resnet-shortcut": (_resnet_like, "cnn"),
     "gelu-silu-sigmoid-leaky-mlp": (_smooth_mlp, "mlp"),
     "shared-layer": (_Twice, "mlp"),
+    "pad-modes": (_Pads, "cnn"),
 }
 
 

@@ -184,10 +184,8 @@ class HessianOperator:
         self._set_mode()
         self.folded: Folded | None = None  # decided at the first graph (:meth:`_forward`)
         self._fold_pending = self.mode == "eval"
-        if cache and lazy:
-            self.loss_value = self._forward_check()
-        else:
-            self.loss_value = self._build() if cache else self._check()
+        # eager: the graphs now (their losses validated); lazy or uncached: one checked forward
+        self.loss_value = self._build() if cache and not lazy else self._forward_check()
 
     # --- set-up ---------------------------------------------------------------------
     def _set_mode(self) -> None:
@@ -252,14 +250,6 @@ class HessianOperator:
                 graphs.append(g)
                 total += lv
         self._graphs = graphs
-        return total
-
-    def _check(self) -> float:
-        total = 0.0
-        with torch.enable_grad():
-            for (xb, yb), w in zip(self.data.batches, self.data.weights, strict=True):
-                _, lv = self._grad(xb, yb, w, check=True)
-                total += lv
         return total
 
     @full_precision

@@ -328,7 +328,8 @@ def hessian_spectrum(
     t0 = time.perf_counter()
     with limit_threads(threads), preserved(model, values=True):
         op = HessianOperator(model, data, loss=loss, n_samples=n_samples, batch_size=batch_size,
-                             seed=seed, device=device, dtype=dtype, mode=mode, engine=hvp_engine, lazy=True)
+                             seed=seed, device=device, dtype=dtype, mode=mode, engine=hvp_engine,
+                             lazy=top_k + bottom_k == 0 and not density)  # the trace may need no product
         timing["setup"] = time.perf_counter() - t0
         dev = op.device
         gen = torch_generator(seed)

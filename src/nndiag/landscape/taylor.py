@@ -74,10 +74,10 @@ _LINEAR_MODULES = (
 )
 
 
-def _derivs(kind: str, x: torch.Tensor, module: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``f'(x)`` and ``f''(x)`` (None where it is zero) of an elementwise activation."""
+def _derivs(kind: str, x: torch.Tensor, slope: float = 0.01) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``f'(x)`` and ``f''(x)`` (None where it is zero) of an elementwise activation
+    (``slope``: LeakyReLU's negative slope)."""
     if kind == "leaky_relu":
-        slope = module.negative_slope if module is not None else 0.01
         return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope)), None
     if kind == "tanh":
         t = torch.tanh(x)
@@ -286,8 +286,8 @@ class QuadraticForms:
         env: dict[Any, Any] = {}
         with torch.no_grad():
             for node in self.nodes:
-                if node.op == "placeholder":
-                    env[node] = x if not env else (node.args[0] if node.args else None)
+                if node.op == "placeholder":  # the data; further inputs take their defaults
+                    env[node] = x if node is self.nodes[0] else (node.args[0] if node.args else None)
                 elif node.op == "output":
                     env[node] = env[node.args[0]]
                 else:
@@ -440,9 +440,7 @@ class QuadraticForms:
         if op == "call_module":
             m = self.modules[node.target]
             if type(m) in _CONVS or type(m) is nn.Linear:
-                return self._affine(m, node.args[0], P, T, dirs.get(f"{node.target}.weight"),
-                                    dirs.get(f"{node.target}.bias"), k,
-                                    self._tensor_attr(f"{node.target}.weight"), node.target)
+                return self._affine(m, node, P, T, dirs, k)
             if isinstance(m, _BNS):
                 return self._bn(node, m, P, T, dirs, k)
             if type(m) is nn.Embedding:  # rows picked by fixed ids: linear in the weights
@@ -462,7 +460,7 @@ class QuadraticForms:
             if type(m) is nn.ReLU:
                 return T[a] * (P[a] > 0)
             if type(m) in _ACT_MODULES:
-                return self._act(_ACT_MODULES[type(m)], P[a], T[a], k, m)
+                return self._act(_ACT_MODULES[type(m)], P[a], T[a], k, getattr(m, "negative_slope", 0.01))
             if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
                 return self._gather(T[a], P[(node, "indices")])
             if isinstance(m, nn.modules.dropout._DropoutNd):
@@ -481,7 +479,8 @@ class QuadraticForms:
             a = node.args[0]
             return T[a] * (P[a] > 0)
         if t in _ACT_FUNCS:
-            return self._act(_ACT_FUNCS[t], P[node.args[0]], T[node.args[0]], k)
+            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
+            return self._act(_ACT_FUNCS[t], P[node.args[0]], T[node.args[0]], k, slope)
         if t in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
             return self._gather(T[node.args[0]], P[(node, "indices")])
         if t is F.dropout:
@@ -517,9 +516,11 @@ class QuadraticForms:
             kwargs = _subst(node.kwargs, lambda n: lookup[n] if n in lookup else const(n))
             if joint:
                 args = tuple(0 if isinstance(a, (int, float)) and not isinstance(a, bool) else a for a in args)
-            if fn is F.pad:
-                kwargs = {**kwargs, "value": 0.0}
-                args = args[:3]
+            if fn is F.pad:  # the derivative of a padded value is padded with zeros (any mode copies)
+                mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+                args, kwargs = args[:2], {"mode": mode}
+                if mode == "constant":
+                    kwargs["value"] = 0.0
             return fn(*args, **kwargs)
 
         out = vmap(call)(*[T[a] for a in var])
@@ -535,8 +536,8 @@ class QuadraticForms:
         return src.gather(3, ix).reshape((t.shape[0],) + tuple(idx.shape))
 
     @staticmethod
-    def _act(kind: str, x: torch.Tensor, t: torch.Tensor, k: int, module: nn.Module | None = None) -> torch.Tensor:
-        d1, d2 = _derivs(kind, x, module)
+    def _act(kind: str, x: torch.Tensor, t: torch.Tensor, k: int, slope: float = 0.01) -> torch.Tensor:
+        d1, d2 = _derivs(kind, x, slope)
         out = t * d1
         if d2 is not None:
             if len(out) > k:
@@ -560,14 +561,17 @@ class QuadraticForms:
             out[k:] += 2 * ta[:k] * tb[:k]
         return out
 
-    def _affine(self, m: nn.Module, a: Any, P: dict[Any, Any], T: dict[Any, Any], zw: torch.Tensor | None,
-                zb: torch.Tensor | None, k: int, w: torch.Tensor, name: str) -> torch.Tensor | None:
+    def _affine(self, m: nn.Module, node: Any, P: dict[Any, Any], T: dict[Any, Any], dirs: dict[str, torch.Tensor],
+                k: int) -> torch.Tensor | None:
         """Convolution or linear layer: ``ẏ = W∗ẋ + Ż∗x + ż_b``, ``ÿ = W∗ẍ + 2 Ż∗ẋ``."""
+        a = node.args[0]
         ta, x = T.get(a), P[a]
+        zw, zb = dirs.get(f"{node.target}.weight"), dirs.get(f"{node.target}.bias")
         if ta is None and zw is None and zb is None:
             return None
+        w = self._tensor_attr(f"{node.target}.weight")
         conv = type(m) in _CONVS
-        out_shape = tuple(P[self._node_of(name)].shape)
+        out_shape = tuple(P[node].shape)
 
         def apply(inp: torch.Tensor, weight: torch.Tensor, groups: int | None = None) -> torch.Tensor:
             if not conv:
@@ -599,11 +603,6 @@ class QuadraticForms:
             res[:k] += zb.reshape((k, 1, -1) + (1,) * (len(out_shape) - 2)) if conv else zb.reshape(
                 (k,) + (1,) * (len(out_shape) - 1) + (-1,))
         return res
-
-    def _node_of(self, target: str) -> Any:
-        if not hasattr(self, "_by_target"):
-            self._by_target = {n.target: n for n in self.nodes if n.op == "call_module"}
-        return self._by_target[target]
 
     def _bn(self, node: Any, m: nn.Module, P: dict[Any, Any], T: dict[Any, Any], dirs: dict[str, torch.Tensor],
             k: int) -> torch.Tensor | None:
