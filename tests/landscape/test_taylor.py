@@ -42,21 +42,23 @@ class _ResNetLike(nn.Module):
         self.head = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block(torch.relu(self.stem(x)))
+        out = self.block(F.relu(self.stem(x), inplace=True))
         out = F.adaptive_avg_pool2d(out, 1).view(out.size(0), -1)
         return self.head(self.drop(out))
 
 
 def _relu_cnn() -> nn.Module:
+    """In-place ReLU after BatchNorm: the primal pass must keep BatchNorm's output for the mask."""
     torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Dropout(0.2), nn.Linear(3 * 4 * 4, 4))
 
 
 def _smooth_mlp() -> nn.Module:
     torch.manual_seed(4)
-    return nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 6), nn.Sigmoid(),
-                         nn.Linear(6, 5), nn.LeakyReLU(0.1), nn.Linear(5, 4))
+    # SiLU in place: its derivative needs the pre-activation, which the primal pass must keep
+    return nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 8), nn.SiLU(inplace=True), nn.Linear(8, 6),
+                         nn.Sigmoid(), nn.Linear(6, 5), nn.LeakyReLU(0.1), nn.Linear(5, 4))
 
 
 class _Twice(nn.Module):
@@ -300,3 +302,28 @@ def test_split_trace_does_not_depend_on_timing(monkeypatch):
     assert second.trace == first.trace and second.trace_stderr == first.trace_stderr
     p1, p2 = first.trace_estimate.parts, second.trace_estimate.parts
     assert (p1["parameter_probes"], p1["output_probes"]) == (p2["parameter_probes"], p2["output_probes"])
+
+
+def test_active_functional_dropout_is_refused():
+    class Drop(nn.Module):
+        def __init__(self, training: bool | None) -> None:
+            super().__init__()
+            self.lin, self.flag = nn.Linear(6, 4), training
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.flag is None:
+                return F.dropout(self.lin(x), 0.3)  # training defaults to True: random masks
+            return F.dropout(self.lin(x), 0.3, training=self.flag)
+
+    x, y = tiny_data("mlp")
+    for flag, refused in ((None, True), (True, True), (False, False)):
+        model = Drop(flag).double().eval()
+        op = HessianOperator(model, (x, y), dtype=F64, lazy=True)
+        if refused:
+            with pytest.raises(Unsupported, match="dropout"):
+                QuadraticForms(model, op.params, op.buffers, op.data, op.loss_fn)
+        else:
+            qf = QuadraticForms(model, op.params, op.buffers, op.data, op.loss_fn)
+            Z = (torch.randint(0, 2, (3, op.dim), generator=torch.Generator().manual_seed(0)) * 2 - 1).to(F64)
+            H = dense_hessian(model, x, y)
+            np.testing.assert_allclose(qf(Z).numpy(), np.einsum("ki,ij,kj->k", Z.numpy(), H, Z.numpy()), rtol=1e-9)

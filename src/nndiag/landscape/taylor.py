@@ -108,6 +108,21 @@ _ACT_FUNCS: dict[Any, str] = {
 _ACT_METHODS = {"tanh": "tanh", "sigmoid": "sigmoid"}
 
 
+def _in_place(fn: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether a call of an activation/dropout function writes into its input."""
+    if kwargs.get("inplace") is True:
+        return True
+    position = {F.relu: 1, F.silu: 1, F.leaky_relu: 2, F.dropout: 3}.get(fn)
+    return position is not None and len(args) > position and args[position] is True
+
+
+def _dropout_active(node: Any) -> bool:
+    """Whether an ``F.dropout`` call node drops anything (``training`` true and ``p > 0``)."""
+    names = ("input", "p", "training", "inplace")
+    given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    return bool(given.get("training", True)) and given.get("p", 0.5) != 0
+
+
 def _is_node(a: object) -> bool:
     return hasattr(a, "op") and hasattr(a, "users")
 
@@ -234,6 +249,8 @@ class QuadraticForms:
                          or t in _CONVS.values())
                 if not known:
                     raise Unsupported(f"function '{getattr(t, '__name__', t)}'")
+                if t is F.dropout and _dropout_active(node):
+                    raise Unsupported("F.dropout with training=True (random masks)")
             elif node.op == "call_method":
                 if node.target not in _LINEAR_METHODS | _SHAPE_METHODS | {"relu", "mul", "div"} | set(_ACT_METHODS):
                     raise Unsupported(f"method '{node.target}'")
@@ -313,8 +330,12 @@ class QuadraticForms:
             t = node.target
             if t in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
                 return t(*args, **{**kwargs, "return_indices": True})
+            if _in_place(t, args, kwargs):  # keep the input's primal value: its rule needs it
+                args = (args[0].clone(),) + tuple(args[1:])
             return t(*args, **kwargs)
         m = self.modules[node.target]
+        if getattr(m, "inplace", False) is True:
+            args = (args[0].clone(),) + tuple(args[1:])
         if type(m) in _CONVS:
             w, b = self._tensor_attr(f"{node.target}.weight"), self._tensor_attr(f"{node.target}.bias")
             return m._conv_forward(args[0], w, b)
