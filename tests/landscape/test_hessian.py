@@ -308,3 +308,36 @@ def test_folded_products_equal_dense_hessian_of_the_batchnorm_model():
     train = HessianOperator(model, (x, y), batch_size=30, dtype=F64, mode="train")
     train.matvec(V[0])
     assert train.folded is None  # batch statistics: nothing to fold
+
+
+def test_attention_models_get_second_derivatives():
+    # PyTorch's fused CPU attention kernel has no double backward; the products run attention
+    # through the math kernel (top eigenvalues and trace against the dense Hessian)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ._dense import token_data
+
+    torch.manual_seed(0)
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1,
+                                             enable_nested_tensor=False)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(self.emb(x)).mean(1))
+
+    model = Tiny().double().eval()
+    x, y = token_data(n=24)
+    with sdpa_kernel([SDPBackend.MATH]):
+        H = dense_hessian(model, x, y)
+    evals = np.linalg.eigvalsh(H)[::-1]
+    r = hessian_spectrum(model, (x, y), top_k=2, trace=True, trace_method="exact", dtype=F64)
+    np.testing.assert_allclose(r.eigenvalues, evals[:2], rtol=1e-4)
+    assert r.trace == pytest.approx(np.trace(H), rel=1e-8)
+    assert r.params["trace_method"] == "exact"
+    auto = hessian_spectrum(model, (x, y), top_k=0, trace=True, trace_probes=30, dtype=F64)
+    assert auto.params["trace_method"] == "hutchpp"  # attention: no second-order forward rules

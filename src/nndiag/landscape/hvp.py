@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nndiag._utils.device import model_device, resolve_device
 from nndiag._utils.precision import full_precision
@@ -230,7 +231,10 @@ class HessianOperator:
 
     def _grad(self, xb: torch.Tensor, yb: torch.Tensor, w: float, check: bool) -> tuple[torch.Tensor, float]:
         module, tensors = self._forward()
-        loss = checked_loss(module, tensors, xb, yb, self.loss_fn, check=check)
+        # attention through the math kernel: the fused CPU/flash kernels have no double backward
+        # ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented")
+        with sdpa_kernel([SDPBackend.MATH]):
+            loss = checked_loss(module, tensors, xb, yb, self.loss_fn, check=check)
         grads = torch.autograd.grad(loss * w, list(self.params.values()), create_graph=True,
                                     allow_unused=True)
         flat = torch.cat([
@@ -316,7 +320,8 @@ class HessianOperator:
             for (xb, yb), w in zip(self.data.batches, self.data.weights, strict=True):
                 def loss(p: dict[str, torch.Tensor], xb: torch.Tensor = xb, yb: torch.Tensor = yb,
                          w: float = w) -> torch.Tensor:
-                    out = functional_call(self.model, {**self.buffers, **p}, (xb,), strict=False)
+                    with sdpa_kernel([SDPBackend.MATH]):  # forward-mode AD through attention, as in _grad
+                        out = functional_call(self.model, {**self.buffers, **p}, (xb,), strict=False)
                     return self.loss_fn(out, yb) * w
 
                 grads.append(grad(loss))
