@@ -136,3 +136,18 @@ def test_landscape_strategies_on_cuda_equal_the_cpu_loop(strategy):
     if strategy == "graph":
         assert gpu.params["strategy"] == "graph"
     torch.testing.assert_close(torch.as_tensor(gpu.losses), torch.as_tensor(ref.losses), rtol=1e-9, atol=1e-12)
+
+
+def test_split_trace_on_cuda_matches_the_exact_trace():
+    # second-order forward passes and output-space probes with the model on the GPU
+    from nndiag.landscape import HessianOperator, exact_trace, hessian_spectrum
+
+    net, (x, y) = _cnn(), _xy(24)
+    net = net.double().eval()
+    exact = exact_trace(HessianOperator(net, (x, y), dtype=torch.float64).matmat,
+                        sum(p.numel() for p in net.parameters()), block=64, dtype=torch.float64).value
+    gpu = copy.deepcopy(net).cuda()
+    r = hessian_spectrum(gpu, (x, y), top_k=0, trace=True, trace_rtol=0.02, trace_probes=4000,
+                         dtype=torch.float64)
+    assert r.params["trace_method"] == "split" and r.meta["device"].startswith("cuda")
+    assert abs(r.trace - exact) < 4 * r.trace_stderr
