@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,16 @@ _PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
 
 #: Errors a rewritten copy may raise where the model itself runs; the caller then keeps the model.
 FALLBACK_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+
+
+def reproduces(compute: Callable[[], float], reference: float) -> bool:
+    """Whether a rewritten copy's loss (``compute()``) equals the model's own ``reference``
+    to 1e-4 relative without raising one of :data:`FALLBACK_ERRORS`."""
+    try:
+        value = compute()
+    except FALLBACK_ERRORS:
+        return False
+    return abs(value - reference) <= 1e-4 * max(1.0, abs(reference))
 
 
 @dataclass

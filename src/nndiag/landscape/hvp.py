@@ -62,7 +62,7 @@ from nndiag.landscape._setup import (
     trainable,
 )
 from nndiag.landscape.blocking import auto_batches
-from nndiag.landscape.fold import FALLBACK_ERRORS, Folded, inference_copy
+from nndiag.landscape.fold import FALLBACK_ERRORS, Folded, inference_copy, reproduces
 
 ENGINES = ("auto", "double-backward", "forward-over-reverse")
 #: Examples per forward when ``batch_size=None`` and the size rule does not apply (train mode, GPU).
@@ -209,13 +209,16 @@ class HessianOperator:
         if folded is None or not folded.pairs:
             return None
         xb, yb = self.data.batches[0]
-        try:
+
+        def first_batch(module: nn.Module, tensors: dict[str, torch.Tensor]) -> float:
             with torch.no_grad():
-                ref = float(self.loss_fn(functional_call(self.model, self._tensors(), (xb,)), yb))
-                got = float(self.loss_fn(functional_call(folded.module, self._folded_tensors(folded), (xb,)), yb))
-        except FALLBACK_ERRORS:
+                return float(self.loss_fn(functional_call(module, tensors, (xb,)), yb))
+
+        try:
+            ref = first_batch(self.model, self._tensors())
+        except FALLBACK_ERRORS:  # the model's own error: checked_loss reports it in one line
             return None
-        return folded if abs(got - ref) <= 1e-4 * max(1.0, abs(ref)) else None
+        return folded if reproduces(lambda: first_batch(folded.module, self._folded_tensors(folded)), ref) else None
 
     def _folded_tensors(self, folded: Folded) -> dict[str, torch.Tensor]:
         return {**self.buffers, **folded.params(self.params, self.buffers)}

@@ -97,7 +97,7 @@ class GaussNewtonProbes:
         for i in range(k):
             for logits, a in self.graphs:
                 eps = _rademacher(1, logits.numel(), generator, logits.dtype, logits.device).reshape(logits.shape)
-                cot = eps * a if a.shape == logits.shape else torch.einsum("ncd,nd->nc", a, eps)
+                cot = torch.einsum("ncd,nd->nc", a, eps)
                 grads = torch.autograd.grad(logits, plist, cot, retain_graph=True, allow_unused=True)
                 out[i] += sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
         return out
@@ -147,6 +147,12 @@ def _combined(r: np.ndarray, g: np.ndarray, o: np.ndarray, m_r: int | None = Non
     den = v_g / m_r + v_o / m_o
     lam = 1.0 if den <= 0 else min(1.0, max(0.0, (v_o / m_o - c / m_r) / den))
     return lam, (v_r + 2 * lam * c + lam * lam * v_g) / m_r + (1 - lam) ** 2 * v_o / m_o
+
+
+def _estimate(r: np.ndarray, g: np.ndarray, o: np.ndarray, lam: float) -> tuple[float, float]:
+    """The trace and its Gauss–Newton part for weight ``λ`` (see :func:`split_trace`)."""
+    gauss_newton = float(lam * g.mean() + ((1 - lam) * o.mean() if len(o) else 0.0))
+    return float(r.mean()) + gauss_newton, gauss_newton
 
 
 def split_trace(
@@ -236,7 +242,7 @@ def split_trace(
     while len(r_s) + len(o_s) < n_probes:
         r, g, o = arrays()
         lam, var = _combined(r, g, o)
-        est = float(r.mean() + lam * g.mean() + ((1 - lam) * o.mean() if len(o) else 0.0))
+        est = _estimate(r, g, o, lam)[0]
         if rtol is not None and math.sqrt(var) <= rtol * abs(est):
             break
         k = min(block, n_probes - len(r_s) - len(o_s))
@@ -248,12 +254,11 @@ def split_trace(
         step("param" if gain_p >= gain_o else "output", k)
     r, g, o = arrays()
     lam, var = _combined(r, g, o)
-    gn_est = float(lam * g.mean() + ((1 - lam) * o.mean() if len(o) else 0.0))
+    value, gn_est = _estimate(r, g, o, lam)
     parts = {
         "residual": float(r.mean()), "residual_vanishes": forms.residual_vanishes,
         "gauss_newton": gn_est, "weight_parameter_space": lam,
         "parameter_probes": len(r), "output_probes": len(o),
         "seconds_per_parameter_probe": recent["param"], "seconds_per_output_probe": recent["output"],
     }
-    return TraceEstimate(float(r.mean()) + gn_est, math.sqrt(max(var, 0.0)), r + g, len(r) + len(o), "split",
-                         parts=parts)
+    return TraceEstimate(value, math.sqrt(max(var, 0.0)), r + g, len(r) + len(o), "split", parts=parts)

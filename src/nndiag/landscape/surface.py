@@ -63,7 +63,7 @@ from nndiag.landscape.directions import (
     random_direction,
     toward,
 )
-from nndiag.landscape.fold import FALLBACK_ERRORS, Folded
+from nndiag.landscape.fold import FALLBACK_ERRORS, Folded, reproduces
 from nndiag.report.results import Finding, Result, provenance
 
 STRATEGIES = ("auto", "vmap", "loop", "threads", "graph")
@@ -322,19 +322,14 @@ class _Grid:
         return torch.stack(vals).reshape(-1)
 
 
-#: Errors that make a rewritten or bound copy fall back to the model itself.
-_FALLBACK_ERRORS = FALLBACK_ERRORS
-
-
 def _reproduces_origin(loss_at: Any, grid: _Grid, origin: float, n_dirs: int) -> bool:
     """Whether ``loss_at`` (coefficients → loss) gives the model's own loss at the origin
-    (1e-4 relative) without raising."""
-    try:
+    (:func:`~nndiag.landscape.fold.reproduces`)."""
+    def at_origin() -> float:
         with torch.inference_mode():
-            value = float(loss_at(next(iter(grid.base.values())).new_zeros(n_dirs)))
-    except _FALLBACK_ERRORS:
-        return False
-    return abs(value - origin) <= 1e-4 * max(1.0, abs(origin))
+            return float(loss_at(next(iter(grid.base.values())).new_zeros(n_dirs)))
+
+    return reproduces(at_origin, origin)
 
 
 def _fold(grid: _Grid, origin: float, n_dirs: int) -> tuple[int, int, int]:
@@ -361,7 +356,7 @@ def _bind(grid: _Grid, origin: float, n_dirs: int) -> bool:
     try:  # (a model that cannot be deep-copied stays on functional_call)
         grid.bound = BoundCopy(grid.model, grid.base, grid.dirs, grid.buffers, folded=grid.folded,
                                channels_last=grid.channels_last)
-    except _FALLBACK_ERRORS:
+    except FALLBACK_ERRORS:
         return False
     if grid.loss_fn is default_loss:
         grid.point_loss = cpu_cross_entropy

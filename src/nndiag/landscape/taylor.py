@@ -421,32 +421,30 @@ class QuadraticForms:
 
     def _loss_forms(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: float,
                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(⟨∇ℓ, z̈⟩, żᵀ∇²ℓ ż)`` per probe on the logits ``z`` (the first zero when only
+        first derivatives were carried)."""
         from torch.func import grad, jvp, vmap
 
-        if self._orders == 1:  # Gauss–Newton part only
-            d = t
-            if self.loss_fn in (default_loss, cpu_cross_entropy) and z.ndim == 2 and y.ndim == 1:
-                p = z.softmax(dim=1)
-                hz = (p * d - p * (p * d).sum(-1, keepdim=True)) * (w / len(y))
-            else:
-                hz = vmap(lambda v: jvp(grad(lambda u: self.loss_fn(u, y) * w), (z,), (v,))[1])(d)
-            return torch.zeros(k, dtype=z.dtype, device=z.device), (d * hz).flatten(1).sum(1)
-        if self.loss_fn in (default_loss, cpu_cross_entropy) and z.ndim == 2 and y.ndim == 1:
-            # mean cross-entropy: ∇ = (p − onehot)·w/N, ∇²d = (p⊙d − p (pᵀd))·w/N per row
+        d = t[:k]
+        ce = self.loss_fn in (default_loss, cpu_cross_entropy) and z.ndim == 2 and y.ndim == 1
+        if ce:  # mean cross-entropy: ∇ = (p − onehot)·w/N, ∇²d = (p⊙d − p (pᵀd))·w/N per row
             p = z.softmax(dim=1)
+            hz = (p * d - p * (p * d).sum(-1, keepdim=True)) * (w / len(y))
+        else:
+            def lossf(v: torch.Tensor) -> torch.Tensor:
+                return self.loss_fn(v, y) * w
+
+            hz = vmap(lambda v: jvp(grad(lossf), (z,), (v,))[1])(d)
+        gauss_newton = (d * hz).flatten(1).sum(1)
+        if self._orders == 1:
+            return torch.zeros_like(gauss_newton), gauss_newton
+        if ce:
             g = p.clone()
             g[torch.arange(len(y), device=y.device), y] -= 1
             g *= w / len(y)
-            d = t[:k]
-            hz = (p * d - p * (p * d).sum(-1, keepdim=True)) * (w / len(y))
-            return (t[k:] * g).flatten(1).sum(1), (d * hz).flatten(1).sum(1)
-
-        def lossf(v: torch.Tensor) -> torch.Tensor:
-            return self.loss_fn(v, y) * w
-
-        g = grad(lossf)(z)
-        hz = vmap(lambda d: jvp(grad(lossf), (z,), (d,))[1])(t[:k])
-        return (t[k:] * g).flatten(1).sum(1), (t[:k] * hz).flatten(1).sum(1)
+        else:
+            g = grad(lossf)(z)
+        return (t[k:] * g).flatten(1).sum(1), gauss_newton
 
     def _tangent(self, node: Any, P: dict[Any, Any], T: dict[Any, Any], dirs: dict[str, torch.Tensor],
                  k: int) -> torch.Tensor | None:
