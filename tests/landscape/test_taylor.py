@@ -327,3 +327,58 @@ def test_active_functional_dropout_is_refused():
             Z = (torch.randint(0, 2, (3, op.dim), generator=torch.Generator().manual_seed(0)) * 2 - 1).to(F64)
             H = dense_hessian(model, x, y)
             np.testing.assert_allclose(qf(Z).numpy(), np.einsum("ki,ij,kj->k", Z.numpy(), H, Z.numpy()), rtol=1e-9)
+
+
+class _FunctionalHead(nn.Module):
+    """The output layer as ``F.linear`` with its own parameter (a tied-head pattern): the split
+    trace's tangent rules meet the varying weight only at the first probe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.body = nn.Linear(6, 8)
+        self.head = nn.Parameter(torch.randn(4, 8) / 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.relu(self.body(x)), self.head)
+
+
+def test_split_found_unsupported_at_the_first_probe_falls_back_to_hutchpp():
+    model = _FunctionalHead().double().eval()
+    x, y = tiny_data("mlp", n=40)
+    exact = float(np.trace(dense_hessian(model, x, y)))
+    r = hessian_spectrum(model, (x, y), top_k=0, trace=True, trace_rtol=0.02, trace_probes=2000, dtype=F64)
+    assert r.params["trace_method"] == "hutchpp" and r.params["trace_method_requested"] == "auto"
+    assert abs(r.trace - exact) < 4 * r.trace_stderr
+    with pytest.raises(InputError, match="functional linear"):
+        hessian_spectrum(model, (x, y), top_k=0, trace=True, trace_method="split", dtype=F64)
+
+
+def test_split_trace_after_eigenvalues_and_density_frees_the_gradient_graphs(monkeypatch):
+    import importlib
+
+    spectrum = importlib.import_module("nndiag.landscape.spectrum")
+    model, x, y, _ = _setup("relu-bn-maxpool-cnn")
+    ops: list[HessianOperator] = []
+    seen: list[bool] = []
+    init = HessianOperator.__init__
+
+    def record_op(self, *a, **kw):
+        init(self, *a, **kw)
+        ops.append(self)
+
+    class Probes(GaussNewtonProbes):
+        def __init__(self, *a, **kw):
+            seen.append(ops[-1]._graphs is None)  # built after the operator's graphs were freed
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(HessianOperator, "__init__", record_op)
+    monkeypatch.setattr(spectrum, "GaussNewtonProbes", Probes)
+    H = dense_hessian(model, x, y)
+    ev = np.linalg.eigvalsh(H)
+    r = hessian_spectrum(model, (x, y), top_k=2, trace=True, density=True, slq_steps=20, trace_rtol=0.02,
+                         trace_probes=4000, dtype=F64, batch_size=16)
+    assert seen == [True] and r.params["trace_method"] == "split"
+    np.testing.assert_allclose(r.eigenvalues, ev[::-1][:2], rtol=1e-4)
+    assert abs(r.trace - np.trace(H)) < 4 * r.trace_stderr
+    assert abs(r.density.pooled()[1].sum() - 1) < 1e-6  # the density ran on the (then still cached) graphs

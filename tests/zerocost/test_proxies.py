@@ -102,6 +102,37 @@ def test_jacob_cov_and_nwot_match_numpy():
     assert P.nwot(net, x) == pytest.approx(np.linalg.slogdet(k)[1], rel=1e-10)
 
 
+class _FunctionalRelu(nn.Module):
+    """Two hidden layers with functional ReLUs (NASLib's module hooks see none of them)."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.style = nn.Linear(5, 30), nn.Linear(30, 20), nn.Linear(20, 3), style
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = torch.nn.functional.relu(h, inplace=True) if self.style == "inplace" else h.relu()
+        h = self.b(h)
+        return self.c(torch.relu(h) if self.style == "inplace" else nn.functional.relu(h))
+
+
+def test_nwot_counts_functional_relus_once_each():
+    x, _ = _xy(seed=4)
+    xs = x.double().numpy()
+    for style in ("inplace", "method"):
+        torch.manual_seed(4)
+        net = _FunctionalRelu(style)
+        w1, b1 = net.a.weight.detach().double().numpy(), net.a.bias.detach().double().numpy()
+        w2, b2 = net.b.weight.detach().double().numpy(), net.b.bias.detach().double().numpy()
+        pre1 = xs @ w1.T + b1
+        pre2 = np.maximum(pre1, 0) @ w2.T + b2
+        k = sum(c @ c.T + (1 - c) @ (1 - c).T for c in ((pre1 > 0) * 1.0, (pre2 > 0) * 1.0))
+        assert P.nwot(net, x) == pytest.approx(np.linalg.slogdet(k)[1], rel=1e-10)
+        # the same network with nn.ReLU modules (each calls F.relu: counted once, not twice)
+        seq = nn.Sequential(net.a, nn.ReLU(), net.b, nn.ReLU(), net.c)
+        assert P.nwot(seq, x) == pytest.approx(P.nwot(net, x), rel=1e-12)
+
+
 def test_params_flops_zen():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -167,6 +198,8 @@ def test_failures_become_rows_not_crashes():
         parse_proxies("gradsign,foo")
     with pytest.raises(AnalysisError, match="ReLU"):
         P.nwot(nn.Sequential(nn.Linear(5, 3)), x)
+    with pytest.raises(AnalysisError, match="ReLU"):  # other activations are not ReLU codes
+        P.nwot(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), x)
 
 
 def test_token_ids_stay_integers_and_integer_features_become_floats():

@@ -242,20 +242,49 @@ def _image_folder(path: Path) -> DataBundle:
     return _bundle(x, np.asarray(ys), str(path), len(classes), classes=classes)
 
 
+#: The ``normalize=`` choices (besides ``none``).
+NORMALIZATIONS = (*_NORMS, "standard")
+
+
+def normalize_inputs(x: torch.Tensor, how: str, *, name: str = "data") -> torch.Tensor:
+    """``x`` normalised as the ``normalize=`` DATA option does it.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Inputs, first axis = examples (integers are cast to float32 first).
+    how : {"none", "imagenet", "cifar", "standard"}
+        ``imagenet``/``cifar``: per-channel mean and std of those datasets (3-channel
+        images in [0, 1]); ``standard``: every feature to mean 0 and std 1 over ``x``.
+    name : str
+        The data's name, for error messages.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Examples
+    --------
+    >>> normalize_inputs(torch.tensor([[0.0], [2.0]]), "standard").flatten().tolist()
+    [-0.7071067690849304, 0.7071067690849304]
+    """
+    if how != "none" and not x.is_floating_point():
+        x = x.float()  # normalised integers are numeric features, not ids
+    if how in _NORMS:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise DataError(f"{name}: normalize={how} needs 3-channel images, got shape {tuple(x.shape)}")
+        mean, std = (torch.tensor(v, dtype=x.dtype).view(1, 3, 1, 1) for v in _NORMS[how])
+        return (x - mean) / std
+    if how == "standard":
+        return (x - x.mean(0, keepdim=True)) / x.std(0, keepdim=True).clamp_min(1e-8)
+    if how != "none":
+        raise DataError(f"{name}: unknown normalize={how}; valid: none, {', '.join(NORMALIZATIONS)}")
+    return x
+
+
 def _apply_options(b: DataBundle, opts: dict[str, str]) -> DataBundle:
     norm = opts.get("normalize", "none")
-    x = b.x
-    if norm != "none" and not x.is_floating_point():
-        x = x.float()  # normalised integers are numeric features, not ids
-    if norm in _NORMS:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise DataError(f"{b.name}: normalize={norm} needs 3-channel images, got shape {tuple(x.shape)}")
-        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in _NORMS[norm])
-        x = (x - mean) / std
-    elif norm == "standard":
-        x = (x - x.mean(0, keepdim=True)) / x.std(0, keepdim=True).clamp_min(1e-8)
-    elif norm != "none":
-        raise DataError(f"{b.name}: unknown normalize={norm}; valid: none, {', '.join(_NORMS)}, standard")
+    x = normalize_inputs(b.x, norm, name=b.name)
     if opts.get("flatten", "0") not in ("0", "false", ""):
         x = x.reshape(x.shape[0], -1)
     meta = dict(b.meta, normalize=norm)

@@ -208,6 +208,9 @@ def _trace_plan(op: HessianOperator,
 
     ``auto`` becomes ``split`` where the model, mode and loss allow it, else ``hutchpp``;
     an explicit ``split`` that does not apply is an :class:`InputError` naming the reason.
+    When ``split`` is chosen the operator's cached gradient graphs are freed first: the
+    split trace needs none of them, and its own activations (the Taylor primals and the
+    logits graph) would otherwise be held alongside them.
     """
     if method not in ("auto", "split"):
         return method, None
@@ -219,6 +222,7 @@ def _trace_plan(op: HessianOperator,
         except Unsupported as e:
             reason = str(e)
         else:
+            op.release()
             try:
                 gauss_newton = GaussNewtonProbes(op.model, op.params, op.buffers, op.data, op.loss_fn)
             except Unsupported:
@@ -227,6 +231,34 @@ def _trace_plan(op: HessianOperator,
     if method == "split":
         raise InputError(f"trace_method='split' does not apply here: {reason}; use 'hutchpp'")
     return "hutchpp", None
+
+
+def _estimate_trace(op: HessianOperator, method: str, *, n_probes: int, rtol: float,
+                    generator: torch.Generator, dtype: torch.dtype,
+                    device: torch.device) -> tuple[str, TraceEstimate]:
+    """Run the trace method ``method`` asks for (:func:`_trace_plan`); returns (method used, estimate).
+
+    Some operations are only found unsupported by the split trace's tangent rules on the
+    first probes (``F.linear`` with a parameter as its weight, a division by a varying
+    tensor): ``auto`` then falls back to Hutch++, an explicit ``split`` is an
+    :class:`InputError`.
+    """
+    used, engines = _trace_plan(op, method)
+    kw = {"dtype": dtype, "device": device}
+    if engines is not None:
+        try:
+            return used, split_trace(*engines, op.dim, n_probes=n_probes, rtol=rtol, generator=generator, **kw)
+        except Unsupported as e:
+            if method == "split":
+                raise InputError(f"trace_method='split' does not apply here: {e}; use 'hutchpp'") from None
+        engines = None  # free the split trace's activations before Hutch++ rebuilds the gradient graphs
+        used = "hutchpp"
+    if used == "exact":
+        return used, exact_trace(op.matmat, op.dim, **kw)
+    if used in ("hutchinson", "xtrace"):
+        est = hutchinson if used == "hutchinson" else xtrace
+        return used, est(op.matmat, op.dim, n_probes=n_probes, rtol=rtol, generator=generator, **kw)
+    return used, hutchpp(op.matmat, op.dim, n_probes=n_probes, rtol=rtol, generator=generator, **kw)
 
 
 @full_precision
@@ -344,31 +376,20 @@ def hessian_spectrum(
             vecs = er.eigenvectors.detach().cpu() if er.eigenvectors is not None else None
             iters, converged = er.iterations, er.converged
             timing["eigenvalues"] = time.perf_counter() - t
-        tr_est = None
-        method_used = None
-        if trace:
-            t = time.perf_counter()
-            kw = {"dtype": dtype, "device": dev}
-            method_used, split_parts = _trace_plan(op, trace_method)
-            if split_parts is not None:
-                tr_est = split_trace(*split_parts, op.dim, n_probes=trace_probes, rtol=trace_rtol, generator=gen,
-                                     **kw)
-            elif method_used == "exact":
-                tr_est = exact_trace(op.matmat, op.dim, **kw)
-            elif method_used in ("hutchinson", "xtrace"):
-                est = hutchinson if method_used == "hutchinson" else xtrace
-                tr_est = est(op.matmat, op.dim, n_probes=trace_probes, rtol=trace_rtol, generator=gen, **kw)
-            else:
-                tr_est = hutchpp(op.matmat, op.dim, n_probes=trace_probes, rtol=trace_rtol,
-                                 generator=gen, **kw)
-            timing["trace"] = time.perf_counter() - t
         dens = crit = None
-        if density:
+        if density:  # before the trace: the split trace frees the cached gradient graphs
             t = time.perf_counter()
             dens = slq(op.matvec, op.dim, n_runs=slq_runs, steps=slq_steps, reorth=slq_reorth,
                        generator=gen, seed=seed, dtype=dtype, device=dev)
             crit = spectrum_criteria(*dens.pooled(), n=kh_n)
             timing["density"] = time.perf_counter() - t
+        tr_est = None
+        method_used = None
+        if trace:
+            t = time.perf_counter()
+            method_used, tr_est = _estimate_trace(op, trace_method, n_probes=trace_probes, rtol=trace_rtol,
+                                                  generator=gen, dtype=dtype, device=dev)
+            timing["trace"] = time.perf_counter() - t
         n_hvp, loss_value, n, dim = op.n_hvp, op.loss_value, op.data.n, op.dim
         used_batch, act_bytes = op.batch_size, op.activation_bytes
         engine_used = op.engine or "double-backward"  # None: no product was needed

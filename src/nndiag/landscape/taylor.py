@@ -27,8 +27,12 @@ images, 2 CPU threads) see ``docs/BENCHMARKS.md``.
 The graph comes from ``torch.fx`` (a trace of the model, which is not modified); only
 the operations listed in this module are supported. :class:`QuadraticForms` raises
 :class:`Unsupported` at construction for anything else (training-mode BatchNorm, dropout
-in train mode, attention, normalisations over features, tuple outputs, …), and callers
-then use Hessian-vector products instead.
+in train mode, attention, normalisations over features, tuple outputs, …); a few uses of
+supported operations are only found unsupported when the first probe reaches them
+(``F.linear``/functional convolutions whose weight is a parameter, a product or division
+of two parameter-dependent tensors outside the rules here), and :meth:`QuadraticForms.parts`
+raises :class:`Unsupported` then. Callers use Hessian-vector products instead in both cases.
+The primal pass runs at the first probe, not at construction.
 """
 
 from __future__ import annotations
@@ -202,7 +206,16 @@ class QuadraticForms:
         for i, node in enumerate(self.nodes):
             for a in _nodes_in((node.args, node.kwargs)):
                 self.last_use[a] = i
-        self.primals = [self._primal(xb) for xb, _ in data.batches]
+        self._primals: list[Any] | None = None
+
+    @property
+    def primals(self) -> list[Any]:
+        """The primal pass of every batch, computed at the first use and kept (the
+        activations the probes need; computed lazily so that a caller can free other
+        memory between validating the graph and the first probe)."""
+        if self._primals is None:
+            self._primals = [self._primal(xb) for xb, _ in self.data.batches]
+        return self._primals
 
     # --- graph checks ---------------------------------------------------------------
     def _tensor_attr(self, name: str) -> torch.Tensor | None:

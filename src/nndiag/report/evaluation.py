@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from nndiag.errors import DataError
+from nndiag.report.input_scale import input_scale_finding
 from nndiag.report.results import Result, provenance
 
 NAME = "evaluation"
@@ -67,7 +68,10 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
     Result
         ``summary``: accuracy, loss, n_samples, num_classes; tables ``per_class``
         (name, n, accuracy, loss) and ``confusion`` (name = true class, one column
-        per predicted class).
+        per predicted class). For unnormalised ``[0, 1]`` inputs and the default loss also
+        the table ``input_scale`` (loss and accuracy on the first examples as given and
+        normalised each way) and, when a normalisation does much better, the finding
+        ``EVAL-INPUT-SCALE`` (:mod:`nndiag.report.input_scale`).
     """
     from nndiag._utils.device import model_device
     from nndiag._utils.model_state import preserved
@@ -96,6 +100,8 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
             per = per.reshape(-1) if per.numel() == len(yb) else per.mean().expand(len(yb))
             preds.append(out.argmax(1).cpu())
             losses.append(per.detach().float().cpu())
+        finding, scores = (None, {}) if loss is not None else input_scale_finding(
+            module, x, data.y, normalize=(data.meta or {}).get("normalize"), name=data.name, batch_size=batch_size)
     y = data.y.cpu().numpy()
     p = torch.cat(preds).numpy()
     lo = torch.cat(losses).numpy()
@@ -118,7 +124,10 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
         "num_classes": k,
         "worst_class": names[int(np.nanargmin(per_class["accuracy"].to_numpy(dtype=float)))],
     }
-    return Result(NAME, tables={"per_class": per_class, "confusion": confusion}, summary=summary,
+    tables = {"per_class": per_class, "confusion": confusion}
+    if scores:
+        tables["input_scale"] = pd.DataFrame([{"name": h, "loss": v[0], "accuracy": v[1]} for h, v in scores.items()])
+    return Result(NAME, tables=tables, summary=summary, findings=[finding] if finding else [],
                   params={"batch_size": batch_size, "loss": "custom" if loss else "cross_entropy",
                           "data": data.name},
                   seed=seed, timing={"total": time.perf_counter() - t0}, meta=provenance(str(dev)))

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 from nndiag._utils.precision import full_precision
 from nndiag.errors import AnalysisError
@@ -195,34 +198,51 @@ def jacob_cov(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) 
     return check_finite(float(-torch.sum(torch.log(lam + eps) + 1.0 / (lam + eps))), "jacob_cov")
 
 
+#: The ReLU calls whose inputs give NASWOT's binary codes: ``nn.ReLU`` modules call
+#: ``F.relu``; functional uses (``F.relu``, ``torch.relu``, ``x.relu()``, in place or not)
+#: are the same operation, and NASLib's module hooks missed them.
+_RELU_CALLS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
+
+
+class _ReluCodes(TorchFunctionMode):
+    """Adds each ReLU call's Hamming-similarity kernel ``c cᵀ + (1−c)(1−c)ᵀ`` to ``kernel``.
+
+    A torch-function mode sees the outermost call only (the mode is off while the call
+    runs), so ``nn.ReLU`` → ``F.relu`` → ``torch.relu`` counts once, and an in-place ReLU
+    is read before it overwrites its input.
+    """
+
+    def __init__(self, kernel: torch.Tensor) -> None:
+        super().__init__()
+        self.kernel, self.calls = kernel, 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if func in _RELU_CALLS and args and isinstance(args[0], torch.Tensor):
+            c = (args[0].detach().reshape(self.kernel.shape[0], -1) > 0).double()
+            self.kernel.add_(c @ c.T + (1 - c) @ (1 - c).T)
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
 @full_precision
 def nwot(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> float:
     """NASWOT (Mellor et al., 2021): log|det K| of the Hamming-similarity kernel of ReLU codes.
 
     Each ReLU's input is binarised (c = [a > 0]) per example; K = Σ c cᵀ + (1−c)(1−c)ᵀ
-    over ReLUs. Labels are not used. A network whose codes coincide gives −inf.
+    over ReLUs — ``nn.ReLU`` modules and functional ReLUs alike (NASLib hooks modules
+    only, so a network written with ``F.relu``, like the CIFAR ResNets, got no score).
+    Labels are not used. A network whose codes coincide gives −inf.
     """
     check_batch(x, None, what="nwot")
     net = working_copy(model, train=True)
-    relus = [m for m in net.modules() if isinstance(m, nn.ReLU)]
-    if not relus:
-        raise AnalysisError(f"nwot needs ReLU layers; {type(model).__name__} has none")
     n = x.shape[0]
     dev = next(net.parameters()).device
-    kernel = torch.zeros(n, n, dtype=torch.float64, device=dev)
-
-    def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], _o: torch.Tensor) -> None:
-        c = (inp[0].detach().reshape(n, -1) > 0).double()
-        kernel.add_(c @ c.T + (1 - c) @ (1 - c).T)
-
-    handles = [m.register_forward_hook(hook) for m in relus]
-    try:
-        with torch.no_grad():
-            net(x.to(dev))
-    finally:
-        for h in handles:
-            h.remove()
-    sign, logdet = torch.linalg.slogdet(kernel)
+    codes = _ReluCodes(torch.zeros(n, n, dtype=torch.float64, device=dev))
+    with torch.no_grad(), codes:
+        net(x.to(dev))
+    if not codes.calls:
+        raise AnalysisError(f"nwot needs ReLU activations; {type(model).__name__} has none")
+    sign, logdet = torch.linalg.slogdet(codes.kernel)
     return float(logdet) if float(sign) > 0 else -math.inf
 
 

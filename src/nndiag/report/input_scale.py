@@ -1,0 +1,99 @@
+"""Is the model fed its inputs in the scale it was trained on?
+
+A classic silent failure: a network trained on normalised images (e.g. ImageNet mean and
+std, as most CIFAR ResNets are) evaluated on raw ``[0, 1]`` pixels. Nothing crashes; the
+accuracy falls to little above chance (27–34 % instead of ~81 % for the CIFAR-10 ResNets
+in ``../shared``), and every analysis that reads data — Hessian, landscape, slices — then
+describes the model off its input distribution.
+
+:func:`input_scale_finding` evaluates the model on a few hundred of the given examples as
+they are and normalised each way the ``normalize=`` DATA option offers
+(:data:`nndiag.io.data.NORMALIZATIONS`), and reports when one of them does much better.
+It looks only where the mismatch is plausible: float inputs in ``[0, 1]`` that were not
+normalised when loaded, and a classifier under the default cross-entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nndiag.io.data import NORMALIZATIONS, normalize_inputs
+from nndiag.report.results import Finding
+
+#: Examples (the first ones, so that the check is deterministic) evaluated each way.
+N_CHECK = 512
+#: Report when a normalisation's mean loss is at most this fraction of the loss as given ...
+LOSS_RATIO = 0.5
+#: ... and its accuracy is higher by at least this much (absolute).
+ACCURACY_GAIN = 0.10
+
+
+def _scores(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``module`` (already in eval mode) on ``(x, y)``."""
+    dev = next((p.device for p in module.parameters()), torch.device("cpu"))
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            out = module(x[i:i + batch_size].to(dev))
+            yb = y[i:i + batch_size].to(dev)
+            loss += float(F.cross_entropy(out.float(), yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+    return loss / len(y), correct / len(y)
+
+
+def input_scale_finding(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, normalize: str | None,
+                        name: str = "data", batch_size: int = 256) -> tuple[Finding | None, dict[str, Any]]:
+    """A warning when the model does much better on normalised inputs than on ``x`` as given.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The classifier, in eval mode (the caller preserves its state).
+    x, y : torch.Tensor
+        Inputs as the model takes them and integer labels.
+    normalize : str or None
+        How the data were normalised when loaded (``DataBundle.meta["normalize"]``); the
+        check runs only for ``"none"``/None.
+    name : str
+        The data's name, for the message.
+    batch_size : int
+        Examples per forward.
+
+    Returns
+    -------
+    (Finding or None, dict)
+        The ``EVAL-INPUT-SCALE`` warning (or None) and the scores behind it:
+        ``{"as given": (loss, accuracy), "imagenet": ..., ...}`` for the normalisations
+        that apply (empty when the check did not run).
+    """
+    if normalize not in (None, "none") or not x.is_floating_point() or x.ndim < 2 or len(y) < 2:
+        return None, {}
+    xs, ys = x[:N_CHECK], y[:N_CHECK]
+    if float(xs.min()) < 0.0 or float(xs.max()) > 1.0:
+        return None, {}  # not raw [0, 1] pixels or probabilities: nothing to suggest
+    scores = {"as given": _scores(module, xs, ys, batch_size)}
+    for how in NORMALIZATIONS:
+        if how != "standard" and (xs.ndim != 4 or xs.shape[1] != 3):
+            continue  # the dataset statistics are for 3-channel images
+        scores[how] = _scores(module, normalize_inputs(xs, how, name=name), ys, batch_size)
+    given_loss, given_acc = scores["as given"]
+    best = min((h for h in scores if h != "as given"), key=lambda h: scores[h][0], default=None)
+    if best is None:
+        return None, scores
+    loss, acc = scores[best]
+    if not (loss <= LOSS_RATIO * given_loss and acc >= given_acc + ACCURACY_GAIN):
+        return None, scores
+    finding = Finding(
+        "EVAL-INPUT-SCALE", "warn",
+        f"on the first {len(ys)} examples of {name} the model does much better with the inputs "
+        f"normalised as '{best}' (loss {loss:.3g}, accuracy {acc:.1%}) than as given (loss "
+        f"{given_loss:.3g}, accuracy {given_acc:.1%}): it was probably trained on normalised inputs",
+        {"normalize": best, "n_examples": len(ys),
+         "scores": {h: {"loss": v[0], "accuracy": v[1]} for h, v in scores.items()}},
+        f"pass the data as DATA?normalize={best} (or normalise it as in training); the analyses "
+        "that read data otherwise describe the model off its input distribution")
+    return finding, scores

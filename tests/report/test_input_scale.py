@@ -1,0 +1,97 @@
+"""EVAL-INPUT-SCALE: a model fed inputs in another scale than it was trained on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nndiag._utils.seeding import fork_rng
+from nndiag._utils.threads import limit_threads
+from nndiag._utils.training import train_classifier
+from nndiag.io.data import load_data, normalize_inputs
+from nndiag.io.models import load_model
+from nndiag.models import build_model
+from nndiag.report import evaluation
+from nndiag.report.input_scale import input_scale_finding
+from tests.conftest import shared_asset
+
+
+def _trained_on(spec: str) -> torch.nn.Module:
+    with fork_rng(0):
+        model = build_model("digits-mlp")
+    train_classifier(model, load_data(spec), epochs=30, max_steps=400, lr=0.05, seed=0, progress=False)
+    return model.eval()
+
+
+def test_model_trained_on_standardised_digits_is_flagged_on_raw_ones():
+    with limit_threads(1):
+        model = _trained_on("digits?split=train&normalize=standard")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        raw = load_data("digits?split=test")
+        res = evaluation.run(load_model(model), raw)
+        codes = [f.code for f in res.findings]
+        assert codes == ["EVAL-INPUT-SCALE"]
+        f = res.findings[0]
+        assert f.evidence["normalize"] == "standard"
+        # the evidence against an independent evaluation of the same first examples
+        n = f.evidence["n_examples"]
+        assert n == min(512, len(raw))
+        x, y = raw.x[:n].float(), raw.y[:n]
+        xs = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
+        with torch.no_grad():
+            for inputs, key in ((x, "as given"), (xs, "standard")):
+                logits = model(inputs)
+                loss = float(torch.nn.functional.cross_entropy(logits, y))
+                acc = float((logits.argmax(1) == y).float().mean())
+                assert f.evidence["scores"][key]["loss"] == pytest.approx(loss, rel=1e-5)
+                assert f.evidence["scores"][key]["accuracy"] == pytest.approx(acc)
+        assert f.evidence["scores"]["standard"]["accuracy"] > 0.8  # the model is good on its own scale
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not model.training
+        # normalised as in training: no finding (and the check does not run)
+        res = evaluation.run(load_model(model), load_data("digits?split=test&normalize=standard"))
+        assert res.findings == [] and "input_scale" not in res.tables
+
+
+def test_model_trained_on_raw_digits_is_not_flagged():
+    with limit_threads(1):
+        model = _trained_on("digits?split=train")
+        res = evaluation.run(load_model(model), load_data("digits?split=test"))
+    assert res.findings == []
+    scores = res.tables["input_scale"].set_index("name")
+    assert set(scores.index) == {"as given", "standard"}  # 1-channel inputs: no dataset statistics
+    assert scores.loc["as given", "accuracy"] > 0.8
+
+
+def test_no_check_for_inputs_outside_unit_range_or_integer_ids():
+    model = torch.nn.Linear(3, 2)
+    y = torch.tensor([0, 1, 0, 1])
+    assert input_scale_finding(model, torch.randn(4, 3) * 3, y, normalize="none") == (None, {})
+    assert input_scale_finding(model, torch.rand(4, 3), y, normalize="standard") == (None, {})
+    assert input_scale_finding(model, torch.randint(0, 3, (4, 3)), y, normalize=None) == (None, {})
+
+
+def test_normalize_inputs_matches_the_data_option():
+    x = torch.rand(6, 3, 4, 4)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize_inputs(x, "imagenet"), (x - mean) / std)
+    with pytest.raises(Exception, match="3-channel"):
+        normalize_inputs(torch.rand(6, 1, 4, 4), "cifar")
+
+
+def test_shared_resnet20_on_raw_cifar_pixels_is_flagged():
+    ckpt = shared_asset("models", "cifar10_resnet20.th")
+    data_path = shared_asset("data", "cifar10_test_5k.npz")
+    with limit_threads(2):
+        model = load_model(str(ckpt), arch="resnet20")
+        raw = load_data(str(data_path), n_samples=256)
+        res = evaluation.run(model, raw)
+        assert [f.code for f in res.findings] == ["EVAL-INPUT-SCALE"]
+        s = res.findings[0].evidence["scores"]
+        # ../shared/ASSETS.md: 27–34 % without normalisation, ~81 % with ImageNet's or CIFAR's statistics
+        assert s["as given"]["accuracy"] < 0.4
+        assert res.findings[0].evidence["normalize"] in ("imagenet", "cifar")
+        assert max(s["imagenet"]["accuracy"], s["cifar"]["accuracy"]) > 0.7
+        res = evaluation.run(model, load_data(f"{data_path}?normalize=imagenet", n_samples=256))
+    assert res.findings == [] and np.isclose(res.summary["accuracy"], s["imagenet"]["accuracy"], atol=0.1)
