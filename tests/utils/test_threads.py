@@ -28,3 +28,59 @@ def test_controller_cached_until_a_module_is_imported(monkeypatch):
     rebuilt = threads.controller()
     assert rebuilt is not first
     assert {lib.filepath for lib in rebuilt.lib_controllers} == {lib.filepath for lib in first.lib_controllers}
+
+
+def test_default_threads_ignores_this_process_own_load(monkeypatch):
+    # the 1-minute load average counts our own past work: a high one must not cut the default
+    monkeypatch.delenv("NNDIAG_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (8.0, 8.0, 8.0))
+    monkeypatch.setattr(threads, "_running_elsewhere", lambda samples=3: 0)
+    assert threads.default_threads() == threads.usable_cores()
+    monkeypatch.setattr(threads, "_running_elsewhere", lambda samples=3: 1)
+    assert threads.default_threads() == max(1, threads.usable_cores() - 1)
+    monkeypatch.setattr(threads, "_running_elsewhere", lambda samples=3: None)  # no /proc: load average
+    assert threads.default_threads() == 1
+
+
+def test_running_elsewhere_subtracts_own_runnable_threads(tmp_path):
+    (tmp_path / "loadavg").write_text("0.90 0.80 0.70 5/321 4242\n")
+    for tid, name, state in ((1, "python", "R"), (2, "pt_main) (R", "S"), (3, "omp", "R"), (4, "io", "D")):
+        (tmp_path / "self" / "task" / str(tid)).mkdir(parents=True)
+        (tmp_path / "self" / "task" / str(tid) / "stat").write_text(f"{tid} ({name}) {state} 1 1 1 0 -1\n")
+    assert threads._running_elsewhere(proc=str(tmp_path)) == 3  # 5 runnable, 2 of them ours
+    assert threads._running_elsewhere(proc=str(tmp_path / "missing")) is None
+
+
+def test_own_busy_threads_are_not_competitors_but_other_processes_are():
+    import subprocess
+    import threading
+    import time
+
+    import pytest
+
+    if threads._running_elsewhere() is None:
+        pytest.skip("/proc/loadavg is not readable here")
+    idle_before = threads._running_elsewhere()
+    stop = time.perf_counter() + 0.5
+    a = torch.randn(400, 400)
+
+    def work() -> None:  # matrix products release the GIL: this thread stays runnable
+        while time.perf_counter() < stop:
+            a @ a
+
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(0.1)
+    own_busy = threads._running_elsewhere()
+    t.join()
+    idle_after = threads._running_elsewhere()
+    # our own busy thread and the calling one are not competitors (counted, they would add 2);
+    # a process elsewhere may queue behind our work (one more) or show in the idle readings
+    assert own_busy <= max(idle_before, idle_after) + 1
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert threads._running_elsewhere() >= 1  # a busy process elsewhere is counted
+    finally:
+        proc.kill()
+        proc.wait()

@@ -267,7 +267,7 @@ def analyze(
         Where eigenvalues are computed (``"auto"`` = CUDA when present).
     threads : int, optional
         BLAS/OpenMP threads (default: ``NNDIAG_THREADS``, else the usable cores that
-        the load average leaves idle, at least 1).
+        no other process keeps busy, at least 1).
     batch_bytes : int
         Largest batch of pending matrices (bounds memory when streaming).
     dedup : bool
