@@ -249,3 +249,23 @@ def test_token_model_surface_origin_is_the_models_loss(strategy):
         own64 = float(F.cross_entropy(copy.deepcopy(model).double()(x), y))
     assert s64.origin_loss == pytest.approx(own64, rel=1e-12)
     assert same_snapshot(before, snapshot(model))
+
+
+def test_contour_levels_are_logarithmic_when_the_loss_spans_decades():
+    from nndiag.landscape.plots import contour_levels, plot_contour
+
+    a = np.linspace(-1, 1, 11)
+    A, B = np.meshgrid(a, a, indexing="ij")
+    wide = 0.02 + 200 * (A ** 2 + B ** 2) ** 2  # a trained model's basin and its far walls
+    lv, log = contour_levels(wide, 30)
+    assert log and lv[0] == pytest.approx(0.02) and lv[-1] == pytest.approx(wide.max())
+    np.testing.assert_allclose(np.diff(np.log(lv)), np.log(lv[-1] / lv[0]) / 30)
+    # the basin (loss < 1 at 5 of the 121 points) gets colours of its own: a third of the levels
+    assert (lv < 1).sum() >= 10
+    narrow = 2.0 + (A ** 2 + B ** 2)
+    lv, log = contour_levels(narrow, 30)
+    assert not log and np.allclose(np.diff(lv), 2 / 30)
+    fig = plot_contour(a, a, wide)
+    assert fig.axes[1].get_ylabel() == "loss (log scale)"
+    fig = plot_contour(a, a, narrow)
+    assert fig.axes[1].get_ylabel() == "loss"
