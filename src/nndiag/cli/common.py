@@ -101,18 +101,74 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def human_table(rows: list[dict[str, Any]], title: str | None = None, columns: list[str] | None = None) -> None:
-    """Print rows as a rich table on stdout."""
+#: Widest table written when stdout is not a terminal (a pipe or a log file has no width).
+PIPE_WIDTH_MAX = 240
+
+
+def human_table(rows: list[dict[str, Any]], title: str | None = None, columns: list[str] | None = None,
+                priority: list[str] | None = None, console: Any = None) -> None:
+    """Print rows as a rich table on stdout.
+
+    Numeric cells never wrap; names fold only beyond 32 characters (the first column keeps
+    the width of its longest value up to that), other text folds. When stdout is not a
+    terminal the table gets the width it needs (up to :data:`PIPE_WIDTH_MAX`); in a terminal
+    too narrow for every column, columns are left out, least important first (the reverse of
+    ``priority``, default: the column order; the first column always stays), and the caption
+    names them — rather than folding names and numbers into three-letter slivers.
+    """
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     cols = columns or (list(rows[0]) if rows else [])
-    table = Table(title=title, show_lines=False)
-    for c in cols:
-        table.add_column(c, overflow="fold")
-    for r in rows:
-        table.add_row(*[_fmt(r.get(c)) for c in cols])
-    Console().print(table)
+    cells = [{c: _fmt(r.get(c)) for c in cols} for r in rows]
+    numeric = {c for c in cols if all(_numeric(row[c]) for row in cells)}
+
+    def build(shown: list[str]) -> Table:
+        table = Table(title=title, show_lines=False)
+        for i, c in enumerate(shown):
+            if i == 0:
+                longest = max([len(c)] + [len(row[c]) for row in cells])
+                table.add_column(c, overflow="fold", min_width=min(longest, 32))
+            else:
+                table.add_column(c, no_wrap=c in numeric, overflow="fold")
+        for row in cells:
+            table.add_row(*[row[c] for c in shown])
+        return table
+
+    wide = Console(width=PIPE_WIDTH_MAX)
+
+    def need(table: Table) -> int:
+        return Measurement.get(wide, wide.options, table).maximum
+
+    console = console or Console()
+    shown = list(cols)
+    table = build(shown)
+    if not console.is_terminal:
+        console = Console(width=max(console.width, min(need(table), PIPE_WIDTH_MAX)))
+    else:
+        rest = cols[1:]
+        order = [c for c in (priority or []) if c in rest] + [c for c in rest if c not in (priority or [])]
+        dropped = []
+        while need(table) > console.width and len(shown) > 2:
+            victim = next(c for c in reversed(order) if c in shown)
+            shown.remove(victim)
+            dropped.append(victim)
+            table = build(shown)
+        if dropped:
+            table.caption = (f"{len(dropped)} column(s) left out to fit {console.width} characters: "
+                             f"{', '.join(reversed(dropped))} (--format json has every value)")
+    console.print(table)
+
+
+def _numeric(text: str) -> bool:
+    if text in ("—", "", "nan", "inf", "-inf"):
+        return True
+    try:
+        float(text.replace(",", ""))
+    except ValueError:
+        return False
+    return True
 
 
 def _fmt(v: Any) -> str:

@@ -51,30 +51,29 @@ OptionOpt = Annotated[list[str] | None, typer.Option(
 TopOpt = Annotated[int, typer.Option("--top", help="Findings to print.")]
 
 
+#: What a narrow terminal keeps of the summary table, most important first.
+_PRIORITY = ["name", "accuracy", "loss", "worst", "fail", "warn", "errors", "ok", "skipped"]
+
+
 def _print_human(report: Any, top: int) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from nndiag.cli.common import human_table
 
     console = Console()
     st = report.summary_table()
-    table = Table(title="nndiag diagnose", show_lines=False)
     cols = [c for c in st.columns if c in ("name", "worst", "fail", "warn", "errors", "ok", "skipped")
             or st[c].notna().any()]
-    for c in cols:
-        table.add_column(c, overflow="fold")
-    for r in st.to_dict(orient="records"):
-        table.add_row(*[_cell(r[c]) for c in cols])
-    console.print(table)
+    rows = [{c: _cell(r[c]) for c in cols} for r in st.to_dict(orient="records")]
+    human_table(rows, title="nndiag diagnose", columns=cols, priority=_PRIORITY, console=console)
     if len(report.models) > 1:
         cmp = report.comparison()
         if len(cmp):
-            t = Table(title="side by side (value, rank 1 = lowest)")
             names = [m.name for m in report.models]
-            for c in ["metric", *names, "ρ vs accuracy"]:
-                t.add_column(c, overflow="fold")
-            for r in cmp.to_dict(orient="records"):
-                t.add_row(r["name"], *[_cell(r[n]) for n in names], _cell(r["rho_accuracy"]))
-            console.print(t)
+            rows = [{"metric": r["name"], **{n: _cell(r[n]) for n in names}, "ρ vs accuracy": _cell(r["rho_accuracy"])}
+                    for r in cmp.to_dict(orient="records")]
+            human_table(rows, title="side by side (value, rank 1 = lowest)",
+                        columns=["metric", *names, "ρ vs accuracy"], console=console)
     findings = report.top_findings(top)
     if not findings:
         console.print("no warnings or failures")

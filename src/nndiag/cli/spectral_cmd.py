@@ -55,6 +55,9 @@ MaxEvalsOpt = Annotated[int, typer.Option("--max-evals", help="Skip layers with 
 
 _SHOWN = ["name", "N", "M", "num_evals", "alpha", "D", "xmin", "lambda_max", "log_norm",
           "stable_rank", "entropy", "warning", "status"]
+#: Most important first: what a narrow terminal keeps.
+_PRIORITY = ["name", "alpha", "warning", "status", "D", "lambda_max", "log_norm", "stable_rank", "N", "M",
+             "xmin", "entropy", "num_evals"]
 
 
 def register(app: typer.Typer) -> None:
@@ -102,7 +105,8 @@ def register(app: typer.Typer) -> None:
         else:
             df = res.layers
             cols = [c for c in _SHOWN if c in df.columns]
-            human_table(df[cols].to_dict(orient="records"), title=f"{lm.name}: weight spectra")
+            human_table(df[cols].to_dict(orient="records"), title=f"{lm.name}: weight spectra",
+                        priority=_PRIORITY)
             s = res.summary
             alpha = s.get("alpha")
             typer.echo(
