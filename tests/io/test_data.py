@@ -180,3 +180,16 @@ def test_token_ids_out_of_range_and_integer_npz(tmp_path):
     std = load_data(f"{tmp_path / 'tokens.npz'}?normalize=standard")  # normalised: numeric features
     assert std.x.dtype == torch.float32
     np.testing.assert_allclose(std.x[:, 0].numpy(), [-0.70710678, 0.70710678], rtol=1e-6)
+
+
+def test_bundle_name_records_the_options_given(tmp_path):
+    import numpy as np
+
+    from nndiag.io.data import load_data
+
+    assert load_data("digits").name == "digits"
+    assert load_data("digits?normalize=standard&split=test").name == "digits?split=test&normalize=standard"
+    f = tmp_path / "imgs.npz"
+    np.savez(f, x=np.zeros((4, 3, 2, 2), dtype=np.uint8), y=np.arange(4) % 2)
+    d = load_data(f"{f}?normalize=imagenet")
+    assert d.name == f"{f}?normalize=imagenet" and d.meta["normalize"] == "imagenet"

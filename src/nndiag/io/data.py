@@ -288,7 +288,11 @@ def _apply_options(b: DataBundle, opts: dict[str, str]) -> DataBundle:
     if opts.get("flatten", "0") not in ("0", "false", ""):
         x = x.reshape(x.shape[0], -1)
     meta = dict(b.meta, normalize=norm)
-    return replace(b, x=x, meta=meta)
+    # the name keeps the options given, so that reports and messages say which data exactly
+    base, _, query = b.name.partition("?")  # built-in sets name their split already
+    given = {**dict(parse_qsl(query, keep_blank_values=True)), **opts}
+    name = base + ("?" + "&".join(f"{k}={v}" for k, v in given.items()) if given else "")
+    return replace(b, x=x, meta=meta, name=name)
 
 
 def load_data(
