@@ -95,3 +95,25 @@ def test_shared_resnet20_on_raw_cifar_pixels_is_flagged():
         assert max(s["imagenet"]["accuracy"], s["cifar"]["accuracy"]) > 0.7
         res = evaluation.run(model, load_data(f"{data_path}?normalize=imagenet", n_samples=256))
     assert res.findings == [] and np.isclose(res.summary["accuracy"], s["imagenet"]["accuracy"], atol=0.1)
+
+
+def test_hessian_and_landscape_commands_warn_about_the_input_scale(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from nndiag.cli.app import app
+
+    with limit_threads(1):
+        model = _trained_on("digits?split=train&normalize=standard")
+    path = tmp_path / "mlp.pt"
+    torch.save(model.state_dict(), path)
+    base = [str(path), "--arch", "digits-mlp", "--n-samples", "128", "--format", "json"]
+    for cmd in (["hessian", *base], ["landscape", *base, "--steps", "3", "--dim", "1"]):
+        raw = CliRunner().invoke(app, [*cmd, "--data", "digits"])
+        assert raw.exit_code == 0, raw.output
+        codes = [f["code"] for f in json.loads(raw.stdout)["findings"]]
+        assert codes[0] == "EVAL-INPUT-SCALE", codes
+        ok = CliRunner().invoke(app, [*cmd, "--data", "digits?normalize=standard"])
+        assert ok.exit_code == 0, ok.output
+        assert "EVAL-INPUT-SCALE" not in [f["code"] for f in json.loads(ok.stdout)["findings"]]

@@ -121,6 +121,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from nndiag.landscape.spectrum import hessian_spectrum
+        from nndiag.report.input_scale import check_bundle
 
         _, module, bundle = _load(model, arch, weights, data, n_samples, seed)
         r = hessian_spectrum(module, bundle, top_k=top_k, bottom_k=bottom_k, trace=trace, density=density,
@@ -128,12 +129,15 @@ def register(app: typer.Typer) -> None:
                              trace_rtol=trace_rtol, trace_probes=trace_probes, trace_method=trace_method,
                              slq_steps=slq_steps, mode=mode.value, device=device.value,
                              dtype=torch.float64 if float64 else torch.float32, hvp_engine=hvp_engine)
+        scale = check_bundle(module, bundle)
         if plot is not None:
             if r.density is None:
                 err("nndiag: --plot needs --density; no plot written")
             else:
                 r.plot().savefig(plot, dpi=120)
         res = r.to_result()
+        if scale is not None:
+            res.findings.insert(0, scale)
         if fmt is Format.json:
             doc = res.to_dict()
             doc.update({k: doc["summary"].get(k) for k in
@@ -181,6 +185,7 @@ def register(app: typer.Typer) -> None:
         """Loss landscape around the weights: a 1-D line or 2-D plane, as a picture and a grid."""
         from nndiag.errors import InputError
         from nndiag.landscape.surface import surface
+        from nndiag.report.input_scale import check_bundle
 
         if out is None and grid is None and fmt is not Format.json:
             raise InputError("say where to write the result: --out FILE.png and/or --grid FILE.npz")
@@ -188,11 +193,14 @@ def register(app: typer.Typer) -> None:
         s = surface(module, bundle, dim=dim, steps=steps, span=span, directions=directions.value,
                     norm=norm.value, one_d=one_d.value, mode=mode.value, batch_size=batch_size, seed=seed,
                     resume=resume, device=device.value)
+        scale = check_bundle(module, bundle)
         if out is not None:
             s.plot("line" if dim == 1 else plot.value).savefig(out, dpi=120)
         if grid is not None:
             s.save(grid)
         res = s.to_result()
+        if scale is not None:
+            res.findings.insert(0, scale)
         if fmt is Format.json:
             emit_json(res.to_dict())
         else:

@@ -97,3 +97,25 @@ def input_scale_finding(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
         f"pass the data as DATA?normalize={best} (or normalise it as in training); the analyses "
         "that read data otherwise describe the model off its input distribution")
     return finding, scores
+
+
+def check_bundle(module: nn.Module, bundle: Any, *, batch_size: int = 256) -> Finding | None:
+    """:func:`input_scale_finding` for a model and a :class:`~nndiag.io.data.DataBundle`.
+
+    The model is evaluated in eval mode without gradients and left exactly as it was; the
+    inputs go through :func:`~nndiag.io.data.model_inputs` (token ids are never checked).
+    Used by the commands that read data without evaluating the model first (``nndiag
+    hessian``, ``nndiag landscape``): the curvature or landscape of a model fed inputs off
+    its training scale describes the wrong function.
+    """
+    from nndiag._utils.model_state import preserved
+    from nndiag.io.data import model_inputs
+
+    if bundle is None or len(bundle) < 2:
+        return None
+    with preserved(module, values=False):
+        module.eval()
+        x = model_inputs(module, bundle.x[:N_CHECK], name=bundle.name)
+        finding, _ = input_scale_finding(module, x, bundle.y[:N_CHECK], name=bundle.name, batch_size=batch_size,
+                                         normalize=(bundle.meta or {}).get("normalize"))
+    return finding
