@@ -38,6 +38,11 @@ def _flatten(tensors: dict[str, torch.Tensor], names: list[str], channels_last: 
     return torch.cat(parts)
 
 
+def input_key(x: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """Identifies a model input tensor (storage address, shape, strides) while it is alive."""
+    return x.data_ptr(), tuple(x.shape), tuple(x.stride())
+
+
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Rebind parameter or buffer ``name`` of ``module`` to ``value`` (no copy)."""
     owner_name, _, attr = name.rpartition(".")
@@ -86,6 +91,12 @@ class BoundCopy:
         self.dir_views = [self._views(d) for d in self.dirs]
         owners = {o for pair in (folded.pairs if folded is not None else []) for o in pair[:2]}
         self._fold_inputs = [n for n in self.names if n.rpartition(".")[0] in owners]
+        #: the current point's coefficients (read by a precomputed first layer)
+        self.coeffs: list[float] = [0.0] * len(dirs)
+        #: ``(module path, cache)`` once :func:`~nndiag.landscape.first_layer.install` has run
+        self.first_layer: tuple[str, Any] | None = None
+        #: :func:`input_key` of the input during a call of this copy, else None
+        self.input_key: Any = None
         self._bind()
 
     def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -133,12 +144,16 @@ class BoundCopy:
         other = copy.copy(self)
         other.module = copy.deepcopy(self.module)
         other._bind()
+        if self.first_layer is not None:
+            from nndiag.landscape.first_layer import reinstall
+
+            reinstall(other, *self.first_layer)
         return other
 
     @torch.inference_mode()
     def set_point(self, c: torch.Tensor) -> None:
         """Write the parameters at ``base + Σ_j c[j] d_j`` into the bound tensors."""
-        coeffs = [float(v) for v in c]
+        coeffs = self.coeffs = [float(v) for v in c]
         if not self.dirs:
             self.flat.copy_(self.base)
         for j, (d, a) in enumerate(zip(self.dirs, coeffs, strict=True)):
@@ -152,5 +167,11 @@ class BoundCopy:
                 t.copy_(new[key])
 
     def __call__(self, x: torch.Tensor) -> Any:
-        return self.module(x)
+        # set only for the length of this call: the same module object may also be run through
+        # functional_call (the grid's vmap path on the folded copy), where it must compute live
+        self.input_key = input_key(x)
+        try:
+            return self.module(x)
+        finally:
+            self.input_key = None
 

@@ -223,13 +223,14 @@ class _Grid:
             out[k] = p
         return self.layout(out, self.channels_last)
 
-    def _loss(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, p: dict[str, torch.Tensor], channels_last: bool | None = None) -> torch.Tensor:
         from torch.func import functional_call
 
+        cl = self.channels_last if channels_last is None else channels_last
         model, tensors = self.model, {**self.buffers, **p}
         if self.folded is not None:
             model = self.folded.module
-            tensors = {**self.buffers, **self.layout(self.folded.params(p, self.buffers), self.channels_last)}
+            tensors = {**self.buffers, **self.layout(self.folded.params(p, self.buffers), cl)}
         total = 0.0
         for (xb, yb), w in zip(self.data.batches, self.data.weights, strict=False):
             out = functional_call(model, tensors, (xb,), strict=False)
@@ -239,8 +240,8 @@ class _Grid:
     def vmap(self, c: torch.Tensor) -> torch.Tensor:
         from torch.func import vmap
 
-        with torch.inference_mode():
-            return vmap(self._loss, randomness="same")(self._params(c)).reshape(-1)
+        with torch.inference_mode():  # (memory formats cannot be asked for inside vmap)
+            return vmap(lambda p: self._loss(p, channels_last=False), randomness="same")(self._params(c)).reshape(-1)
 
     def _bound_loss(self, c: torch.Tensor, bound: BoundCopy | None = None) -> torch.Tensor:
         bound = bound or self.bound
@@ -366,6 +367,21 @@ def _bind(grid: _Grid, origin: float, n_dirs: int) -> bool:
     # the same values, held once: views into the bound copy's flat vectors
     grid.base, grid.dirs = grid.bound.base_views, grid.bound.dir_views
     return True
+
+
+def _precompute_first_layer(grid: _Grid, origin: float, n_dirs: int) -> str | None:
+    """Compute the bound copy's first layer once per direction and batch
+    (:mod:`~nndiag.landscape.first_layer`) when it applies and the copy still gives the
+    model's loss at the origin; returns the layer's name."""
+    from nndiag.landscape.first_layer import install
+
+    assert grid.bound is not None
+    name = install(grid.bound, [xb for xb, _ in grid.data.batches])
+    if name is not None and not _reproduces_origin(grid._bound_loss, grid, origin, n_dirs):
+        grid.bound.module.get_submodule(name).__dict__.pop("forward", None)
+        grid.bound.first_layer = None
+        return None
+    return name
 
 
 def _fingerprint(params: dict[str, Any], dirs: list[Direction]) -> str:
@@ -571,6 +587,7 @@ def surface(
         folded, in_place, pools = (_fold(grid, origin, n_dirs=dim) if mode == "eval" and dev.type == "cpu" and fold
                                    else (0, 0, 0))
         bound = _bind(grid, origin, n_dirs=dim) if dev.type == "cpu" and fold else False
+        first = _precompute_first_layer(grid, origin, n_dirs=dim) if bound else None
         weights, dirs = grid.base, grid.dirs  # (views into the bound copy's vectors when bound)
         alphas = np.linspace(lo, hi, steps)
         betas = np.linspace(lo, hi, steps) if dim == 2 else None
@@ -657,6 +674,7 @@ def surface(
     settings["in_place_ops"] = in_place
     settings["pools_rewritten"] = pools
     settings["bound_copy"] = bound
+    settings["first_layer_precomputed"] = first
     settings["batch_size"] = batches.batch_size
     settings["batch_size_requested"] = batch_size
     settings["activation_bytes_per_example"] = act_bytes
