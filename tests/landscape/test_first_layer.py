@@ -71,7 +71,7 @@ def test_surface_losses_equal_without_the_precomputed_layer(name):
     x, y = torch.randn(*shape, dtype=F64), torch.randint(0, 3, (shape[0],))
     before = snapshot(model)
     ref = surface(model, (x, y), steps=5, fold=False, dtype=F64, strategy="loop", threads=1)
-    for strategy, threads in (("loop", 1), ("threads", 2)):
+    for strategy, threads in (("loop", 1), ("threads", 2), ("vmap", 1)):  # (vmap on a CPU CNN used to raise)
         s = surface(model, (x, y), steps=5, dtype=F64, strategy=strategy, threads=threads, batch_size=16)
         assert s.params["first_layer_precomputed"] == expected
         np.testing.assert_allclose(s.losses, ref.losses, rtol=1e-12)
