@@ -102,3 +102,24 @@ def test_slice_table_and_findings_by_hand():
     assert codes["SLICE-FAILED"].evidence["failed"] == ["slice-2"]
     assert codes["SLICE-SYSTEMATIC"].evidence["slice"] == "slice-1"
     assert "SLICE-NONE" not in codes
+
+
+def test_findings_and_gallery_name_classes_where_the_data_has_names():
+    from nndiag.slices.base import Slices
+    from nndiag.slices.embeddings import Embeddings
+    from nndiag.slices.report import gallery_table, slice_findings, slice_table
+
+    labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    preds = np.array([1, 1, 1, 1, 2, 2, 0, 1])
+    loss = np.array([3.0, 2.0, 0.1, 0.2, 0.1, 0.3, 0.2, 0.1])
+    w = np.array([[1.0, 0.5, 0.25, 0, 0, 0, 0, 0]])
+    sl = Slices("spotlight", w, w > 0, (False,), lambda e: (w, w > 0))
+    x = np.zeros((8, 3, 4, 4), dtype=np.float32)
+    for classes, text, label_name in ((["cat", "dog", "frog"], "67% are class 0 (cat)", "cat"),
+                                      (["0", "1", "2"], "67% are class 0", None),  # digits: names add nothing
+                                      ([], "67% are class 0", None)):
+        emb = Embeddings(z=np.zeros((8, 2)), losses=loss, labels=labels, preds=preds, meta={"classes": classes})
+        msg = next(f.message for f in slice_findings(slice_table(sl, emb), emb) if f.code == "SLICE-SYSTEMATIC")
+        assert msg.endswith(text)
+        g = gallery_table(sl, emb, x)
+        assert g.iloc[0]["label_name"] == label_name and g.iloc[0]["label"] == 0

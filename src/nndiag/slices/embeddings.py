@@ -219,7 +219,8 @@ def extract_embeddings(
     z, loss = validate(torch.cat(zs).numpy(), torch.cat(losses).numpy(), name=bundle.name)
     return Embeddings(z=z, losses=loss, labels=bundle.y.cpu().numpy().astype(np.int64),
                       preds=torch.cat(preds).numpy().astype(np.int64), probs=torch.cat(probs).numpy(),
-                      layer=where, meta={"data": bundle.name, "num_classes": int(bundle.num_classes)})
+                      layer=where, meta={"data": bundle.name, "num_classes": int(bundle.num_classes),
+                                         "classes": [str(c) for c in (bundle.meta or {}).get("classes") or []]})
 
 
 def load_embeddings(path: str | Path, losses: str | Path | None = None) -> Embeddings:

@@ -86,7 +86,10 @@ def _gallery_figure(result: Result) -> Any:
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
         lab = "" if row.label is None or (isinstance(row.label, float) and np.isnan(row.label)) else int(row.label)
         pred = "" if row.pred is None or (isinstance(row.pred, float) and np.isnan(row.pred)) else int(row.pred)
-        ax.set_title(f"#{row.index} y={lab} ŷ={pred}", fontsize=6)
+        # class names where the data has them (reports saved before had numbers only)
+        lab = getattr(row, "label_name", None) or lab
+        pred = getattr(row, "pred_name", None) or pred
+        ax.set_title(f"#{row.index} y={lab}\nŷ={pred}", fontsize=6)
         if int(row.rank) == 1:
             ax.text(-0.15, 0.5, row.name, transform=ax.transAxes, rotation=90, va="center", ha="right",
                     fontsize=7)

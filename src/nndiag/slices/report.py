@@ -110,6 +110,11 @@ def gallery_table(slices: Slices, emb: Embeddings, x: Any, per_slice: int = GALL
     if x is None or not is_image_batch(x):
         return pd.DataFrame(columns=["name", "slice", "rank", "index", "weight", "label", "pred", "loss", "thumb"])
     xa = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    names = list((emb.meta or {}).get("classes") or [])
+
+    def named(k: int | None) -> str | None:
+        return names[k] if k is not None and 0 <= k < len(names) and names[k] != str(k) else None
+
     rows = []
     for j in range(len(slices)):
         w = slices.weights[j]
@@ -119,6 +124,7 @@ def gallery_table(slices: Slices, emb: Embeddings, x: Any, per_slice: int = GALL
                          "label": None if emb.labels is None else int(emb.labels[i]),
                          "pred": None if emb.preds is None else int(emb.preds[i]),
                          "loss": float(emb.losses[i]), "thumb": _thumb(xa[i])})
+            rows[-1]["label_name"], rows[-1]["pred_name"] = named(rows[-1]["label"]), named(rows[-1]["pred"])
     return pd.DataFrame(rows)
 
 
@@ -143,13 +149,18 @@ def slice_findings(table: pd.DataFrame, emb: Embeddings, min_gap: float = 0.2) -
             continue
         if overall - row.accuracy >= min_gap:
             bad.append(row)
+    names = list((emb.meta or {}).get("classes") or [])
     for row in bad:
         top_cls = next(iter(row.class_counts), None)
         share = row.class_counts.get(top_cls, 0) / max(1, row.members) if top_cls is not None else 0
+        label = top_cls
+        if (top_cls is not None and str(top_cls).isdigit() and int(top_cls) < len(names)
+                and names[int(top_cls)] != str(top_cls)):
+            label = f"{top_cls} ({names[int(top_cls)]})"
         out.append(Finding(
             "SLICE-SYSTEMATIC", "warn",
             f"{row.name}: {row.members} similar examples with accuracy {row.accuracy:.2f} "
-            f"against {overall:.2f} overall" + (f"; {share:.0%} are class {top_cls}" if top_cls else ""),
+            f"against {overall:.2f} overall" + (f"; {share:.0%} are class {label}" if top_cls is not None else ""),
             {"slice": row.name, "metric": "accuracy", "value": row.accuracy, "overall": overall,
              "threshold": overall - min_gap, "members": row.members, "top_indices": row.top_indices},
             "inspect the slice's top members (gallery): look for mislabelled or under-represented "
