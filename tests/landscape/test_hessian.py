@@ -341,3 +341,40 @@ def test_attention_models_get_second_derivatives():
     assert r.params["trace_method"] == "exact"
     auto = hessian_spectrum(model, (x, y), top_k=0, trace=True, trace_probes=30, dtype=F64)
     assert auto.params["trace_method"] == "hutchpp"  # attention: no second-order forward rules
+
+
+def test_progress_counts_every_product_and_probe_and_changes_nothing(monkeypatch):
+    import contextlib
+    import importlib
+
+    spectrum = importlib.import_module("nndiag.landscape.spectrum")
+    events: list[tuple[str, object]] = []
+
+    class Bar:
+        def advance(self, n=1, **fields):
+            events.append(("advance", n))
+
+        def update(self, **fields):
+            events.append(("update", fields))
+
+    @contextlib.contextmanager
+    def fake(total, description, enabled=None):
+        events.append(("open", enabled))
+        yield Bar()
+
+    monkeypatch.setattr(spectrum, "progress_bar", fake)
+    model, x, y = tiny_mlp(), *tiny_data("mlp")
+    for method in ("hutchpp", "split"):
+        events.clear()
+        kw = dict(top_k=2, density=True, slq_runs=2, slq_steps=8, trace=True, trace_method=method, dtype=F64,
+                  trace_probes=40)
+        shown = hessian_spectrum(model, (x, y), progress=True, **kw)
+        done = sum(n for kind, n in events if kind == "advance")
+        parts = shown.trace_estimate.parts or {}
+        probes = parts.get("parameter_probes", 0) + parts.get("output_probes", 0)
+        assert done == shown.n_hvp + probes and done > 0
+        totals = [f.get("total") for kind, f in events if kind == "update" and "total" in f]
+        assert totals == [2 * 8, 40]  # the density's products, then the trace's most probes
+        assert events[0] == ("open", True)
+        plain = hessian_spectrum(model, (x, y), progress=False, **kw)
+        assert shown.trace == plain.trace and np.array_equal(shown.eigenvalues, plain.eigenvalues)

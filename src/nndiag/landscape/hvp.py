@@ -40,6 +40,7 @@ Examples
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -175,6 +176,8 @@ class HessianOperator:
         self.batch_size = self.data.batch_size
         self.cache = cache
         self.n_hvp = 0
+        #: called with the number of products after each call (a progress display), or None
+        self.on_products: Callable[[int], None] | None = None
         if engine == "auto" and (dev.type == "cpu" or self.mode != "eval"):
             engine = "double-backward"
         self.engine: str | None = None if engine == "auto" else engine
@@ -310,7 +313,7 @@ class HessianOperator:
         with torch.enable_grad():
             for g in self._iter_graphs():
                 out += self._vjp(g, v, batched=False)
-        self.n_hvp += 1
+        self._count(1)
         return out.detach()
 
     # --- forward-over-reverse ---------------------------------------------------------
@@ -349,7 +352,7 @@ class HessianOperator:
             else:
                 hv = vmap(one, chunk_size=self.fr_chunk)(tangents)
             out += torch.cat([hv[n].reshape(V.shape[0], -1) for n in self.names], dim=1)
-        self.n_hvp += V.shape[0]
+        self._count(V.shape[0])
         return out.detach()
 
     def _choose_engine(self, V: torch.Tensor) -> torch.Tensor:
@@ -379,7 +382,7 @@ class HessianOperator:
         with torch.enable_grad():
             for g in self._iter_graphs():
                 out += self._vjp(g, V, batched=True)
-        self.n_hvp += V.shape[0]
+        self._count(V.shape[0])
         return out.detach()
 
     @full_precision
@@ -437,6 +440,11 @@ class HessianOperator:
     def flat_params(self) -> torch.Tensor:
         """The current parameter values as one flat vector."""
         return torch.cat([p.detach().reshape(-1) for p in self.params.values()])
+
+    def _count(self, k: int) -> None:
+        self.n_hvp += k
+        if self.on_products is not None:
+            self.on_products(k)
 
     def release(self) -> None:
         """Free the cached graphs."""

@@ -26,6 +26,7 @@ from torch import nn
 
 from nndiag._utils.model_state import preserved
 from nndiag._utils.precision import full_precision
+from nndiag._utils.progress import progress_bar
 from nndiag._utils.seeding import torch_generator
 from nndiag._utils.threads import limit_threads
 from nndiag.errors import InputError
@@ -234,8 +235,8 @@ def _trace_plan(op: HessianOperator,
 
 
 def _estimate_trace(op: HessianOperator, method: str, *, n_probes: int, rtol: float,
-                    generator: torch.Generator, dtype: torch.dtype,
-                    device: torch.device) -> tuple[str, TraceEstimate]:
+                    generator: torch.Generator, dtype: torch.dtype, device: torch.device,
+                    bar: Any = None) -> tuple[str, TraceEstimate]:
     """Run the trace method ``method`` asks for (:func:`_trace_plan`); returns (method used, estimate).
 
     Some operations are only found unsupported by the split trace's tangent rules on the
@@ -245,9 +246,12 @@ def _estimate_trace(op: HessianOperator, method: str, *, n_probes: int, rtol: fl
     """
     used, engines = _trace_plan(op, method)
     kw = {"dtype": dtype, "device": device}
+    if bar is not None:
+        bar.update(description=f"Hessian: trace ({used}, at most {n_probes} probes)", total=n_probes, completed=0)
     if engines is not None:
         try:
-            return used, split_trace(*engines, op.dim, n_probes=n_probes, rtol=rtol, generator=generator, **kw)
+            return used, split_trace(*engines, op.dim, n_probes=n_probes, rtol=rtol, generator=generator, **kw,
+                                     on_probes=bar.advance if bar is not None else None)
         except Unsupported as e:
             if method == "split":
                 raise InputError(f"trace_method='split' does not apply here: {e}; use 'hutchpp'") from None
@@ -289,6 +293,7 @@ def hessian_spectrum(
     threads: int | None = None,
     vectors: bool = False,
     hvp_engine: str = "auto",
+    progress: bool | None = None,
 ) -> HessianResult:
     """Eigenvalues, trace and density of the Hessian of ``model``'s loss on ``data``.
 
@@ -340,6 +345,9 @@ def hessian_spectrum(
     hvp_engine : {"auto", "double-backward", "forward-over-reverse"}
         How Hessian-vector products are computed (:mod:`~nndiag.landscape.hvp`); ``auto``
         times both on a GPU in eval mode. The engine used is in ``params["hvp_engine"]``.
+    progress : bool, optional
+        A progress bar on stderr (phase, products or probes done; default: when stderr is a
+        terminal).
 
     Returns
     -------
@@ -368,28 +376,35 @@ def hessian_spectrum(
         evals = res = bevals = bres = np.zeros(0)
         vecs = None
         iters, converged = 0, True
-        if top_k + bottom_k > 0:
-            t = time.perf_counter()
-            er = eigsh(op.matvec, op.dim, top_k=top_k, bottom_k=bottom_k, tol=tol, max_iter=max_iter,
-                       generator=gen, dtype=dtype, device=dev, vectors=vectors)
-            evals, res, bevals, bres = er.eigenvalues, er.residuals, er.bottom_eigenvalues, er.bottom_residuals
-            vecs = er.eigenvectors.detach().cpu() if er.eigenvectors is not None else None
-            iters, converged = er.iterations, er.converged
-            timing["eigenvalues"] = time.perf_counter() - t
-        dens = crit = None
-        if density:  # before the trace: the split trace frees the cached gradient graphs
-            t = time.perf_counter()
-            dens = slq(op.matvec, op.dim, n_runs=slq_runs, steps=slq_steps, reorth=slq_reorth,
-                       generator=gen, seed=seed, dtype=dtype, device=dev)
-            crit = spectrum_criteria(*dens.pooled(), n=kh_n)
-            timing["density"] = time.perf_counter() - t
-        tr_est = None
-        method_used = None
-        if trace:
-            t = time.perf_counter()
-            method_used, tr_est = _estimate_trace(op, trace_method, n_probes=trace_probes, rtol=trace_rtol,
-                                                  generator=gen, dtype=dtype, device=dev)
-            timing["trace"] = time.perf_counter() - t
+        with progress_bar(None, "Hessian", enabled=progress) as bar:
+            op.on_products = bar.advance
+            if top_k + bottom_k > 0:
+                bar.update(description=f"Hessian: top {top_k}" + (f" and bottom {bottom_k}" if bottom_k else "")
+                           + " eigenvalues (Lanczos products)")
+                t = time.perf_counter()
+                er = eigsh(op.matvec, op.dim, top_k=top_k, bottom_k=bottom_k, tol=tol, max_iter=max_iter,
+                           generator=gen, dtype=dtype, device=dev, vectors=vectors)
+                evals, res, bevals, bres = er.eigenvalues, er.residuals, er.bottom_eigenvalues, er.bottom_residuals
+                vecs = er.eigenvectors.detach().cpu() if er.eigenvectors is not None else None
+                iters, converged = er.iterations, er.converged
+                timing["eigenvalues"] = time.perf_counter() - t
+            dens = crit = None
+            if density:  # before the trace: the split trace frees the cached gradient graphs
+                bar.update(description=f"Hessian: density ({slq_runs} × {slq_steps} Lanczos products)",
+                           total=slq_runs * slq_steps, completed=0)
+                t = time.perf_counter()
+                dens = slq(op.matvec, op.dim, n_runs=slq_runs, steps=slq_steps, reorth=slq_reorth,
+                           generator=gen, seed=seed, dtype=dtype, device=dev)
+                crit = spectrum_criteria(*dens.pooled(), n=kh_n)
+                timing["density"] = time.perf_counter() - t
+            tr_est = None
+            method_used = None
+            if trace:
+                t = time.perf_counter()
+                method_used, tr_est = _estimate_trace(op, trace_method, n_probes=trace_probes, rtol=trace_rtol,
+                                                      generator=gen, dtype=dtype, device=dev, bar=bar)
+                timing["trace"] = time.perf_counter() - t
+            op.on_products = None
         n_hvp, loss_value, n, dim = op.n_hvp, op.loss_value, op.data.n, op.dim
         used_batch, act_bytes = op.batch_size, op.activation_bytes
         engine_used = op.engine or "double-backward"  # None: no product was needed

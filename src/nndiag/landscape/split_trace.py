@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -166,6 +167,7 @@ def split_trace(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    on_probes: Callable[[int], None] | None = None,
 ) -> TraceEstimate:
     """``tr H = tr R + tr G`` from two kinds of probes, allocated adaptively.
 
@@ -201,6 +203,8 @@ def split_trace(
         ``n_probes // 4``, at least 2.
     generator, dtype, device
         Probe generation.
+    on_probes : callable, optional
+        Called with the number of probes after every block (progress display).
 
     Returns
     -------
@@ -229,6 +233,8 @@ def split_trace(
         else:
             o_s.extend(gauss_newton(k, gen).tolist())  # type: ignore[misc]
         recent[kind] = (time.perf_counter() - t) / k
+        if on_probes is not None:
+            on_probes(k)
 
     # two blocks of each kind before the variances steer
     kinds = ("param", "output", "param", "output") if gauss_newton is not None else ("param",)
