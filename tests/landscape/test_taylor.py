@@ -382,3 +382,20 @@ def test_split_trace_after_eigenvalues_and_density_frees_the_gradient_graphs(mon
     np.testing.assert_allclose(r.eigenvalues, ev[::-1][:2], rtol=1e-4)
     assert abs(r.trace - np.trace(H)) < 4 * r.trace_stderr
     assert abs(r.density.pooled()[1].sum() - 1) < 1e-6  # the density ran on the (then still cached) graphs
+
+
+def test_primal_pass_keeps_only_what_the_tangent_rules_read():
+    # values where a rule reads them, signs where only a ReLU does, shapes elsewhere; the dense
+    # comparisons above run on these reduced primals
+    model, x, y, op = _setup("resnet-shortcut")
+    qf = QuadraticForms(model, op.params, op.buffers, op.data, op.loss_fn)
+    kinds = {n.name: k for n, k in qf.retention.items()}
+    assert kinds["x"] == kinds["block_conv"] == kinds["head"] == "value"  # conv input, BatchNorm input, logits
+    assert kinds["stem"] == kinds["add"] == "mask"  # read by ReLUs only
+    assert kinds["pad"] == kinds["block_bn"] == "shape"  # feed a residual sum: derivatives only
+    env = {n.name: v for n, v in qf.primals[0].items() if not isinstance(n, tuple)}
+    assert env["stem"].dtype == torch.bool and env["pad"].device.type == "meta"
+    assert env["block_conv"].dtype == F64 and env["block_conv"].device.type == "cpu"
+    Z = (torch.randint(0, 2, (3, op.dim), generator=torch.Generator().manual_seed(1)) * 2 - 1).to(F64)
+    H = dense_hessian(model, x, y)
+    np.testing.assert_allclose(qf(Z).numpy(), np.einsum("ki,ij,kj->k", Z.numpy(), H, Z.numpy()), rtol=1e-9)

@@ -21,7 +21,9 @@ Hessian-vector product of the loss with respect to a few logits only).
 Per probe this costs four convolution passes (``W ∗ [ẋ, ẍ]`` in one call, ``Ż ∗ x`` for
 all probes in one call with stacked output channels, ``Ż ∗ ẋ`` per probe) where the
 cached double-backward Hessian-vector product costs about six (it also forms the full
-vector ``Hz``), and the forward primal pass is done once and kept. On ResNet20 (128 CIFAR
+vector ``Hz``), and the forward primal pass is done once and kept — only what the rules
+read of it: values where a rule reads them, signs where only a ReLU does, shapes elsewhere
+(:meth:`QuadraticForms._retention`; ResNet20, 256 images: 651 → 415 MiB). On ResNet20 (128 CIFAR
 images, 2 CPU threads) see ``docs/BENCHMARKS.md``.
 
 The graph comes from ``torch.fx`` (a trace of the model, which is not modified); only
@@ -206,6 +208,7 @@ class QuadraticForms:
         for i, node in enumerate(self.nodes):
             for a in _nodes_in((node.args, node.kwargs)):
                 self.last_use[a] = i
+        self.retention = self._retention()
         self._primals: list[Any] | None = None
 
     @property
@@ -312,6 +315,60 @@ class QuadraticForms:
         return all(n == 1 for n in uses.values())
 
     # --- primal pass (once) -----------------------------------------------------------
+    def _varying(self) -> set[Any]:
+        """Nodes whose value depends on a trainable parameter (they get derivatives)."""
+        varying: set[Any] = set()
+        for node in self.nodes:
+            if node.op == "get_attr" and str(node.target) in self.params:
+                varying.add(node)
+            elif node.op == "call_module" and any(
+                    f"{node.target}.{n}" in self.params
+                    for n, _ in self.modules[node.target].named_parameters(recurse=False)):
+                varying.add(node)
+            elif any(a in varying for a in _nodes_in((node.args, node.kwargs))):
+                varying.add(node)
+        return varying
+
+    def _use(self, user: Any, node: Any, varying: set[Any]) -> str:
+        """What the tangent rule of ``user`` reads of ``node``'s primal value: ``value``,
+        ``mask`` (its sign: ReLU) or ``none`` (only its derivative)."""
+        op, t = user.op, user.target
+        if op == "output":
+            return "value"
+        if op == "call_module":
+            m = self.modules[t]
+            if type(m) is nn.ReLU:
+                return "mask"
+            if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.modules.dropout._DropoutNd)):
+                return "none"  # (max-pooling reads its own indices)
+            return "value"  # convolutions, linear layers, BatchNorm, activations, embeddings
+        if op == "call_method" and t == "relu" or op == "call_function" and t in _RELU_FUNCS:
+            return "mask"
+        if op == "call_function" and t in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout):
+            return "none"
+        if op == "call_function" and t in (operator.mul, torch.mul, operator.truediv, torch.div) or (
+                op == "call_method" and t in ("mul", "div")) or t in _ACT_FUNCS or t in _ACT_METHODS:
+            return "value"
+        if op == "call_method" and t in _SHAPE_METHODS or op == "call_function" and t is getattr:
+            return "none"  # computed in the primal pass already
+        # linear operations: constant operands are read, varying ones only through derivatives
+        return "none" if node in varying else "value"
+
+    def _retention(self) -> dict[Any, str]:
+        """Per node, what the probes need of its primal value: ``value``, ``mask`` (a boolean
+        sign suffices) or ``shape`` (nothing but its shape: kept as a ``meta`` tensor).
+
+        On ResNet20 the primal pass held 651 MiB for 256 CIFAR images; keeping BatchNorm and
+        residual-sum outputs as masks (they only feed ReLUs) and padded shortcuts as shapes
+        leaves about two thirds of that.
+        """
+        varying = self._varying()
+        out = {}
+        for node in self.nodes:
+            uses = {self._use(u, node, varying) for u in node.users}
+            out[node] = "value" if "value" in uses else ("mask" if "mask" in uses else "shape")
+        return out
+
     def _primal(self, x: torch.Tensor) -> dict[Any, Any]:
         env: dict[Any, Any] = {}
         with torch.no_grad():
@@ -325,6 +382,10 @@ class QuadraticForms:
                     if self._is_maxpool(node):
                         val, env[(node, "indices")] = val
                     env[node] = val
+        for node, keep in self.retention.items():  # only what the tangent rules read
+            v = env.get(node)
+            if isinstance(v, torch.Tensor) and keep != "value":
+                env[node] = (v > 0) if keep == "mask" else torch.empty(v.shape, dtype=v.dtype, device="meta")
         return env
 
     def _is_maxpool(self, node: Any) -> bool:
