@@ -117,3 +117,12 @@ def test_hessian_and_landscape_commands_warn_about_the_input_scale(tmp_path):
         ok = CliRunner().invoke(app, [*cmd, "--data", "digits?normalize=standard"])
         assert ok.exit_code == 0, ok.output
         assert "EVAL-INPUT-SCALE" not in [f["code"] for f in json.loads(ok.stdout)["findings"]]
+
+
+def test_check_bundle_says_nothing_for_outputs_that_are_not_class_logits():
+    from nndiag.report.input_scale import check_bundle
+
+    data = load_data("digits", n_samples=64)
+    seg = torch.nn.Conv2d(1, 10, 3, padding=1)  # (N, 10, 8, 8): not (N, classes)
+    assert check_bundle(seg, data) is None
+    assert check_bundle(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), data) is None  # labels ≥ 3

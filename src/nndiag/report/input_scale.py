@@ -109,13 +109,17 @@ def check_bundle(module: nn.Module, bundle: Any, *, batch_size: int = 256) -> Fi
     its training scale describes the wrong function.
     """
     from nndiag._utils.model_state import preserved
+    from nndiag.errors import DataError
     from nndiag.io.data import model_inputs
 
     if bundle is None or len(bundle) < 2:
         return None
     with preserved(module, values=False):
         module.eval()
-        x = model_inputs(module, bundle.x[:N_CHECK], name=bundle.name)
-        finding, _ = input_scale_finding(module, x, bundle.y[:N_CHECK], name=bundle.name, batch_size=batch_size,
-                                         normalize=(bundle.meta or {}).get("normalize"))
+        try:
+            x = model_inputs(module, bundle.x[:N_CHECK], name=bundle.name)
+            finding, _ = input_scale_finding(module, x, bundle.y[:N_CHECK], name=bundle.name,
+                                             batch_size=batch_size, normalize=(bundle.meta or {}).get("normalize"))
+        except (RuntimeError, ValueError, IndexError, DataError):
+            return None  # outputs that are not class logits for these labels: nothing to suggest
     return finding
