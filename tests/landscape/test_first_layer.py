@@ -11,7 +11,7 @@ from torch.func import functional_call
 from nndiag._utils.model_state import same_snapshot, snapshot
 from nndiag.landscape import surface
 from nndiag.landscape.bound import BoundCopy
-from nndiag.landscape.first_layer import install
+from nndiag.landscape.first_layer import install, uninstall
 from nndiag.landscape.fold import inference_copy
 
 F64 = torch.float64
@@ -114,3 +114,6 @@ def test_memory_cap_leaves_the_layer_live():
     assert install(bound, [x], max_bytes=100 * 8 * 4 * 2 - 1) is None  # two (100, 8) float32 outputs
     assert bound.first_layer is None and "forward" not in bound.module.get_submodule("1").__dict__
     assert install(bound, [x], max_bytes=100 * 8 * 4 * 2) == "1"
+    assert "forward" in bound.module.get_submodule("1").__dict__
+    uninstall(bound)
+    assert bound.first_layer is None and "forward" not in bound.module.get_submodule("1").__dict__

@@ -23,6 +23,7 @@ layer (the copy's current parameters), so the copy computes the same function ei
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -80,10 +81,6 @@ class FirstLayer:
     def __deepcopy__(self, memo: dict[int, Any]) -> FirstLayer:
         return self  # copies re-install their own (:func:`reinstall`), sharing the cache
 
-    def remove(self) -> None:
-        """Give the layer its own ``forward`` back."""
-        self.layer.__dict__.pop("forward", None)
-
 
 def _is_reshape(node: Any, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
@@ -95,8 +92,6 @@ def _is_reshape(node: Any, modules: dict[str, nn.Module]) -> bool:
 
 def _shape_of(node: Any) -> bool:
     """``x.shape``, ``x.size()``, ``x.dim()`` or an item of one: a value that carries no data."""
-    import operator
-
     if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
         return True
     if node.op == "call_method" and node.target in ("size", "dim"):
@@ -150,8 +145,9 @@ class _Stop(Exception):
     """Ends a forward pass once the first layer's input is known."""
 
 
-def _layer_input(bound: BoundCopy, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What ``layer`` receives when the copy is called on ``x`` (the forward stops there)."""
+def _layer_input(bound: BoundCopy, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """What ``layer`` receives when the copy is called on ``x`` (the forward stops there);
+    None when the forward never reaches it."""
     seen: list[torch.Tensor] = []
 
     def grab(_m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -165,9 +161,7 @@ def _layer_input(bound: BoundCopy, layer: nn.Module, x: torch.Tensor) -> torch.T
         pass
     finally:
         handle.remove()
-    if not seen:
-        raise RuntimeError("the first layer was not reached")
-    return seen[0]
+    return seen[0] if seen else None
 
 
 def install(bound: BoundCopy, inputs: list[torch.Tensor], max_bytes: int = MAX_BYTES) -> str | None:
@@ -200,6 +194,8 @@ def install(bound: BoundCopy, inputs: list[torch.Tensor], max_bytes: int = MAX_B
     with torch.inference_mode():
         for x in inputs:
             xi = _layer_input(bound, layer, x)
+            if xi is None:
+                return None
             y0 = _apply(layer, xi, w0, b0)
             size += y0.numel() * y0.element_size() * (1 + len(dirs))
             if size > max_bytes:
@@ -215,3 +211,10 @@ def reinstall(bound: BoundCopy, target: str, cache: dict[Any, Any]) -> None:
     first = FirstLayer(bound, layer, cache)
     layer.forward = first  # an instance attribute: nn.Module.__call__ calls it
     bound.first_layer = (target, cache)
+
+
+def uninstall(bound: BoundCopy) -> None:
+    """Give ``bound``'s first layer its own ``forward`` back."""
+    if bound.first_layer is not None:
+        bound.module.get_submodule(bound.first_layer[0]).__dict__.pop("forward", None)
+        bound.first_layer = None

@@ -373,13 +373,12 @@ def _precompute_first_layer(grid: _Grid, origin: float, n_dirs: int) -> str | No
     """Compute the bound copy's first layer once per direction and batch
     (:mod:`~nndiag.landscape.first_layer`) when it applies and the copy still gives the
     model's loss at the origin; returns the layer's name."""
-    from nndiag.landscape.first_layer import install
+    from nndiag.landscape.first_layer import install, uninstall
 
     assert grid.bound is not None
     name = install(grid.bound, [xb for xb, _ in grid.data.batches])
     if name is not None and not _reproduces_origin(grid._bound_loss, grid, origin, n_dirs):
-        grid.bound.module.get_submodule(name).__dict__.pop("forward", None)
-        grid.bound.first_layer = None
+        uninstall(grid.bound)
         return None
     return name
 
