@@ -245,6 +245,27 @@ def test_slq_density_mass_matches_dense_spectrum(case):
     assert r.criteria["lambda_min"] == pytest.approx(ev[0], rel=1e-3)
 
 
+def test_eigenvalue_run_doubles_as_the_first_slq_run(case):
+    _, model, x, y, _, ev = case
+    r = hessian_spectrum(model, (x, y), top_k=2, density=True, slq_runs=12, slq_steps=40, dtype=F64)
+    assert r.density.settings["first_run_shared"] is True
+    # the eigenvalue run took max(its own steps, 40) products, the other 11 runs 40 each
+    assert r.n_hvp == max(r.iterations, 40) + 11 * 40 and r.iterations >= 40
+    np.testing.assert_allclose(r.eigenvalues, ev[::-1][:2], rtol=1e-4)
+    qs = np.quantile(ev, [0.05, 0.25, 0.5, 0.75, 0.95])  # the same check as without sharing
+    delta = 0.02 * (ev[-1] - ev[0])
+    est = r.density.cdf(qs)
+    lo = np.array([(ev <= q - delta).mean() for q in qs])
+    hi = np.array([(ev <= q + delta).mean() for q in qs])
+    assert np.all(est >= lo - 0.06) and np.all(est <= hi + 0.06), (est, lo, hi)
+    # the shared run is an SLQ run: its nodes are Ritz values of the Hessian, weights sum to 1
+    nodes, weights = r.density.nodes[0], r.density.weights[0]
+    assert abs(weights.sum() - 1) < 1e-10 and nodes.min() >= ev[0] - 1e-8 and nodes.max() <= ev[-1] + 1e-8
+    windowed = hessian_spectrum(model, (x, y), top_k=2, density=True, slq_runs=2, slq_steps=10, slq_reorth=5,
+                                dtype=F64)
+    assert windowed.density.settings["first_run_shared"] is False  # another reorthogonalisation: no sharing
+
+
 def test_token_ids_reach_the_embedding_as_integers_and_match_dense():
     model = tiny_embedding()
     x, y = token_data()
@@ -374,7 +395,7 @@ def test_progress_counts_every_product_and_probe_and_changes_nothing(monkeypatch
         probes = parts.get("parameter_probes", 0) + parts.get("output_probes", 0)
         assert done == shown.n_hvp + probes and done > 0
         totals = [f.get("total") for kind, f in events if kind == "update" and "total" in f]
-        assert totals == [2 * 8, 40]  # the density's products, then the trace's most probes
+        assert totals == [8, 40]  # the density's new products (one run shared with the eigenvalues), the trace's probes
         assert events[0] == ("open", True)
         plain = hessian_spectrum(model, (x, y), progress=False, **kw)
         assert shown.trace == plain.trace and np.array_equal(shown.eigenvalues, plain.eigenvalues)

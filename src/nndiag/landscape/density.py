@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from nndiag.errors import InputError
-from nndiag.landscape.lanczos import MatVec, _random_unit, lanczos_tridiag
+from nndiag.landscape.lanczos import MatVec, Tridiag, _random_unit, lanczos_tridiag
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ def slq(
     seed: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    first: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Density:
     """Stochastic Lanczos quadrature of a symmetric operator.
 
@@ -110,6 +111,12 @@ def slq(
         Reorthogonalisation (LLA uses the last 10 vectors; the default is full).
     generator : torch.Generator, optional
         Random source (else seeded by ``seed``).
+    first : (ndarray, ndarray), optional
+        A Lanczos run already made with this ``reorth`` from a normalised Rademacher start
+        (the diagonal and off-diagonal of its ``T``, at least ``steps`` long, e.g. the
+        eigenvalue run of :func:`~nndiag.landscape.lanczos.eigsh` with ``min_iter=steps``):
+        it is used as the first run, truncated to ``steps`` (Lanczos is incremental, so its
+        leading ``steps × steps`` block is exactly that run), and ``n_runs − 1`` new runs follow.
 
     Returns
     -------
@@ -122,12 +129,18 @@ def slq(
     steps = min(steps, dim)
     nodes = np.full((n_runs, steps), np.nan)
     weights = np.full((n_runs, steps), np.nan)
+    shared = first is not None and len(first[0]) >= steps
     for r in range(n_runs):
-        v0 = _random_unit(dim, gen, dtype, device, rademacher=True)
-        tri = lanczos_tridiag(matvec, v0, steps, reorth=reorth, generator=gen)
+        if r == 0 and shared:
+            assert first is not None
+            tri = Tridiag(first[0][:steps], first[1][:steps - 1], 0.0, None, 0)
+        else:
+            v0 = _random_unit(dim, gen, dtype, device, rademacher=True)
+            tri = lanczos_tridiag(matvec, v0, steps, reorth=reorth, generator=gen)
         theta, S = tri.eig()
         m = len(theta)
         nodes[r, :m] = theta
         weights[r, :m] = S[0, :] ** 2
-    settings = {"n_runs": n_runs, "steps": steps, "reorth": reorth, "seed": seed}
+    settings = {"n_runs": n_runs, "steps": steps, "reorth": reorth, "seed": seed,
+                "first_run_shared": bool(shared)}
     return Density(nodes, weights, settings)

@@ -175,6 +175,9 @@ class EigResult:
         Lanczos steps (= matrix-vector products).
     converged : bool
         Whether every requested residual met the tolerance.
+    tridiag : (ndarray, ndarray) or None
+        The run's ``T`` (diagonal, off-diagonal): with a random unit start vector it is
+        also one stochastic Lanczos quadrature run (:func:`~nndiag.landscape.density.slq`).
     """
 
     eigenvalues: np.ndarray
@@ -185,6 +188,7 @@ class EigResult:
     bottom_residuals: np.ndarray
     iterations: int
     converged: bool
+    tridiag: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def eigsh(
@@ -200,6 +204,7 @@ def eigsh(
     device: str | torch.device = "cpu",
     vectors: bool = True,
     v0: torch.Tensor | None = None,
+    min_iter: int = 0,
 ) -> EigResult:
     """Extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -225,6 +230,9 @@ def eigsh(
         Return Ritz vectors.
     v0 : torch.Tensor, optional
         Start vector (random Gaussian otherwise).
+    min_iter : int
+        Take at least this many steps even once converged (so that the run can also serve
+        as an SLQ run of that length, :attr:`EigResult.tridiag`).
 
     Returns
     -------
@@ -238,13 +246,13 @@ def eigsh(
         raise InputError(f"tol must be positive, got {tol}")
     device = torch.device(device)
     gen = generator or torch.Generator().manual_seed(0)
-    max_iter = int(min(dim, max_iter or max(100, 20 * (top_k + bottom_k))))
+    max_iter = int(min(dim, max(max_iter or max(100, 20 * (top_k + bottom_k)), min_iter)))
     start = v0.to(device=device, dtype=dtype) if v0 is not None else _random_unit(dim, gen, dtype, device)
     need = top_k + bottom_k
 
     def done(j: int, alpha: np.ndarray, beta: np.ndarray, b: float) -> bool:
         m = j + 1
-        if m < min(need + 1, dim) and m < dim:
+        if (m < min(need + 1, dim) or m < min_iter) and m < dim:
             return False
         from scipy.linalg import eigh_tridiagonal
 
@@ -280,4 +288,5 @@ def eigsh(
         bottom_residuals=res[bot_idx].copy(),
         iterations=m,
         converged=converged,
+        tridiag=(tri.alpha.copy(), tri.beta.copy()),
     )

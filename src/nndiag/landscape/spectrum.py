@@ -34,7 +34,7 @@ from nndiag.landscape._setup import LossFn
 from nndiag.landscape.criteria import spectrum_criteria
 from nndiag.landscape.density import Density, slq
 from nndiag.landscape.hvp import HessianOperator
-from nndiag.landscape.lanczos import eigsh
+from nndiag.landscape.lanczos import _random_unit, eigsh
 from nndiag.landscape.split_trace import GaussNewtonProbes, split_trace
 from nndiag.landscape.taylor import QuadraticForms, Unsupported
 from nndiag.landscape.trace import TRACE_METHODS, TraceEstimate, exact_trace, hutchinson, hutchpp, xtrace
@@ -376,25 +376,34 @@ def hessian_spectrum(
         evals = res = bevals = bres = np.zeros(0)
         vecs = None
         iters, converged = 0, True
+        first = None  # the eigenvalue run's tridiagonal matrix when it doubles as an SLQ run
         with progress_bar(None, "Hessian", enabled=progress) as bar:
             op.on_products = bar.advance
             if top_k + bottom_k > 0:
                 bar.update(description=f"Hessian: top {top_k}" + (f" and bottom {bottom_k}" if bottom_k else "")
                            + " eigenvalues (Lanczos products)")
                 t = time.perf_counter()
+                # with a density (full reorthogonalisation) the eigenvalue run starts like an SLQ run
+                # and takes at least its steps: it is then the density's first run as well
+                share = density and slq_reorth == "full" and slq_runs >= 1
                 er = eigsh(op.matvec, op.dim, top_k=top_k, bottom_k=bottom_k, tol=tol, max_iter=max_iter,
-                           generator=gen, dtype=dtype, device=dev, vectors=vectors)
+                           generator=gen, dtype=dtype, device=dev, vectors=vectors,
+                           v0=_random_unit(op.dim, gen, dtype, dev, rademacher=True) if share else None,
+                           min_iter=min(slq_steps, op.dim) if share else 0)
+                first = er.tridiag if share else None
                 evals, res, bevals, bres = er.eigenvalues, er.residuals, er.bottom_eigenvalues, er.bottom_residuals
                 vecs = er.eigenvectors.detach().cpu() if er.eigenvectors is not None else None
                 iters, converged = er.iterations, er.converged
                 timing["eigenvalues"] = time.perf_counter() - t
             dens = crit = None
             if density:  # before the trace: the split trace frees the cached gradient graphs
-                bar.update(description=f"Hessian: density ({slq_runs} × {slq_steps} Lanczos products)",
-                           total=slq_runs * slq_steps, completed=0)
+                new_runs = slq_runs - (first is not None)
+                bar.update(description=f"Hessian: density ({new_runs} × {slq_steps} Lanczos products"
+                           + (", one run shared with the eigenvalues)" if first is not None else ")"),
+                           total=new_runs * slq_steps, completed=0)
                 t = time.perf_counter()
                 dens = slq(op.matvec, op.dim, n_runs=slq_runs, steps=slq_steps, reorth=slq_reorth,
-                           generator=gen, seed=seed, dtype=dtype, device=dev)
+                           generator=gen, seed=seed, dtype=dtype, device=dev, first=first)
                 crit = spectrum_criteria(*dens.pooled(), n=kh_n)
                 timing["density"] = time.perf_counter() - t
             tr_est = None
