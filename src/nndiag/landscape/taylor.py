@@ -203,6 +203,7 @@ class QuadraticForms:
         self.nodes = list(self.gm.graph.nodes)
         self._orders = 2
         self._validate()
+        self.varying = self._varying()  # the nodes that depend on a trainable parameter
         self.residual_vanishes = self._piecewise_linear()
         self.last_use = {}
         for i, node in enumerate(self.nodes):
@@ -283,20 +284,17 @@ class QuadraticForms:
         parameter is used by one operation, no smooth activation acts on a
         parameter-dependent value and no product multiplies two of them.
         """
-        varying: set[Any] = set()
+        varying = self.varying
         uses: dict[str, int] = {}
         for node in self.nodes:
             ins = [a for a in _nodes_in((node.args, node.kwargs)) if a in varying]
             if node.op == "get_attr":
-                if str(node.target) in self.params:
-                    varying.add(node)
+                if node in varying:
                     uses[str(node.target)] = uses.get(str(node.target), 0) + len(node.users)
                 continue
-            own = False
             if node.op == "call_module":
                 m = self.modules[node.target]
-                own = any(f"{node.target}.{n}" in self.params for n, _ in m.named_parameters(recurse=False))
-                if own:
+                if any(f"{node.target}.{n}" in self.params for n, _ in m.named_parameters(recurse=False)):
                     uses[node.target] = uses.get(node.target, 0) + 1
                 kind = _ACT_MODULES.get(type(m))
             elif node.op == "call_function":
@@ -310,8 +308,6 @@ class QuadraticForms:
             if len(ins) > 1 and (node.target in (operator.mul, torch.mul, operator.truediv, torch.div)
                                  or (node.op == "call_method" and node.target in ("mul", "div"))):
                 return False
-            if ins or own:
-                varying.add(node)
         return all(n == 1 for n in uses.values())
 
     # --- primal pass (once) -----------------------------------------------------------
@@ -362,7 +358,7 @@ class QuadraticForms:
         residual-sum outputs as masks (they only feed ReLUs) and padded shortcuts as shapes
         leaves about two thirds of that.
         """
-        varying = self._varying()
+        varying = self.varying
         out = {}
         for node in self.nodes:
             uses = {self._use(u, node, varying) for u in node.users}
