@@ -126,3 +126,28 @@ def test_check_bundle_says_nothing_for_outputs_that_are_not_class_logits():
     seg = torch.nn.Conv2d(1, 10, 3, padding=1)  # (N, 10, 8, 8): not (N, classes)
     assert check_bundle(seg, data) is None
     assert check_bundle(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), data) is None  # labels ≥ 3
+
+
+def test_pixel_values_stored_as_floats_are_recognised():
+    from dataclasses import replace
+
+    with limit_threads(1):
+        model = _trained_on("digits?split=train")  # trained on [0, 1] pixels
+        raw = load_data("digits?split=test")
+        pixels = torch.round(raw.x * 255)  # 0–255 whole numbers, stored as float32
+        res = evaluation.run(load_model(model), replace(raw, x=pixels))
+    f = res.findings[0]
+    assert f.code == "EVAL-INPUT-SCALE" and f.evidence["divide_by_255"] and f.evidence["normalize"] == "none"
+    assert "divided by 255" in f.message and "uint8" in f.recommendation
+    s = f.evidence["scores"]
+    assert set(s) == {"as given", "/255", "standard"}
+    n = f.evidence["n_examples"]
+    with torch.no_grad():  # the /255 score is the model on the pixels divided by 255
+        logits = model(pixels[:n] / 255)
+    assert s["/255"]["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, raw.y[:n])), rel=1e-5)
+    assert s["/255"]["accuracy"] > 0.8
+    # the ReLU network keeps most decisions on 0–255 inputs: flagged by the tenfold loss alone
+    assert s["as given"]["accuracy"] > s["/255"]["accuracy"] - 0.1 and s["/255"]["loss"] < 0.1 * s["as given"]["loss"]
+    # not whole numbers, or beyond 255: nothing is suggested
+    assert input_scale_finding(model, pixels + 0.5, raw.y, normalize=None) == (None, {})
+    assert input_scale_finding(model, pixels * 2, raw.y, normalize=None) == (None, {})
