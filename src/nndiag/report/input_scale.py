@@ -84,35 +84,37 @@ def input_scale_finding(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     if lo < 0.0 or (hi > 1.0 and not pixels):
         return None, {}  # not raw pixels or probabilities: nothing to suggest
     base = xs / 255.0 if pixels else xs
-    prefix = "/255" if pixels else ""
-    scores = {"as given": _scores(module, xs, ys, batch_size)}
-    if pixels:
-        scores[prefix] = _scores(module, base, ys, batch_size)
+    # each variant: (divided by 255, normalize= option) — standardising ignores the scale
+    variants: dict[str, tuple[bool, str]] = {"/255": (True, "none")} if pixels else {}
     for how in NORMALIZATIONS:
         if how != "standard" and (xs.ndim != 4 or xs.shape[1] != 3):
             continue  # the dataset statistics are for 3-channel images
-        key = f"{prefix}, {how}" if pixels and how != "standard" else how  # (standardising ignores the scale)
+        divide = pixels and how != "standard"
+        variants[f"/255, {how}" if divide else how] = (divide, how)
+    scores = {"as given": _scores(module, xs, ys, batch_size)}
+    for key, (_, how) in variants.items():
         scores[key] = _scores(module, normalize_inputs(base, how, name=name), ys, batch_size)
     given_loss, given_acc = scores["as given"]
-    best = min((h for h in scores if h != "as given"), key=lambda h: scores[h][0], default=None)
+    best = min(variants, key=lambda h: scores[h][0], default=None)
     if best is None:
         return None, scores
     loss, acc = scores[best]
     if not ((loss <= LOSS_RATIO * given_loss and acc >= given_acc + ACCURACY_GAIN)
             or loss <= LOSS_RATIO_ALONE * given_loss):
         return None, scores
-    how = best.removeprefix(prefix).removeprefix(", ") if pixels else best
-    divide = pixels and best != "standard"
-    told = ("divided by 255" + (f" and normalised as '{how}'" if how else "")) if divide else f"normalised as '{how}'"
+    divide, how = variants[best]
+    named = f"normalised as '{how}'"
+    told = ("divided by 255" + (f" and {named}" if how != "none" else "")) if divide else named
+    option = f"DATA?normalize={how}"
     fix = ("store the inputs as uint8 (nndiag reads them as [0, 1]) or divide them by 255"
-           + (f", and pass the data as DATA?normalize={how}" if how else "")) if divide else (
-        f"pass the data as DATA?normalize={how} (or normalise it as in training)")
+           + (f", and pass the data as {option}" if how != "none" else "")) if divide else (
+        f"pass the data as {option} (or normalise it as in training)")
     finding = Finding(
         "EVAL-INPUT-SCALE", "warn",
         f"on the first {len(ys)} examples of {name} the model does much better with the inputs {told} "
         f"(loss {loss:.3g}, accuracy {acc:.1%}) than as given (loss {given_loss:.3g}, accuracy "
         f"{given_acc:.1%}): it was probably trained on inputs in that scale",
-        {"normalize": how or "none", "divide_by_255": divide, "n_examples": len(ys),
+        {"normalize": how, "divide_by_255": divide, "n_examples": len(ys),
          "scores": {h: {"loss": v[0], "accuracy": v[1]} for h, v in scores.items()}},
         f"{fix}; the analyses that read data otherwise describe the model off its input distribution")
     return finding, scores
