@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -151,3 +152,73 @@ def test_split_trace_on_cuda_matches_the_exact_trace():
                          dtype=torch.float64)
     assert r.params["trace_method"] == "split" and r.meta["device"].startswith("cuda")
     assert abs(r.trace - exact) < 4 * r.trace_stderr
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "graph"])
+def test_landscape_on_cuda_equals_the_cpu_grid_with_its_precomputed_first_layer(strategy):
+    # the CPU's bound copy computes the first convolution once per direction; the GPU runs
+    # whole forwards (the bound copy and the precomputation are CPU-only)
+    from nndiag.landscape import surface
+
+    net, (x, y) = _cnn(bn=False), _xy(32)
+    net = net.double().eval()
+    x = x.double()
+    ref = surface(net, (x, y), dim=2, steps=5, seed=1, strategy="loop", dtype=torch.float64, device="cpu",
+                  threads=1, batch_size=12)
+    assert ref.params["first_layer_precomputed"] == "0"
+    gpu = surface(copy.deepcopy(net).cuda(), (x.cuda(), y.cuda()), dim=2, steps=5, seed=1, strategy=strategy,
+                  dtype=torch.float64, batch_size=12)
+    assert gpu.params["first_layer_precomputed"] is None and gpu.params["strategy"] == strategy
+    torch.testing.assert_close(torch.as_tensor(gpu.losses), torch.as_tensor(ref.losses), rtol=1e-9, atol=1e-12)
+
+
+def test_eigenvalues_density_and_trace_on_cuda_equal_the_cpu():
+    # the eigenvalue Lanczos run doubles as the density's first run; probes drawn on the host
+    from nndiag.landscape import hessian_spectrum
+
+    net, (x, y) = _cnn(bn=False), _xy(24)
+    net = net.double().eval()
+    kw = dict(top_k=2, density=True, slq_runs=2, slq_steps=12, trace=True, trace_method="hutchpp",
+              trace_probes=30, dtype=torch.float64)
+    cpu = hessian_spectrum(net, (x, y), device="cpu", **kw)
+    gpu = hessian_spectrum(copy.deepcopy(net).cuda(), (x, y), **kw)
+    assert gpu.meta["device"].startswith("cuda") and gpu.density.settings["first_run_shared"] is True
+    np.testing.assert_allclose(gpu.eigenvalues, cpu.eigenvalues, rtol=1e-8)
+    np.testing.assert_allclose(gpu.trace, cpu.trace, rtol=1e-8)
+    for a, b in zip(gpu.density.nodes, cpu.density.nodes, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    for k in ("re", "Kh", "Ct"):
+        assert gpu.criteria[k] == pytest.approx(cpu.criteria[k], rel=1e-6, abs=1e-9), k
+
+
+class _FunctionalRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6 * 64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.c(x)).flatten(1).relu_())
+
+
+def test_nwot_with_functional_relus_on_cuda_equals_the_cpu():
+    from nndiag.zerocost.score import compute_proxies
+
+    torch.manual_seed(0)
+    net, (x, y) = _FunctionalRelu(), _xy(16)
+    cpu = compute_proxies(net, x, y, ["nwot"])
+    gpu = compute_proxies(copy.deepcopy(net).cuda(), x, y, ["nwot"])
+    assert cpu["errors"] == {} and gpu["errors"] == {}
+    assert gpu["nwot"] == pytest.approx(cpu["nwot"], rel=1e-6)
+
+
+def test_input_scale_check_on_a_cuda_model_equals_the_cpu():
+    from nndiag.report.input_scale import input_scale_finding
+
+    net = _cnn(bn=False).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(40, 3, 8, 8, generator=g), torch.randint(0, 5, (40,), generator=g)
+    _, cpu = input_scale_finding(net, x, y, normalize=None)
+    _, gpu = input_scale_finding(copy.deepcopy(net).cuda(), x, y, normalize=None)
+    assert set(gpu) == set(cpu) == {"as given", "imagenet", "cifar", "standard"}
+    for k in cpu:
+        assert gpu[k] == pytest.approx(cpu[k], rel=1e-4), k
