@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,6 @@ import pandas as pd
 import torch
 
 from nndiag._utils.precision import full_precision
-from nndiag._utils.threads import worker_pool
 from nndiag.errors import InputError
 from nndiag.report.results import Result, jsonable, provenance, table_to_records
 from nndiag.spectral import findings as _findings
@@ -54,8 +54,6 @@ SUMMARY_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm",
                    "log_spectral_norm", "stable_rank", "mp_softrank")
 _ALPHA_BASED = ("alpha", "alpha_weighted", "log_alpha_norm")
 _ESD_BINS = 60
-#: Fits go to threads only when the largest ESD has this many values (see :func:`_fit_all`).
-FIT_THREADS_MIN = 4096
 #: On the CPU, matrices with more entries than this are solved one at a time, smaller ones batched.
 _BATCH_MAX_ELEMS = 256 * 256
 
@@ -140,14 +138,18 @@ def _fingerprint(t: torch.Tensor) -> tuple[Any, ...]:
 class _Batcher:
     """Collects same-shaped matrices and computes their eigenvalues in batches."""
 
-    def __init__(self, precision: str, device: torch.device, batch_bytes: int) -> None:
+    def __init__(self, precision: str, device: torch.device, batch_bytes: int,
+                 on_layer: Callable[[str, np.ndarray], None] | None = None) -> None:
         self.precision = precision
         self.device = device
         self.batch_bytes = batch_bytes
         self.pending: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = defaultdict(list)
         self.bytes = 0
-        self.out: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.out: dict[str, np.ndarray] = {}
         self.eig_seconds = 0.0
+        #: ``on_layer(key, eigenvalues)`` when a layer's eigenvalues are complete, possibly in
+        #: a worker thread while other layers are still being solved (see :meth:`flush`)
+        self.on_layer = on_layer
 
     def add(self, key: str, mats: torch.Tensor) -> None:
         self.pending[(mats.shape[1], mats.shape[2])].append((key, mats))
@@ -171,12 +173,16 @@ class _Batcher:
             mats = [x for _, x in group]
             stacks.append((mats[0] if len(mats) == 1 else torch.cat(mats)).to(self.device))
             keys.append([(key, x.shape[0]) for key, x in group])
-        for ev_t, owners in zip(eigvals_stacks(stacks, self.precision), keys, strict=True):
+        def done(i: int, ev_t: torch.Tensor) -> None:
             ev = ev_t.cpu().numpy()
             pos = 0
-            for key, count in owners:
-                self.out[key].append(ev[pos : pos + count].reshape(-1))
+            for key, count in keys[i]:
+                self.out[key] = ev[pos : pos + count].reshape(-1)
                 pos += count
+                if self.on_layer is not None:
+                    self.on_layer(key, self.out[key])
+
+        eigvals_stacks(stacks, self.precision, done)
         self.pending.clear()
         self.bytes = 0
         self.eig_seconds += time.perf_counter() - t0
@@ -305,7 +311,7 @@ def analyze(
     from nndiag.io.tensors import ModuleSource
 
     ctx = _preserve(module)
-    with ctx, limit_threads(threads) as n_threads, torch.no_grad():
+    with ctx, limit_threads(threads), torch.no_grad():
         infos = source.infos()
         specs, reasons = plan_layers(infos, conv_mode=conv_mode, min_evals=min_evals,
                                      max_evals=max_evals, max_N=max_N)
@@ -316,7 +322,22 @@ def analyze(
         skipped_rows = [
             _skip_row(info_by_name[t], r) for t, r in reasons.items()
         ]
-        batcher = _Batcher(precision, dev, batch_bytes)
+        fit_kw = dict(thresh=thresh, min_tail=min_tail, fix_fingers=fix_fingers, xmin_max=xmin_max,
+                      max_fingers=max_fingers, finger_thresh=finger_thresh,
+                      small_n="ww" if ww else None)
+        spec_of: dict[str, LayerSpec] = {}
+        ready: dict[str, np.ndarray] = {}  # sorted eigenvalues, unscaled
+        memo: dict[tuple[str, float], dict[str, Any]] = {}
+
+        def fit_early(key: str, ev: np.ndarray) -> None:
+            # a layer's fit as soon as its eigenvalues are in, beside the eigen-solves still running
+            ready[key] = ev = np.sort(ev)
+            spec = spec_of[key]
+            scale = _ww_scale(ww, spec, conv_mode)
+            if ev.size and ev[-1] != 0.0:
+                memo[(key, scale)] = _fit_layer(ev * scale, spec, fit_kw, fit, mp_fit)
+
+        batcher = _Batcher(precision, dev, batch_bytes, on_layer=fit_early)
         in_memory = isinstance(source, ModuleSource) or type(source).__name__ == "DictSource"
         seen: dict[tuple[Any, ...], list[tuple[torch.Tensor, str]]] = {}
         alias: dict[str, str] = {}
@@ -347,6 +368,7 @@ def analyze(
                     alias[spec.name] = hit
                     continue
                 seen.setdefault(fp, []).append((mats, spec.name))
+            spec_of[spec.name] = spec
             batcher.add(spec.name, mats)
         batcher.flush()
         cache.clear()
@@ -355,27 +377,25 @@ def analyze(
         rows = []
         evals_by_layer: dict[str, np.ndarray] = {}
         esd_rows = []
-        fit_kw = dict(thresh=thresh, min_tail=min_tail, fix_fingers=fix_fingers, xmin_max=xmin_max,
-                      max_fingers=max_fingers, finger_thresh=finger_thresh,
-                      small_n="ww" if ww else None)
         t_fit = time.perf_counter()
         rng = np.random.default_rng(seed)
         spectra: dict[str, np.ndarray] = {}
         todo: dict[tuple[str, float], tuple[np.ndarray, LayerSpec]] = {}
         for spec in analysed:
-            ev = np.sort(np.concatenate(batcher.out[alias.get(spec.name, spec.name)]))
-            scale = 0.5 if (ww and spec.kind == "conv2d" and conv_mode == "ww") else 1.0
-            spectra[spec.name] = ev * scale
-            if ev.size and ev[-1] != 0.0:  # an identical matrix is fitted once
-                todo.setdefault((alias.get(spec.name, spec.name), scale), (spectra[spec.name], spec))
-        memo = _fit_all(todo, fit_kw, fit, mp_fit, n_threads)
+            key = alias.get(spec.name, spec.name)
+            scale = _ww_scale(ww, spec, conv_mode)
+            spectra[spec.name] = ev = ready[key] * scale
+            if ev.size and ev[-1] != 0.0 and (key, scale) not in memo:  # an identical matrix is fitted once
+                todo.setdefault((key, scale), (ev, spec))
+        memo.update(_fit_all(todo, fit_kw, fit, mp_fit))
+        n_early = len(memo) - len(todo)
         for spec in analysed:
             ev = spectra.pop(spec.name)
             if not ev.size or ev[-1] == 0.0:  # WᵀW = 0 exactly only when W = 0
                 shown = spec.name if spec.part is not None else spec.tensor
                 skipped_rows.append(_skip_row(info_by_name[spec.tensor], "all-zero matrix", shown))
                 continue
-            scale = 0.5 if (ww and spec.kind == "conv2d" and conv_mode == "ww") else 1.0
+            scale = _ww_scale(ww, spec, conv_mode)
             row: dict[str, Any] = {"name": spec.name, "index": spec.index, "tensor": spec.tensor,
                                    "kind": spec.kind}
             row.update(memo[(alias.get(spec.name, spec.name), scale)])
@@ -411,8 +431,9 @@ def analyze(
         "threads": threads, "dedup": dedup,
         "eig_backend": cpu_backend() if dev.type == "cpu" else f"torch ({dev.type})",
     }
+    # "eigenvalues" includes the fits run beside the eigen-solves (``fits_overlapped`` of them)
     timing = {"total": t_done - t_start, "eigenvalues": batcher.eig_seconds,
-              "fit_and_metrics": t_done - t_fit}
+              "fit_and_metrics": t_done - t_fit, "fits_overlapped": n_early}
     return SpectralResult(
         kind="spectral", tables={"layers": df, "skipped": skipped, "esd": esd_df},
         summary=summary, findings=finds, params=jsonable(params), seed=seed, timing=timing,
@@ -420,29 +441,23 @@ def analyze(
     )
 
 
+def _ww_scale(ww: bool, spec: LayerSpec, conv_mode: str) -> float:
+    """WeightWatcher 0.7.7's factor on pooled Conv2d eigenvalues in ``analyze`` (its 0.5 bug)."""
+    return 0.5 if (ww and spec.kind == "conv2d" and conv_mode == "ww") else 1.0
+
+
 def _fit_all(todo: dict[tuple[str, float], tuple[np.ndarray, LayerSpec]], fit_kw: dict[str, Any],
-             fit: str, mp_fit: bool, n_threads: int) -> dict[tuple[str, float], dict[str, Any]]:
-    """:func:`_fit_layer` for every distinct ESD, spread over ``n_threads`` threads when the
-    largest has at least :data:`FIT_THREADS_MIN` values.
+             fit: str, mp_fit: bool) -> dict[tuple[str, float], dict[str, Any]]:
+    """:func:`_fit_layer` for the ESDs not fitted while the eigen-solves ran.
 
-    The fits are vectorised NumPy (the GIL is released inside the large array operations),
-    so two threads fit two large layers side by side; results do not depend on the thread
-    count. Smaller fits are mostly Python-level work that threads only fight over the GIL
-    for (two threads, fits + metrics: ResNet56's 144–576-value ESDs 0.050 s vs 0.026 s
-    one after another, the encoder's 768-value ones 0.111 vs 0.082 s; ResNet-18's 4,608-value
-    pooled ESDs 0.053 vs 0.056 s).
+    Most fits run as soon as their layer's eigenvalues are in (``analyze``'s ``fit_early``,
+    called from :meth:`_Batcher.flush`): beside the LAPACK solves of other matrices in the
+    worker threads, or in this thread while a worker solves the next stack of small
+    matrices. Only a shared matrix seen under another eigenvalue scale is left for here.
+    (Fits in threads of their own after all eigen-solves gained nothing: small fits are
+    mostly Python-level work that threads fight over the GIL for.)
     """
-    def one(item: tuple[np.ndarray, LayerSpec]) -> dict[str, Any]:
-        return _fit_layer(item[0], item[1], fit_kw, fit, mp_fit)
-
-    keys = list(todo)
-    largest = max((todo[k][0].size for k in keys), default=0)
-    if n_threads <= 1 or len(keys) < 2 or largest < FIT_THREADS_MIN:
-        return {k: one(todo[k]) for k in keys}
-    # largest spectra first, so that the last thread to finish is not left with a big one
-    order = sorted(keys, key=lambda k: -todo[k][0].size)
-    done = dict(zip(order, worker_pool(min(n_threads, len(keys))).map(lambda k: one(todo[k]), order), strict=True))
-    return {k: done[k] for k in keys}
+    return {k: _fit_layer(ev, spec, fit_kw, fit, mp_fit) for k, (ev, spec) in todo.items()}
 
 
 def _fit_layer(ev: np.ndarray, spec: LayerSpec, fit_kw: dict[str, Any], fit: str,

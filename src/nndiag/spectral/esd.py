@@ -45,6 +45,8 @@ thread 0.79 s, and PyTorch's MKL with its own 16 threads 0.68 s.
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -122,7 +124,8 @@ def _poorly_resolved(ev: np.ndarray) -> bool:
     return bool(ev[k] < AUTO_COND * max(float(ev[-1]), 0.0))
 
 
-def _lapack_stacks(stacks: list[np.ndarray], precision: str) -> list[np.ndarray]:
+def _lapack_stacks(stacks: list[np.ndarray], precision: str,
+                   done: Callable[[int, np.ndarray], None] | None = None) -> list[np.ndarray]:
     """LAPACK eigenvalues of every matrix of every stack, several matrices at once.
 
     With ``w = torch.get_num_threads()`` threads allowed (set by
@@ -130,6 +133,8 @@ def _lapack_stacks(stacks: list[np.ndarray], precision: str) -> list[np.ndarray]
     Python threads each solve whole matrices with a single-threaded BLAS (the LAPACK
     calls release the GIL, :mod:`~nndiag.spectral._lapack`); a lone matrix gets the BLAS
     threads only from :data:`BLAS_THREADS_MIN` up. Every matrix goes through the same routine.
+    ``done(i, eigenvalues)`` is called, in the thread that solved its last matrix, as soon
+    as stack ``i`` is complete (values clipped at 0).
     """
     # dearest first (Gram n·m², solve m³), so that no thread is left alone with a big one at the end
     jobs = sorted(((i, b) for i, x in enumerate(stacks) for b in range(x.shape[0])),
@@ -137,9 +142,18 @@ def _lapack_stacks(stacks: list[np.ndarray], precision: str) -> list[np.ndarray]
     outs = [np.empty((x.shape[0], x.shape[2]), dtype=np.float64) for x in stacks]
     workers = min(torch.get_num_threads(), len(jobs)) if NOGIL else 1
 
+    left = [x.shape[0] for x in stacks]
+    lock = threading.Lock()
+
     def run(job: tuple[int, int]) -> None:
         i, b = job
         outs[i][b] = _lapack_one(stacks[i][b], precision)
+        if done is not None:
+            with lock:
+                left[i] -= 1
+                last = left[i] == 0
+            if last:
+                done(i, np.maximum(outs[i], 0.0, out=outs[i]))
 
     from nndiag._utils.threads import controller, worker_pool
 
@@ -184,7 +198,8 @@ def uses_lapack(mats: torch.Tensor) -> bool:
     return mats.device.type == "cpu" and mats.shape[2] >= LAPACK_MIN and cpu_backend() == "lapack"
 
 
-def eigvals_stacks(stacks: list[torch.Tensor], precision: str = "auto") -> list[torch.Tensor]:
+def eigvals_stacks(stacks: list[torch.Tensor], precision: str = "auto",
+                   done: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
     """Eigenvalues of ``XᵀX`` for several stacks of matrices in one call.
 
     Parameters
@@ -193,6 +208,11 @@ def eigvals_stacks(stacks: list[torch.Tensor], precision: str = "auto") -> list[
         Each ``(B, n, m)``; shapes may differ between stacks.
     precision : {"auto", "float32", "float64"}
         See the module docstring.
+    done : callable, optional
+        ``done(i, eigenvalues)`` as soon as stack ``i`` is complete (the same values as
+        returned), possibly from a worker thread while other stacks are still being solved:
+        work on finished stacks (``analyze`` fits their power laws there) overlaps the
+        eigen-solves of the others.
 
     Returns
     -------
@@ -212,11 +232,23 @@ def eigvals_stacks(stacks: list[torch.Tensor], precision: str = "auto") -> list[
     lapack = [i for i, m in enumerate(oriented) if uses_lapack(m)]
     if lapack:
         arrays = [_as_numpy(oriented[i]) for i in lapack]
-        for i, ev in zip(lapack, _lapack_stacks(arrays, precision), strict=True):
+        on = None if done is None else (lambda j, ev: done(lapack[j], torch.from_numpy(ev)))
+        for i, ev in zip(lapack, _lapack_stacks(arrays, precision, on), strict=True):
             out[i] = torch.from_numpy(ev)
-    for i, mats in enumerate(oriented):
+    rest = [i for i in range(len(oriented)) if out[i] is None]
+    if done is not None and len(rest) > 1 and torch.get_num_threads() > 1:
+        # a pipeline: one worker solves the next stack while this thread runs ``done`` on the last
+        from nndiag._utils.threads import worker_pool
+
+        pending = [worker_pool(1).submit(_eig_gram_torch, oriented[i], precision) for i in rest]
+        for i, fut in zip(rest, pending, strict=True):
+            out[i] = fut.result().clamp_min_(0.0)
+            done(i, out[i])
+    for i in rest:
         if out[i] is None:
-            out[i] = _eig_gram_torch(mats, precision)
+            out[i] = _eig_gram_torch(oriented[i], precision).clamp_min_(0.0)
+            if done is not None:
+                done(i, out[i])
     return [ev.clamp_min_(0.0) for ev in out if ev is not None]
 
 
