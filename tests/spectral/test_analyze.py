@@ -88,6 +88,39 @@ def test_selection_covers_attention_conv_hf_and_lora():
     np.testing.assert_allclose(r.evals["adapter.lora_BA"][-4:], _svd2(ba)[-4:], rtol=1e-8)
 
 
+def test_parameters_of_three_or_more_dims_outside_convolutions():
+    # a ViT's position table (1, L, d) is an L×d matrix, its cls token a vector, a stacked
+    # expert tensor in a non-convolution module has no known layout; GPT-2's tables are
+    # embeddings even with no module type (safetensors); a conv kernel with one output
+    # channel stays a convolution
+    class ViTish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.randn(1, 40, 16))
+            self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
+            self.experts = nn.Parameter(torch.randn(4, 24, 16))
+            self.time_embedding = nn.Sequential(nn.Linear(16, 32))
+            self.head = nn.Conv1d(16, 1, 9)
+
+    torch.manual_seed(0)
+    net = ViTish()
+    res = analyze(net, keep_evals=True, precision="float64")
+    rows = res.layers.set_index("name")
+    assert rows.loc["pos_embed", "kind"] == "embedding"
+    assert (rows.loc["pos_embed", "N"], rows.loc["pos_embed", "M"]) == (40, 16)
+    np.testing.assert_allclose(res.evals["pos_embed"], _svd2(net.pos_embed[0]), rtol=1e-8)
+    assert rows.loc["time_embedding.0", "kind"] == "linear"
+    assert rows.loc["head", "kind"] == "conv1d" and rows.loc["head", "num_evals"] == 9
+    reasons = dict(zip(res.skipped["name"], res.skipped["reason"], strict=True))
+    assert reasons["cls_token"] == "1-D tensor after dropping size-1 dimensions"
+    assert reasons["experts"] == "unsupported 3-D tensor of a ViTish module, not a convolution kernel"
+    # tensors alone (a safetensors file): names decide
+    raw = analyze({"transformer.wte.weight": torch.randn(50, 16), "transformer.wpe.weight": torch.randn(20, 16),
+                   "pos_embed": torch.randn(1, 40, 16), "conv.weight": torch.randn(1, 16, 9),
+                   "time_embedding.linear_1.weight": torch.randn(32, 16)}).layers.set_index("name")
+    assert list(raw["kind"]) == ["embedding", "embedding", "embedding", "conv1d", "linear"]
+
+
 def test_nndiag_layers_agrees_with_analysis_selection():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 4),

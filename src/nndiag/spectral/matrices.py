@@ -20,6 +20,12 @@ Matrices
   named ``<module>.q`` / ``.k`` / ``.v``.
 * LoRA / PEFT adapters: a ``lora_B`` weight (``out × r``) is multiplied with its
   ``lora_A`` partner (``r × in``) and analysed as ``B·A`` (named ``<module>.lora_BA``).
+* A tensor of 3 or more dimensions is a convolution kernel only when a convolution module
+  owns it (or, for tensors alone, unless it is a leading-singleton embedding/token
+  parameter). Otherwise its size-1 dimensions are dropped: a ViT's ``(1, 197, 768)``
+  position table is a 197×768 matrix, a ``(1, 1, 768)`` class token a skipped vector, and
+  what stays 3-D (stacked expert weights) is skipped as of unknown layout. (Read as a
+  Conv1d kernel, the position table gave 768 "kernel positions" of one eigenvalue each.)
 
 Every tensor that is not analysed gets a reason (see :data:`REASONS`).
 """
@@ -67,7 +73,7 @@ def tensor_kind(info: TensorInfo) -> str:
         return "lora-a"
     if ".lora_b." in lname or lname.endswith(".lora_b.weight"):
         return "lora-b"
-    if mt == "Embedding" or (not mt and "embed" in lname and len(info.shape) == 2):
+    if mt == "Embedding" or (not mt and len(info.shape) == 2 and _embedding_name(lname)):
         return "embedding"
     if leaf == "in_proj_weight" and len(info.shape) == 2:
         return "attention-qkv"
@@ -77,9 +83,44 @@ def tensor_kind(info: TensorInfo) -> str:
         return "linear"
     if len(info.shape) == 2:
         return "linear"
+    if len(info.shape) >= 3 and not _conv_kernel(info, mt, lname):
+        core = squeezed_shape(info.shape)
+        if len(core) <= 1:
+            return "vector"
+        if len(core) == 2:  # e.g. a ViT's (1, 197, 768) position table
+            return "embedding" if _embedding_name(lname) else "linear"
+        return f"tensor{len(info.shape)}d"
     if len(info.shape) in (3, 4, 5):
         return f"conv{len(info.shape) - 2}d"
     return f"tensor{len(info.shape)}d"
+
+
+#: Modules whose 2-D weight is a lookup table though their name says nothing of embeddings:
+#: GPT-2's token and position tables, T5/BART's shared token table.
+_EMBEDDING_MODULES = ("wte", "wpe", "shared")
+
+
+def _embedding_name(lname: str) -> bool:
+    """Whether a tensor with no known module type is named as an embedding table (its owning
+    module's name: ``embed_tokens``, ``word_embeddings``, ``pos_embed``, GPT-2's ``wte``...;
+    a ``time_embedding.linear_1`` is a linear layer)."""
+    parts = lname.split(".")
+    owner = parts[-2] if len(parts) > 1 and parts[-1] in ("weight", "embedding", "embeddings") else parts[-1]
+    return "emb" in owner or owner in _EMBEDDING_MODULES
+
+
+def _conv_kernel(info: TensorInfo, mt: str, lname: str) -> bool:
+    """Whether a tensor of 3 or more dimensions is a convolution kernel: one owned by a
+    convolution module, or, with no module type known, any but a leading-singleton
+    embedding/token parameter (a ViT's ``pos_embed`` (1, 197, 768), ``cls_token`` (1, 1, 768))."""
+    if mt:
+        return "Conv" in mt  # Conv1d/2d/3d, ConvTranspose*, LazyConv*, timm's Conv2dSame ...
+    return not (info.shape[0] == 1 and any(h in lname for h in ("emb", "token", "pos")))
+
+
+def squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` without its size-1 dimensions."""
+    return tuple(int(s) for s in shape if int(s) != 1)
 
 
 def _fused_qkv_dim(info: TensorInfo) -> int | None:
@@ -160,7 +201,7 @@ def _dims(kind: str, shape: tuple[int, ...], conv_mode: str) -> tuple[int, int, 
             return n, m, rf, m * rf
         n, m = max(out, inp * rf), min(out, inp * rf)
         return n, m, rf, m
-    a, b = int(shape[0]), int(shape[1])
+    a, b = squeezed_shape(shape) if len(shape) > 2 else (int(shape[0]), int(shape[1]))
     return max(a, b), min(a, b), 1, min(a, b)
 
 
@@ -263,9 +304,12 @@ def _basic_reason(info: TensorInfo, kind: str) -> str:
     if kind == "norm":
         return "normalisation layer parameter"
     if kind in ("bias", "vector"):
-        return "1-D tensor" if len(info.shape) == 1 else "scalar"
+        if len(info.shape) == 1:
+            return "1-D tensor"
+        return "1-D tensor after dropping size-1 dimensions" if squeezed_shape(info.shape) else "scalar"
     if kind.startswith("tensor"):
-        return f"unsupported {len(info.shape)}-D tensor"
+        owner = f" of a {info.module_type} module, not a convolution kernel" if info.module_type else ""
+        return f"unsupported {len(info.shape)}-D tensor{owner}"
     if info.dtype in _QUANT_DTYPES:
         return ""  # dequantised on load
     if info.dtype not in _FLOAT_DTYPES:
@@ -279,7 +323,7 @@ def _basic_reason(info: TensorInfo, kind: str) -> str:
 
 def _size_reason(spec: LayerSpec, min_evals: int, max_evals: int | None, max_N: int | None) -> str:
     if spec.M <= 1 and spec.num_evals < max(min_evals, 2):
-        return f"1×N matrix ({spec.num_evals} eigenvalue)"
+        return f"1×N matrix ({spec.num_evals} eigenvalue{'' if spec.num_evals == 1 else 's'})"
     if spec.num_evals < min_evals:
         return f"too few eigenvalues ({spec.num_evals} < {min_evals})"
     if max_evals and spec.num_evals > max_evals:
@@ -332,7 +376,7 @@ def layer_matrices(spec: LayerSpec, w: torch.Tensor, conv_mode: str = "ww",
         else:
             mats = w.reshape(out, -1)[None]
     else:
-        mats = w[None]
+        mats = (w.reshape(squeezed_shape(w.shape)) if w.ndim > 2 else w)[None]
     if mats.shape[1] < mats.shape[2]:
         mats = mats.mT
     return mats
