@@ -89,8 +89,8 @@ def test_selection_covers_attention_conv_hf_and_lora():
 
 
 def test_parameters_of_three_or_more_dims_outside_convolutions():
-    # a ViT's position table (1, L, d) is an L×d matrix, its cls token a vector, a stacked
-    # expert tensor in a non-convolution module has no known layout; GPT-2's tables are
+    # a ViT's position table (1, L, d) is an L×d matrix, its cls token a vector, another 3-D
+    # tensor in a non-convolution module has no known layout; GPT-2's tables are
     # embeddings even with no module type (safetensors); a conv kernel with one output
     # channel stays a convolution
     class ViTish(nn.Module):
@@ -98,7 +98,7 @@ def test_parameters_of_three_or_more_dims_outside_convolutions():
             super().__init__()
             self.pos_embed = nn.Parameter(torch.randn(1, 40, 16))
             self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
-            self.experts = nn.Parameter(torch.randn(4, 24, 16))
+            self.stack = nn.Parameter(torch.randn(4, 24, 16))
             self.time_embedding = nn.Sequential(nn.Linear(16, 32))
             self.head = nn.Conv1d(16, 1, 9)
 
@@ -113,12 +113,36 @@ def test_parameters_of_three_or_more_dims_outside_convolutions():
     assert rows.loc["head", "kind"] == "conv1d" and rows.loc["head", "num_evals"] == 9
     reasons = dict(zip(res.skipped["name"], res.skipped["reason"], strict=True))
     assert reasons["cls_token"] == "1-D tensor after dropping size-1 dimensions"
-    assert reasons["experts"] == "unsupported 3-D tensor of a ViTish module, not a convolution kernel"
+    assert reasons["stack"] == "unsupported 3-D tensor of a ViTish module, not a convolution kernel"
     # tensors alone (a safetensors file): names decide
     raw = analyze({"transformer.wte.weight": torch.randn(50, 16), "transformer.wpe.weight": torch.randn(20, 16),
                    "pos_embed": torch.randn(1, 40, 16), "conv.weight": torch.randn(1, 16, 9),
                    "time_embedding.linear_1.weight": torch.randn(32, 16)}).layers.set_index("name")
     assert list(raw["kind"]) == ["embedding", "embedding", "embedding", "conv1d", "linear"]
+
+
+def test_stacked_mixture_of_experts_weights_are_one_matrix_per_expert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                     vocab_size=100, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (4, 96, 32)  # (E, 2I, H): the layout this test is about
+    res = analyze(model, keep_evals=True, precision="float64")
+    rows = res.layers.set_index("name")
+    for proj, n in (("gate_up_proj", 96), ("down_proj", 48)):
+        for e in range(4):
+            name = f"model.layers.0.mlp.experts.{proj}.{e}"
+            assert rows.loc[name, "kind"] == "experts" and (rows.loc[name, "N"], rows.loc[name, "M"]) == (n, 32)
+            np.testing.assert_allclose(res.evals[name], _svd2(getattr(experts, proj)[e]), rtol=1e-8)
+    # the same tensors alone (a safetensors checkpoint: no module types)
+    sd = {k: v for k, v in model.state_dict().items() if ".experts." in k}
+    alone = analyze(sd, keep_evals=True, precision="float64")
+    assert list(alone.layers["name"]) == [n for n in res.layers["name"] if ".experts." in n]
+    for name, ev in alone.evals.items():
+        np.testing.assert_array_equal(ev, res.evals[name])
 
 
 def test_nndiag_layers_agrees_with_analysis_selection():

@@ -24,8 +24,13 @@ Matrices
   owns it (or, for tensors alone, unless it is a leading-singleton embedding/token
   parameter). Otherwise its size-1 dimensions are dropped: a ViT's ``(1, 197, 768)``
   position table is a 197×768 matrix, a ``(1, 1, 768)`` class token a skipped vector, and
-  what stays 3-D (stacked expert weights) is skipped as of unknown layout. (Read as a
-  Conv1d kernel, the position table gave 768 "kernel positions" of one eigenvalue each.)
+  what stays 3-D is skipped as of unknown layout. (Read as a Conv1d kernel, the position
+  table gave 768 "kernel positions" of one eigenvalue each.)
+* Mixture-of-Experts weights stacked along dim 0 (a 3-D tensor under an ``expert`` name,
+  e.g. Hugging Face's ``experts.gate_up_proj`` (E, 2I, H) and ``experts.down_proj``):
+  one matrix per expert, named ``<tensor>.<e>``. A fused gate/up projection is analysed
+  as one matrix per expert, as a fused weight of unknown layout: implementations stack the
+  halves or interleave their columns.
 
 Every tensor that is not analysed gets a reason (see :data:`REASONS`).
 """
@@ -55,7 +60,7 @@ def tensor_kind(info: TensorInfo) -> str:
     """A short kind for a tensor.
 
     One of ``linear``, ``conv1d``/``conv2d``/``conv3d``, ``embedding``,
-    ``attention-qkv``, ``lora-a``, ``lora-b``, ``norm``, ``bias``, ``vector``,
+    ``attention-qkv``, ``experts``, ``lora-a``, ``lora-b``, ``norm``, ``bias``, ``vector``,
     ``buffer`` or ``tensorKd``.
     """
     leaf = info.name.rsplit(".", 1)[-1]
@@ -84,6 +89,8 @@ def tensor_kind(info: TensorInfo) -> str:
     if len(info.shape) == 2:
         return "linear"
     if len(info.shape) >= 3 and not _conv_kernel(info, mt, lname):
+        if len(info.shape) == 3 and "expert" in lname and info.shape[0] > 1:
+            return "experts"
         core = squeezed_shape(info.shape)
         if len(core) <= 1:
             return "vector"
@@ -115,6 +122,8 @@ def _conv_kernel(info: TensorInfo, mt: str, lname: str) -> bool:
     embedding/token parameter (a ViT's ``pos_embed`` (1, 197, 768), ``cls_token`` (1, 1, 768))."""
     if mt:
         return "Conv" in mt  # Conv1d/2d/3d, ConvTranspose*, LazyConv*, timm's Conv2dSame ...
+    if "expert" in lname:  # Mixture-of-Experts weights stacked along dim 0
+        return False
     return not (info.shape[0] == 1 and any(h in lname for h in ("emb", "token", "pos")))
 
 
@@ -158,7 +167,8 @@ class LayerSpec:
         Larger and smaller matrix side, receptive field (kernel positions), and the
         number of eigenvalues the layer yields.
     part : int or None
-        Index of the Q/K/V part for split attention weights.
+        Index of the Q/K/V part for split attention weights, or of the expert for
+        stacked Mixture-of-Experts weights.
     split_dim : int or None
         Dimension along which the fused attention weight splits.
     partner : str or None
@@ -285,6 +295,12 @@ def plan_layers(
             for p, letter in enumerate("qkv"):
                 candidates.append(LayerSpec(f"{base}.{letter}", info.name, kind, info.shape, info.dtype,
                                             max(a, b), min(a, b), 1, min(a, b), part=p, split_dim=dim))
+        elif kind == "experts":
+            a, b = int(info.shape[1]), int(info.shape[2])
+            base = _display(info.name)
+            for e in range(int(info.shape[0])):
+                candidates.append(LayerSpec(f"{base}.{e}", info.name, kind, info.shape, info.dtype,
+                                            max(a, b), min(a, b), 1, min(a, b), part=e, split_dim=0))
         else:
             n, m, rf, ne = _dims(kind, info.shape, conv_mode)
             candidates.append(LayerSpec(_display(info.name), info.name, kind, info.shape, info.dtype,
@@ -369,6 +385,9 @@ def layer_matrices(spec: LayerSpec, w: torch.Tensor, conv_mode: str = "ww",
     elif spec.kind == "attention-qkv":
         assert spec.split_dim is not None and spec.part is not None
         mats = w.chunk(3, dim=spec.split_dim)[spec.part][None]
+    elif spec.kind == "experts":
+        assert spec.part is not None
+        mats = w[spec.part][None]
     elif spec.kind.startswith("conv"):
         out, inp = w.shape[0], w.shape[1]
         if conv_mode == "ww":
