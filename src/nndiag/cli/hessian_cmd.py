@@ -71,18 +71,37 @@ AutoBatchOpt = Annotated[int | None, typer.Option(
     "else 128).")]
 
 
+LossOpt = Annotated[str, typer.Option(
+    "--loss", help="ce (cross-entropy on class logits), lm (next-token cross-entropy of a causal language "
+                   "model on token ids: an .npz with x alone) or auto (lm for a causal LM on token data).")]
+
+
 def _load(model: str, arch: str | None, weights: str | None, data: str | None, n_samples: int | None,
-          seed: int):
+          seed: int, loss: str = "auto"):
+    """The model (a Hugging Face folder built with its head), the data and the loss function."""
     from nndiag.errors import InputError
     from nndiag.io.data import load_data
     from nndiag.io.models import load_model
+    from nndiag.landscape._setup import LOSSES
 
     if data is None:
         raise InputError("this command needs --data (digits, mnist1d, FILE.npz or an image folder)")
-    lm = load_model(model, weights=weights, arch=arch)
+    if loss not in (*LOSSES, "auto"):
+        raise InputError(f"unknown loss '{loss}'; choose auto, {', '.join(LOSSES)}")
+    lm = load_model(model, weights=weights, arch=arch, hf_module=True)
     module = lm.require_module("the Hessian/landscape analysis")
     bundle = load_data(data, n_samples=n_samples, seed=seed)
-    return lm, module, bundle
+    tokens = bool(bundle.meta.get("tokens"))
+    if loss == "auto":
+        causal = type(module).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+        loss = "lm" if causal and tokens else "ce"
+    if loss == "lm" and not tokens:
+        raise InputError(f"--loss lm needs token ids: an .npz with x alone, shape (sequences, T); {bundle.name} "
+                         "has labels")
+    if loss == "ce" and tokens:
+        raise InputError(f"{bundle.name} holds token sequences without labels: use --loss lm with a causal "
+                         "language model")
+    return lm, module, bundle, (None if loss == "ce" else LOSSES[loss])
 
 
 def register(app: typer.Typer) -> None:
@@ -116,6 +135,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = Device.auto,
         seed: SeedOpt = 0,
         fail_on: FailOnOpt = FailOn.never,
+        loss: LossOpt = "auto",
     ) -> int:
         """Hessian spectrum of the loss: top eigenvalues, trace, density and LLA criteria."""
         import torch
@@ -123,8 +143,8 @@ def register(app: typer.Typer) -> None:
         from nndiag.landscape.spectrum import hessian_spectrum
         from nndiag.report.input_scale import check_bundle
 
-        _, module, bundle = _load(model, arch, weights, data, n_samples, seed)
-        r = hessian_spectrum(module, bundle, top_k=top_k, bottom_k=bottom_k, trace=trace, density=density,
+        _, module, bundle, loss_fn = _load(model, arch, weights, data, n_samples, seed, loss)
+        r = hessian_spectrum(module, bundle, loss=loss_fn, top_k=top_k, bottom_k=bottom_k, trace=trace, density=density,
                              batch_size=batch_size, seed=seed, tol=tol, slq_runs=slq_runs,
                              trace_rtol=trace_rtol, trace_probes=trace_probes, trace_method=trace_method,
                              slq_steps=slq_steps, mode=mode.value, device=device.value,
@@ -181,6 +201,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = Device.auto,
         seed: SeedOpt = 0,
         fail_on: FailOnOpt = FailOn.never,
+        loss: LossOpt = "auto",
     ) -> int:
         """Loss landscape around the weights: a 1-D line or 2-D plane, as a picture and a grid."""
         from nndiag.errors import InputError
@@ -189,8 +210,8 @@ def register(app: typer.Typer) -> None:
 
         if out is None and grid is None and fmt is not Format.json:
             raise InputError("say where to write the result: --out FILE.png and/or --grid FILE.npz")
-        _, module, bundle = _load(model, arch, weights, data, n_samples, seed)
-        s = surface(module, bundle, dim=dim, steps=steps, span=span, directions=directions.value,
+        _, module, bundle, loss_fn = _load(model, arch, weights, data, n_samples, seed, loss)
+        s = surface(module, bundle, loss=loss_fn, dim=dim, steps=steps, span=span, directions=directions.value,
                     norm=norm.value, one_d=one_d.value, mode=mode.value, batch_size=batch_size, seed=seed,
                     resume=resume, device=device.value)
         scale = check_bundle(module, bundle)

@@ -49,7 +49,7 @@ INDEX_LAYERS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 @dataclass(frozen=True)
 class DataBundle:
-    """A labelled classification data set held as tensors.
+    """A labelled classification data set (or token sequences) held as tensors.
 
     Attributes
     ----------
@@ -57,7 +57,9 @@ class DataBundle:
         Inputs, first axis = examples: float32, or int64 when the source holds integers
         (token ids or integer features; :func:`model_inputs` makes them what a model takes).
     y : torch.Tensor
-        Integer class labels (int64).
+        Integer class labels (int64), or for token sequences (``meta["tokens"]``, an
+        ``.npz`` with ``x`` alone) the token ids ``x`` themselves, the targets of the
+        next-token loss (:func:`nndiag.landscape._setup.lm_loss`).
     name : str
         The spec it came from.
     num_classes : int
@@ -127,9 +129,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 def _bundle(x: Any, y: Any, name: str, num_classes: int | None = None, **meta: Any) -> DataBundle:
     xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
-    if xt.ndim == 0 or yt.ndim != 1:
-        raise DataError(f"{name}: x must have an example axis and y must be 1-D (got shapes "
-                        f"{tuple(xt.shape)} and {tuple(yt.shape)})")
+    tokens = yt.ndim == 2 and tuple(yt.shape) == tuple(xt.shape) and not yt.is_floating_point()
+    if xt.ndim == 0 or not (yt.ndim == 1 or tokens):
+        raise DataError(f"{name}: x must have an example axis and y must be 1-D, or the token ids themselves "
+                        f"for a language model (got shapes {tuple(xt.shape)} and {tuple(yt.shape)})")
     if xt.shape[0] != yt.shape[0]:
         raise DataError(f"{name}: x has {xt.shape[0]} examples but y has {yt.shape[0]}")
     if xt.shape[0] == 0:
@@ -198,18 +201,23 @@ def _npz(path: Path) -> DataBundle:
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = list(f.keys())
-            if "x" not in keys or "y" not in keys:
-                raise DataError(f"{path}: .npz must contain arrays 'x' and 'y' (found: {', '.join(keys) or 'none'})")
-            x, y = f["x"], f["y"]
+            tokens = "y" not in keys and "x" in keys and f["x"].ndim == 2 and f["x"].dtype.kind in "iu"
+            if ("x" not in keys or "y" not in keys) and not tokens:
+                raise DataError(f"{path}: .npz must contain arrays 'x' and 'y', or 'x' alone holding token ids "
+                                f"(batch, T) (found: {', '.join(keys) or 'none'})")
+            x = f["x"]
+            y = x.astype(np.int64) if tokens else f["y"]
             classes = [str(c) for c in f["classes"]] if "classes" in keys else None
     except DataError:
         raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DataError(f"{path}: cannot read .npz ({first})") from None
-    if x.dtype == np.uint8:
+    if x.dtype == np.uint8 and not tokens:
         x = _images_to_float(x)
-    meta = {"classes": classes} if classes else {}
+    meta: dict[str, Any] = {"classes": classes} if classes else {}
+    if tokens:
+        meta["tokens"] = True  # next-token targets: y is x
     return _bundle(x, y, str(path), len(classes) if classes else None, **meta)
 
 

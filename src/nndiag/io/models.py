@@ -137,15 +137,38 @@ def _state_from_dir(path: Path) -> tuple[TensorSource, str, dict[str, Any]]:
 
 
 def _hf_module(path: Path) -> nn.Module:
-    """Build a runnable ``transformers`` model from a local folder (never contacts a hub)."""
+    """Build a runnable ``transformers`` model from a local folder (never contacts a hub).
+
+    The class is the one ``config.json`` names in ``architectures`` (e.g. ``GPT2LMHeadModel``,
+    with its head, so the model returns logits), else ``AutoModel``; key-value caches are
+    switched off (an analysis never generates).
+    """
+    import json
+
     from nndiag.errors import require
 
     transformers = require("transformers", "hf", "running Hugging Face models")
     try:
-        return transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        archs = []
+    cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
+    logs = transformers.utils.logging
+    verbosity, bars = logs.get_verbosity(), logs.is_progress_bar_enabled()
+    logs.set_verbosity_error()  # its config notes and loading bar, on every command, say nothing to act on
+    logs.disable_progress_bar()
+    try:
+        model = (cls or transformers.AutoModel).from_pretrained(str(path), local_files_only=True)
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False
+        return model.eval()
     except Exception as exc:  # transformers raises many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"{path}: transformers cannot build this model ({first[:200]})") from None
+    finally:
+        logs.set_verbosity(verbosity)
+        if bars:
+            logs.enable_progress_bar()
 
 
 def _factory(spec: str) -> nn.Module:

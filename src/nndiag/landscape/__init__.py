@@ -7,6 +7,8 @@ Public entry points (imported lazily):
 * :func:`surface` — 1-D / 2-D loss landscapes around the weights;
 * pure kernels: :func:`eigsh`, :func:`hutchinson`, :func:`hutchpp`, :func:`xtrace`, :func:`slq`,
   :func:`spectrum_criteria`;
+* losses: :func:`lm_loss` (next-token cross-entropy of a causal language model; the data
+  are ``(tokens, tokens)``), :func:`logits_of` (the logits in a Hugging Face output);
 * the split trace: :class:`QuadraticForms` (``zᵀHz`` by second-order forward passes),
   :class:`GaussNewtonProbes` (output-space probes of the Gauss–Newton trace), :func:`split_trace`.
 """
@@ -34,6 +36,8 @@ _LAZY: dict[str, str] = {
     "surface": "nndiag.landscape.surface",
     "Surface": "nndiag.landscape.surface",
     "directions": "nndiag.landscape.directions:",
+    "lm_loss": "nndiag.landscape._setup",
+    "logits_of": "nndiag.landscape._setup",
 }
 
 __all__ = sorted(_LAZY)

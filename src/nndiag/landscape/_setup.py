@@ -21,9 +21,56 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MODES = ("eval", "train")
 
 
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, a Hugging Face ``ModelOutput``'s
+    (or a dict's) ``logits``, else a tuple's first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if logits is None and isinstance(out, (tuple, list)) and out:
+        logits = out[0]
+    if not isinstance(logits, torch.Tensor):
+        raise AnalysisError(f"the model returned {type(out).__name__}; the loss needs a tensor of logits "
+                            "(or an output with .logits)")
+    return logits
+
+
 def default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy, the default loss of every Hessian/landscape analysis."""
-    return F.cross_entropy(logits, y)
+    """Mean cross-entropy, the default loss of every Hessian/landscape analysis (logits as
+    :func:`logits_of` finds them)."""
+    return F.cross_entropy(logits_of(logits), y)
+
+
+def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a causal language model.
+
+    Parameters
+    ----------
+    logits : Tensor or model output
+        ``(batch, T, vocabulary)`` (as :func:`logits_of` finds them).
+    tokens : Tensor
+        The input token ids ``(batch, T)``: position ``t`` predicts token ``t + 1``, so the
+        data are ``(x, x)`` (``nndiag`` token files: an ``.npz`` with ``x`` alone).
+
+    Returns
+    -------
+    Tensor
+        The mean over the ``batch · (T − 1)`` predicted tokens (equal-length sequences, so
+        batches weighted by their number of sequences give the mean over all tokens).
+    """
+    z = logits_of(logits)
+    if z.ndim != 3 or tokens.ndim != 2 or tuple(z.shape[:2]) != tuple(tokens.shape):
+        raise DataError(f"the next-token loss needs (batch, T, vocabulary) logits for (batch, T) token ids; "
+                        f"got {tuple(z.shape)} and {tuple(tokens.shape)}")
+    if tokens.shape[1] < 2:
+        raise DataError("the next-token loss needs sequences of at least 2 tokens")
+    return F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+#: Losses by the names the command line takes.
+LOSSES: dict[str, LossFn] = {"ce": default_loss, "lm": lm_loss}
 
 
 #: Classes up to which :func:`cpu_cross_entropy` normalises along the batch axis.
@@ -38,6 +85,7 @@ def cpu_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     it in a small MLP; over the first axis of the transposed logits it took 23 µs. Same
     arithmetic per row (max, subtract, exp, sum, log), so the loss agrees to rounding.
     """
+    logits = logits_of(logits)
     if (logits.ndim == 2 and logits.shape[1] <= FEW_CLASSES and logits.device.type == "cpu"
             and y.ndim == 1 and not y.is_floating_point()):  # class indices, not probabilities
         return F.nll_loss(F.log_softmax(logits.T, dim=0).T, y)
@@ -183,13 +231,16 @@ def checked_loss(
         raise DataError(
             f"data of shape {tuple(xb.shape[1:])} does not fit {type(model).__name__}: {first}"
         ) from None
-    if not isinstance(out, torch.Tensor):
-        raise AnalysisError(
-            f"{type(model).__name__} returned {type(out).__name__}; the loss needs a tensor of logits"
-        )
+    if loss_fn in (default_loss, lm_loss):
+        out = logits_of(out)  # (a loss of the user's own gets the output as the model returns it)
+    if loss_fn is lm_loss and (int(yb.max()) >= out.shape[-1] or int(yb.min()) < 0):
+        raise DataError(f"token ids must lie in [0, {out.shape[-1] - 1}] for a vocabulary of {out.shape[-1]} "
+                        f"(found {int(yb.min())}..{int(yb.max())})")
     if loss_fn is default_loss:
         if out.ndim != 2:
-            raise DataError(f"model output has shape {tuple(out.shape)}; cross-entropy needs (batch, classes)")
+            hint = " (a language model's logits: use the next-token loss, --loss lm, on token ids)" if (
+                out.ndim == 3 and not xb.is_floating_point()) else ""
+            raise DataError(f"model output has shape {tuple(out.shape)}; cross-entropy needs (batch, classes){hint}")
         if int(yb.max()) >= out.shape[1] or int(yb.min()) < 0:
             raise DataError(
                 f"labels must lie in [0, {out.shape[1] - 1}] for a model with {out.shape[1]} outputs "

@@ -1,0 +1,111 @@
+"""Causal language models: the next-token loss, Hugging Face outputs and token files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call
+
+from nndiag._utils.model_state import same_snapshot, snapshot
+from nndiag.landscape import hessian_spectrum, surface
+from nndiag.landscape._setup import lm_loss, logits_of
+
+transformers = pytest.importorskip("transformers")
+F64 = torch.float64
+
+
+def _gpt2(attention: str = "sdpa") -> torch.nn.Module:
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, n_inner=16, vocab_size=12, n_positions=6,
+                                  attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, attn_implementation=attention)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+
+def _tokens(n: int = 10, t: int = 6) -> torch.Tensor:
+    return torch.randint(0, 12, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def test_next_token_loss_equals_the_models_own_loss():
+    model, x = _gpt2(), _tokens()
+    with torch.no_grad():
+        out = model(x)
+        assert torch.is_tensor(logits_of(out)) and logits_of(out) is out.logits
+        # transformers computes its loss from float32 logits
+        assert float(lm_loss(out, x)) == pytest.approx(float(model(x, labels=x).loss), rel=1e-6)
+    with pytest.raises(Exception, match="next-token loss needs"):
+        lm_loss(out, x[:, 0])
+
+
+def test_hessian_of_a_causal_language_model_matches_the_dense_hessian():
+    # eager attention: the dense reference (jacobian of the gradient) needs the derivative of
+    # the attention backward, which PyTorch's CPU SDPA kernel lacks in float64
+    model, x = _gpt2("eager"), _tokens()
+    before = snapshot(model)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    sizes = [p.numel() for p in params.values()]
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        parts = dict(zip(params, torch.split(flat, sizes), strict=True))
+        tensors = {k: v.view(params[k].shape) for k, v in parts.items()}
+        return lm_loss(functional_call(model, tensors, (x,)), x)
+
+    flat = torch.cat([p.flatten() for p in params.values()])
+    dense = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat, vectorize=True))
+    r = hessian_spectrum(model, (x, x), loss=lm_loss, top_k=3, bottom_k=1, trace=True, trace_method="exact",
+                         dtype=F64, tol=1e-9)
+    np.testing.assert_allclose(r.eigenvalues, dense.flip(0)[:3].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(r.bottom_eigenvalues, dense[:1].numpy(), rtol=1e-6)
+    assert r.trace == pytest.approx(float(dense.sum()), rel=1e-9)
+    assert r.params["loss"] == "lm_loss"
+    assert same_snapshot(before, snapshot(model))
+
+
+def test_landscape_origin_is_the_models_loss():
+    model, x = _gpt2(), _tokens()
+    before = snapshot(model)
+    s = surface(model, (x, x), loss=lm_loss, steps=3, dtype=F64)
+    with torch.no_grad():
+        own = float(model(x, labels=x).loss)  # from float32 logits
+    assert s.origin_loss == pytest.approx(own, rel=1e-6)
+    assert s.losses[1, 1] == pytest.approx(s.origin_loss, rel=1e-12)
+    assert same_snapshot(before, snapshot(model))
+
+
+def test_token_files_and_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from nndiag.cli.app import app
+    from nndiag.io.data import load_data
+
+    model, x = _gpt2(), _tokens()
+    model.float().save_pretrained(str(tmp_path / "lm"))
+    np.savez(tmp_path / "tok.npz", x=x.numpy().astype(np.uint8))  # byte-level ids stay ids, not pixels
+    b = load_data(tmp_path / "tok.npz")
+    assert b.meta["tokens"] and b.x.dtype == torch.int64 and torch.equal(b.x, x) and torch.equal(b.y, x)
+    np.savez(tmp_path / "labelled.npz", x=x.numpy(), y=np.zeros(len(x), dtype=np.int64))
+    np.savez(tmp_path / "floats.npz", x=np.zeros((4, 3), dtype=np.float32))
+    with pytest.raises(Exception, match="'x' alone holding token ids"):
+        load_data(tmp_path / "floats.npz")
+
+    run = CliRunner().invoke
+    res = run(app, ["hessian", str(tmp_path / "lm"), "--data", str(tmp_path / "tok.npz"), "--top-k", "2",
+                    "--float64", "--tol", "1e-8", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["params"]["loss"] == "lm_loss"
+    ref = hessian_spectrum(model.double(), (x, x), loss=lm_loss, top_k=2, dtype=F64, tol=1e-8)
+    np.testing.assert_allclose(doc["eigenvalues"], ref.eigenvalues, rtol=1e-6)
+    res = run(app, ["hessian", str(tmp_path / "lm"), "--data", str(tmp_path / "labelled.npz")])
+    assert res.exit_code != 0 and "use the next-token loss, --loss lm" in res.output
+    res = run(app, ["landscape", str(tmp_path / "lm"), "--data", str(tmp_path / "labelled.npz"), "--loss", "lm",
+                    "--grid", str(tmp_path / "g.npz")])
+    assert res.exit_code != 0 and "--loss lm needs token ids" in res.output
+    res = run(app, ["landscape", str(tmp_path / "lm"), "--data", str(tmp_path / "tok.npz"), "--steps", "3",
+                    "--grid", str(tmp_path / "g.npz"), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    with torch.no_grad():
+        own = float(model(x, labels=x).loss)
+    assert json.loads(res.stdout)["summary"]["origin_loss"] == pytest.approx(own, rel=1e-5)
