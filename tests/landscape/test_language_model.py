@@ -109,3 +109,31 @@ def test_token_files_and_the_cli(tmp_path):
     with torch.no_grad():
         own = float(model(x, labels=x).loss)
     assert json.loads(res.stdout)["summary"]["origin_loss"] == pytest.approx(own, rel=1e-5)
+
+
+def test_diagnose_a_language_model_folder_on_token_sequences(tmp_path):
+    from nndiag.report.diagnose import diagnose
+
+    model, x = _gpt2(), _tokens(12, 6)
+    model.float().save_pretrained(str(tmp_path / "lm"))
+    np.savez(tmp_path / "tok.npz", x=x.numpy())
+    rep = diagnose(str(tmp_path / "lm"), data=str(tmp_path / "tok.npz"),
+                   options={"hessian": {"top_k": 2, "trace": False, "density": False}, "landscape": {"steps": 3}},
+                   progress=False)
+    runs = {r.probe: r for r in rep.models[0].runs}
+    assert {n: r.status for n, r in runs.items()} == {
+        "evaluation": "ok", "spectral": "ok", "hessian": "ok", "landscape": "ok",
+        "mdtree": "skipped", "zerocost": "skipped", "slices": "skipped"}
+    assert "token sequences" in runs["zerocost"].message
+    ev = runs["evaluation"].result
+    with torch.no_grad():
+        out = model.float()(x, labels=x)
+    z, target = out.logits[:, :-1], x[:, 1:]
+    assert ev.summary["loss"] == pytest.approx(float(out.loss), rel=1e-5)
+    assert ev.summary["accuracy"] == pytest.approx(float((z.argmax(-1) == target).double().mean()), abs=1e-12)
+    assert ev.summary["n_tokens"] == 12 * 5
+    assert ev.summary["perplexity"] == pytest.approx(np.exp(float(out.loss)), rel=1e-5)
+    per_pos = ev.tables["per_position"]
+    np.testing.assert_allclose(per_pos["loss"].mean(), ev.summary["loss"], rtol=1e-9)
+    assert runs["hessian"].result.params["loss"] == "lm_loss"
+    assert runs["landscape"].result.summary["origin_loss"] == pytest.approx(float(out.loss), rel=1e-5)

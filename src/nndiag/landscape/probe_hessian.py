@@ -11,6 +11,8 @@ from nndiag.report.results import Result
 
 NAME = "hessian"
 NEEDS_DATA = True
+#: Runs on token sequences too (with the next-token loss).
+TOKENS = True
 #: Defaults that keep ``diagnose`` affordable on a CPU: the landscape's 256 examples (a
 #: ResNet20's Hessian-vector product takes ~1.1 s on 256 CIFAR images with two CPU threads, so
 #: the ~150 products of eigenvalues, density and trace take about three minutes; twice that

@@ -11,6 +11,8 @@ from nndiag.report.results import Result
 
 NAME = "landscape"
 NEEDS_DATA = True
+#: Runs on token sequences too (with the next-token loss).
+TOKENS = True
 #: Defaults that keep ``diagnose`` affordable on a CPU: a 15×15 filter-normalised plane.
 DEFAULTS: dict[str, Any] = {"dim": 2, "steps": 15, "n_samples": 256, "directions": "random", "norm": "filter"}
 

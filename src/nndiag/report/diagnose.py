@@ -60,12 +60,13 @@ def _as_list(obj: Any) -> list[Any]:
     return list(obj) if isinstance(obj, (list, tuple)) else [obj]
 
 
-def _load(model: Any, arch: str | None, weights: Any) -> Any:
+def _load(model: Any, arch: str | None, weights: Any, runnable: bool = False) -> Any:
     from nndiag.io.models import LoadedModel, load_model
 
     if isinstance(model, LoadedModel):
         return model
-    return load_model(model, arch=arch, weights=weights)
+    # a Hugging Face folder is built with transformers only when data will run it
+    return load_model(model, arch=arch, weights=weights, hf_module=runnable)
 
 
 def _model_info(lm: Any) -> dict[str, Any]:
@@ -168,6 +169,9 @@ def run_probe(name: str, lm: Any, data: Any, *, seed: int, device: Any,
         data = train_data
     if getattr(mod, "NEEDS_DATA", False) and data is None:
         return _skip(name, "it needs labelled data", "pass DATA with --data (or data=...)")
+    if getattr(mod, "NEEDS_DATA", False) and (data.meta or {}).get("tokens") and not getattr(mod, "TOKENS", False):
+        return _skip(name, "it takes labelled examples, and these data are token sequences (a language model's)",
+                     "give labelled data to run it")
     given = {**shared, **options}
     missing = [o for o in _required_options(mod) if given.get(o) is None]
     if missing:
@@ -300,12 +304,17 @@ def diagnose(
     if not models:
         raise InputError("no model given")
     arches = _per_model(arch, len(models), "architecture")
-    lms = [_load(m, a, weights) for m, a in zip(models, arches, strict=True)]
+    runnable = data is not None or train_data is not None
+    lms = [_load(m, a, weights, runnable) for m, a in zip(models, arches, strict=True)]
     seconds_ = _load_second(second_seed, arches)
     bundle = None if data is None else as_data(data, n_samples=n_samples, seed=seed)
     train_bundle = None if train_data is None else as_data(train_data, n_samples=n_samples, seed=seed)
     if bundle is None:
         bundle, train_bundle = train_bundle, None
+    if loss is None and bundle is not None and (bundle.meta or {}).get("tokens"):
+        from nndiag.landscape._setup import lm_loss
+
+        loss = lm_loss  # token sequences: the next-token loss of a causal language model
     data_info = None if bundle is None else {
         "name": bundle.name, "n_samples": len(bundle), "num_classes": int(bundle.num_classes),
         "input_shape": [int(s) for s in bundle.input_shape]}

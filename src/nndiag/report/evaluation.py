@@ -31,6 +31,8 @@ from nndiag.report.results import Result, provenance
 
 NAME = "evaluation"
 NEEDS_DATA = True
+#: Token sequences get the next-token loss and accuracy (:func:`_evaluate_tokens`).
+TOKENS = True
 #: Summary values compared across models in a multi-model report.
 COMPARE = ("accuracy", "loss")
 
@@ -80,6 +82,8 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
     if data is None:
         raise DataError("evaluation needs labelled data")
     module = model.require_module("evaluation")
+    if (data.meta or {}).get("tokens"):
+        return _evaluate_tokens(module, data, seed=seed, batch_size=batch_size)
     t0 = time.perf_counter()
     dev = model_device(module)
     preds, losses = [], []
@@ -133,6 +137,52 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
                   seed=seed, timing={"total": time.perf_counter() - t0}, meta=provenance(str(dev)))
 
 
+def _evaluate_tokens(module: torch.nn.Module, data: Any, *, seed: int, batch_size: int) -> Result:
+    """Next-token loss and accuracy of a causal language model on token sequences.
+
+    Position ``t`` of each sequence predicts token ``t + 1`` (as
+    :func:`nndiag.landscape._setup.lm_loss`). ``summary``: accuracy (top-1 next token), loss
+    (mean cross-entropy over the predicted tokens), perplexity, n_samples (sequences),
+    n_tokens, num_classes (vocabulary); table ``per_position`` (loss and accuracy by position
+    in the context: a model that cannot use its context does no better late than early).
+    """
+    from nndiag._utils.device import model_device
+    from nndiag._utils.model_state import preserved
+    from nndiag.io.data import model_inputs
+    from nndiag.landscape._setup import logits_of
+
+    t0 = time.perf_counter()
+    dev = model_device(module)
+    losses, hits = [], []
+    with preserved(module, values=False), torch.no_grad():
+        module.eval()
+        x = model_inputs(module, data.x, name=data.name)
+        if x.ndim != 2 or x.shape[1] < 2:
+            raise DataError(f"{data.name}: token sequences must be (sequences, T) with T >= 2, got {tuple(x.shape)}")
+        for i in range(0, len(data), batch_size):
+            xb = x[i:i + batch_size].to(dev)
+            z = logits_of(module(xb))
+            if z.ndim != 3 or tuple(z.shape[:2]) != tuple(xb.shape):
+                raise DataError(f"{data.name}: the model's output has shape {tuple(z.shape)}; the next-token "
+                                "evaluation needs (sequences, T, vocabulary) logits")
+            if int(xb.max()) >= z.shape[-1]:
+                raise DataError(f"{data.name}: token ids go up to {int(xb.max())} but the vocabulary has "
+                                f"{z.shape[-1]} entries")
+            z, target = z[:, :-1].float(), xb[:, 1:]
+            losses.append(F.cross_entropy(z.transpose(1, 2), target, reduction="none").cpu())
+            hits.append((z.argmax(-1) == target).cpu())
+    lo, hit = torch.cat(losses).double().numpy(), torch.cat(hits).numpy()
+    loss = float(lo.mean())
+    per_position = pd.DataFrame({"name": [f"t={t + 1}" for t in range(lo.shape[1])],
+                                 "position": np.arange(1, lo.shape[1] + 1),
+                                 "loss": lo.mean(0), "accuracy": hit.mean(0)})
+    summary = {"accuracy": float(hit.mean()), "loss": loss, "perplexity": float(np.exp(loss)),
+               "n_samples": int(lo.shape[0]), "n_tokens": int(lo.size), "num_classes": int(z.shape[-1])}
+    return Result(NAME, tables={"per_position": per_position}, summary=summary,
+                  params={"batch_size": batch_size, "loss": "next_token_cross_entropy", "data": data.name},
+                  seed=seed, timing={"total": time.perf_counter() - t0}, meta=provenance(str(dev)))
+
+
 def figures(result: Result) -> dict[str, Any]:
     """Per-class accuracy bars and the confusion matrix, from the result's tables."""
     from matplotlib.figure import Figure
@@ -155,6 +205,15 @@ def figures(result: Result) -> dict[str, Any]:
         ax.set_ylabel("accuracy")
         ax.set_title("Accuracy per class")
         figs["per_class_accuracy"] = fig
+    pp = result.tables.get("per_position")
+    if pp is not None and len(pp):
+        fig = Figure(figsize=(5.5, 3.0), layout="constrained")
+        ax = fig.add_subplot()
+        ax.plot(pp["position"].to_numpy(), pp["loss"].astype(float).to_numpy(), color="#4c72b0", marker=".")
+        ax.set_xlabel("tokens of context")
+        ax.set_ylabel("next-token loss")
+        ax.set_title("Loss by position in the context")
+        figs["loss_by_position"] = fig
     cm = result.tables.get("confusion")
     if cm is not None and len(cm):
         mat = cm.drop(columns=["name"]).to_numpy(dtype=float)

@@ -26,7 +26,9 @@ only the probes whose ``run`` names them as parameters. ``TRAIN_DATA: bool`` say
 probe reads the model's *training* data (a Hessian at the minimum, the failure-mode
 diagnosis); when the user gives ``train_data`` (``--train-data``) those probes get it
 and the others get ``data``. :data:`TRAIN_DATA_PROBES` is the default for probes that
-do not say.
+do not say. ``TOKENS: bool`` says the probe also runs on token sequences (a causal language
+model's data, ``DataBundle.meta["tokens"]``, with the next-token loss); the others are
+skipped there.
 """
 
 from __future__ import annotations
