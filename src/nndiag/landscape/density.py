@@ -94,6 +94,7 @@ def slq(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     first: tuple[np.ndarray, np.ndarray] | None = None,
+    max_basis: int | None = None,
 ) -> Density:
     """Stochastic Lanczos quadrature of a symmetric operator.
 
@@ -117,6 +118,12 @@ def slq(
         eigenvalue run of :func:`~nndiag.landscape.lanczos.eigsh` with ``min_iter=steps``):
         it is used as the first run, truncated to ``steps`` (Lanczos is incremental, so its
         leading ``steps × steps`` block is exactly that run), and ``n_runs − 1`` new runs follow.
+    max_basis : int, optional
+        Most Lanczos vectors to store (default: as many as fit in
+        :data:`~nndiag._utils.memory.BASIS_FRACTION` of the available memory). Full
+        reorthogonalisation over more steps than that falls back to a window of that many
+        vectors (recorded in ``settings["reorth"]``, with ``settings["reorth_limited_by"] =
+        "memory"``).
 
     Returns
     -------
@@ -127,6 +134,13 @@ def slq(
     gen = generator or torch.Generator().manual_seed(0 if seed is None else int(seed))
     device = torch.device(device)
     steps = min(steps, dim)
+    if max_basis is None:
+        from nndiag._utils.memory import vectors_that_fit
+
+        max_basis = vectors_that_fit(dim, dtype, device)
+    limited = reorth == "full" and steps > max_basis - 1
+    if limited:
+        reorth = max(2, max_basis - 1)  # the last vectors, in a ring (plus one of working space)
     nodes = np.full((n_runs, steps), np.nan)
     weights = np.full((n_runs, steps), np.nan)
     shared = first is not None and len(first[0]) >= steps
@@ -143,4 +157,6 @@ def slq(
         weights[r, :m] = S[0, :] ** 2
     settings = {"n_runs": n_runs, "steps": steps, "reorth": reorth, "seed": seed,
                 "first_run_shared": bool(shared)}
+    if limited:
+        settings["reorth_limited_by"] = "memory"
     return Density(nodes, weights, settings)

@@ -25,6 +25,8 @@ import torch
 from nndiag.errors import InputError
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
+#: A restarted run (:func:`eigsh` within a bounded basis) may take this many times ``max_iter`` products.
+RESTART_PRODUCTS = 4
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ def lanczos_tridiag(
     window = None if full else (0 if reorth == "none" else int(reorth))
     store = full or keep_basis or bool(window)
     dtype, device = v0.dtype, v0.device
-    Q = torch.empty((steps, dim), dtype=dtype, device=device) if store else None
+    # a window without the basis kept needs only its last ``window`` vectors: a ring buffer
+    ring = bool(window) and not full and not keep_basis and window < steps
+    Q = torch.empty((window if ring else steps, dim), dtype=dtype, device=device) if store else None
     gen = generator or torch.Generator().manual_seed(0)
     alpha: list[float] = []
     beta: list[float] = []
@@ -123,13 +127,13 @@ def lanczos_tridiag(
     b = 0.0
     for j in range(steps):
         if Q is not None:
-            Q[j] = v
+            Q[j % len(Q) if ring else j] = v
         w = matvec(v)
         a = float(torch.dot(w, v))
         w = w - a * v - b_prev * v_prev
         if Q is not None and (full or window):
-            lo = 0 if full else max(0, j + 1 - window)
-            block = Q[lo:j + 1]
+            # (in the ring the window's vectors are its rows in another order: same projection)
+            block = Q[:min(j + 1, len(Q))] if ring else Q[(0 if full else max(0, j + 1 - window)):j + 1]
             for _ in range(2):
                 w = w - block.T @ (block @ w)
         alpha.append(a)
@@ -144,8 +148,9 @@ def lanczos_tridiag(
             restarts += 1
             w = _random_unit(dim, gen, dtype, device)
             if Q is not None:
+                held = Q[:min(j + 1, len(Q))]
                 for _ in range(2):
-                    w = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
+                    w = w - held.T @ (held @ w)
             w = w / torch.linalg.vector_norm(w)
             beta.append(0.0)
             v_prev, v, b_prev = v, w, 0.0
@@ -205,6 +210,7 @@ def eigsh(
     vectors: bool = True,
     v0: torch.Tensor | None = None,
     min_iter: int = 0,
+    max_basis: int | None = None,
 ) -> EigResult:
     """Extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -233,6 +239,13 @@ def eigsh(
     min_iter : int
         Take at least this many steps even once converged (so that the run can also serve
         as an SLQ run of that length, :attr:`EigResult.tridiag`).
+    max_basis : int, optional
+        Most vectors to store (default: as many as fit in
+        :data:`~nndiag._utils.memory.BASIS_FRACTION` of the available memory). When the
+        ``max_iter`` steps would not fit, the thick-restart scheme of
+        :func:`~nndiag.landscape.restarted.restarted_eigsh` runs instead (more products,
+        no :attr:`EigResult.tridiag`, ``min_iter`` ignored, at most
+        :data:`RESTART_PRODUCTS` ``· max_iter`` products).
 
     Returns
     -------
@@ -249,6 +262,16 @@ def eigsh(
     max_iter = int(min(dim, max(max_iter or max(100, 20 * (top_k + bottom_k)), min_iter)))
     start = v0.to(device=device, dtype=dtype) if v0 is not None else _random_unit(dim, gen, dtype, device)
     need = top_k + bottom_k
+    if max_basis is None:
+        from nndiag._utils.memory import vectors_that_fit
+
+        max_basis = vectors_that_fit(dim, dtype, device)
+    if max_iter + 1 > max_basis:  # (the basis, plus a vector or two of working space)
+        from nndiag.landscape.restarted import restarted_eigsh
+
+        return restarted_eigsh(matvec, dim, start, top_k=top_k, bottom_k=bottom_k, tol=tol,
+                               max_iter=RESTART_PRODUCTS * max_iter, max_basis=max_basis - 1, generator=gen,
+                               vectors=vectors)
 
     def done(j: int, alpha: np.ndarray, beta: np.ndarray, b: float) -> bool:
         m = j + 1

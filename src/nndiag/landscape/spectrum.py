@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from nndiag._utils.memory import vectors_that_fit
 from nndiag._utils.model_state import preserved
 from nndiag._utils.precision import full_precision
 from nndiag._utils.progress import progress_bar
@@ -259,10 +260,20 @@ def _estimate_trace(op: HessianOperator, method: str, *, n_probes: int, rtol: fl
         used = "hutchpp"
     if used == "exact":
         return used, exact_trace(op.matmat, op.dim, **kw)
+    if used == "hutchpp" and method == "auto" and _hutchpp_too_big(op.dim, dtype, device):
+        used = "hutchinson"  # Hutch++'s sketch (tens of parameter-sized vectors) does not fit
     if used in ("hutchinson", "xtrace"):
         est = hutchinson if used == "hutchinson" else xtrace
-        return used, est(op.matmat, op.dim, n_probes=n_probes, rtol=rtol, generator=generator, **kw)
+        fit = vectors_that_fit(op.dim, dtype, device)
+        return used, est(op.matmat, op.dim, n_probes=n_probes, rtol=rtol, generator=generator,
+                         block=max(1, min(8, fit // 4)), **kw)
     return used, hutchpp(op.matmat, op.dim, n_probes=n_probes, rtol=rtol, generator=generator, **kw)
+
+
+def _hutchpp_too_big(dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether Hutch++'s stored vectors (its 10-column sketch, its products, the float64 QR:
+    about 50 vectors' worth) would overrun the memory share for stored vectors."""
+    return vectors_that_fit(dim, dtype, device) < 50
 
 
 @full_precision
