@@ -222,3 +222,27 @@ def test_input_scale_check_on_a_cuda_model_equals_the_cpu():
     assert set(gpu) == set(cpu) == {"as given", "imagenet", "cifar", "standard"}
     for k in cpu:
         assert gpu[k] == pytest.approx(cpu[k], rel=1e-4), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_language_model_hessian_on_cuda_equals_the_cpu(dtype):
+    # fused CUDA attention kernels may lack the derivative of their backward (double backward)
+    transformers = pytest.importorskip("transformers")
+    from nndiag.landscape import HessianOperator, hessian_spectrum, lm_loss
+
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, n_inner=64, vocab_size=40, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    x = torch.randint(0, 40, (8, 16), generator=torch.Generator().manual_seed(1))
+    cpu = HessianOperator(model, (x, x), loss=lm_loss, dtype=torch.float64)
+    v = torch.randn(cpu.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = cpu.matvec(v)
+    gpu_model = copy.deepcopy(model).cuda()
+    for engine in ("double-backward", "forward-over-reverse"):
+        op = HessianOperator(gpu_model, (x, x), loss=lm_loss, dtype=dtype, engine=engine)
+        got = op.matvec(v.to(dtype).cuda()).double().cpu()
+        tol = 1e-9 if dtype == torch.float64 else 2e-3
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    r = hessian_spectrum(gpu_model, (x, x), loss=lm_loss, top_k=2, dtype=dtype, tol=1e-6)
+    c = hessian_spectrum(model, (x, x), loss=lm_loss, top_k=2, dtype=torch.float64, tol=1e-6, device="cpu")
+    np.testing.assert_allclose(r.eigenvalues, c.eigenvalues, rtol=1e-8 if dtype == torch.float64 else 1e-3)

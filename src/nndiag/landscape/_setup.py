@@ -7,7 +7,9 @@ itself is never edited; :func:`nndiag._utils.model_state.preserved` guards the r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,36 @@ from nndiag.errors import AnalysisError, DataError, InputError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MODES = ("eval", "train")
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Scaled-dot-product attention through PyTorch's math kernel inside the block.
+
+    The fused kernels (flash and memory-efficient attention, on CUDA and on the CPU) have no
+    derivative of their backward and no forward-mode rule (pytorch/pytorch#116350), so a
+    Hessian-vector product through a transformer that uses ``F.scaled_dot_product_attention``
+    (every Hugging Face model by default) fails with "derivative for
+    aten::_scaled_dot_product_..._backward is not implemented". The math kernel is the same
+    function written in differentiable operations.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def with_differentiable_attention(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` inside :func:`differentiable_attention`."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with differentiable_attention():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def logits_of(out: Any) -> torch.Tensor:

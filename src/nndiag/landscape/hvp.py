@@ -61,6 +61,7 @@ from nndiag.landscape._setup import (
     param_copies,
     resolve_mode,
     trainable,
+    with_differentiable_attention,
 )
 from nndiag.landscape.blocking import auto_batches
 from nndiag.landscape.fold import FALLBACK_ERRORS, Folded, inference_copy, reproduces
@@ -131,6 +132,7 @@ class HessianOperator:
     #: Probes per vectorised forward-over-reverse call (memory grows with it).
     fr_chunk = 4
 
+    @with_differentiable_attention
     def __init__(
         self,
         model: nn.Module,
@@ -283,6 +285,7 @@ class HessianOperator:
 
     # --- products -------------------------------------------------------------------
     @full_precision
+    @with_differentiable_attention
     def gradient(self) -> torch.Tensor:
         """The full-data gradient as a flat vector (detached)."""
         return sum(g.detach() for g in self._iter_graphs())  # type: ignore[return-value]
@@ -298,6 +301,7 @@ class HessianOperator:
         ], dim=-1)
 
     @full_precision
+    @with_differentiable_attention
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` of length :attr:`dim`."""
         v = v.to(device=self.device, dtype=self.dtype)
@@ -386,6 +390,7 @@ class HessianOperator:
         return out.detach()
 
     @full_precision
+    @with_differentiable_attention
     def matmat(self, V: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
         """Rows ``H v_i`` for ``V`` of shape ``(k, dim)``.
 

@@ -31,7 +31,7 @@ from nndiag._utils.progress import progress_bar
 from nndiag._utils.seeding import torch_generator
 from nndiag._utils.threads import limit_threads
 from nndiag.errors import InputError
-from nndiag.landscape._setup import LossFn
+from nndiag.landscape._setup import LossFn, differentiable_attention
 from nndiag.landscape.criteria import spectrum_criteria
 from nndiag.landscape.density import Density, slq
 from nndiag.landscape.hvp import HessianOperator
@@ -377,7 +377,7 @@ def hessian_spectrum(
         raise InputError(f"unknown trace_method '{trace_method}'; choose one of {', '.join(TRACE_METHODS)}")
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    with limit_threads(threads), preserved(model, values=True):
+    with limit_threads(threads), preserved(model, values=True), differentiable_attention():
         op = HessianOperator(model, data, loss=loss, n_samples=n_samples, batch_size=batch_size,
                              seed=seed, device=device, dtype=dtype, mode=mode, engine=hvp_engine,
                              lazy=top_k + bottom_k == 0 and not density)  # the trace may need no product
