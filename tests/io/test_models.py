@@ -206,8 +206,9 @@ def test_hugging_face_runnable_module_offline(tmp_path):
     ref.save_pretrained(str(tmp_path))
     lm = load_model(tmp_path, hf_module=True)
     assert lm.origin == "hf" and lm.module is not None
+    assert lm.module.display_class == "GPT2Model" and type(lm.module.model) is type(ref)
     x = torch.tensor([[1, 2, 3, 4]])
-    with torch.no_grad():
-        assert torch.allclose(lm.module(x).last_hidden_state, ref(x).last_hidden_state)
+    with torch.no_grad():  # run as analyses run it: a tensor (no head: the hidden states)
+        assert torch.allclose(lm.module(x), ref(x).last_hidden_state)
     kinds = {i.name: i.module_type for i in lm.tensors.infos()}
-    assert kinds["h.0.attn.c_attn.weight"] == "Conv1D"  # GPT-2's transposed linear
+    assert kinds["h.0.attn.c_attn.weight"] == "Conv1D"  # GPT-2's transposed linear, named as saved

@@ -140,3 +140,27 @@ def test_diagnose_a_language_model_folder_on_token_sequences(tmp_path):
     np.testing.assert_allclose(per_pos["loss"].mean(), ev.summary["loss"], rtol=1e-9)
     assert runs["hessian"].result.params["loss"] == "lm_loss"
     assert runs["landscape"].result.summary["origin_loss"] == pytest.approx(float(out.loss), rel=1e-5)
+
+
+def test_diagnose_a_sequence_classifier_folder(tmp_path):
+    # labelled token data: every probe that runs calls model(x) and gets the logits tensor
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    model.save_pretrained(str(tmp_path / "clf"))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 30, (60, 10), generator=g), torch.randint(0, 3, (60,), generator=g)
+    np.savez(tmp_path / "data.npz", x=x.numpy(), y=y.numpy())
+    from nndiag.report.diagnose import diagnose
+
+    rep = diagnose(str(tmp_path / "clf"), data=str(tmp_path / "data.npz"), probes="evaluation,zerocost,hessian",
+                   options={"hessian": {"top_k": 1, "trace": False, "density": False}}, progress=False)
+    assert rep.models[0].info["class"] == "BertForSequenceClassification"
+    runs = {r.probe: r for r in rep.models[0].runs}
+    assert {n: r.status for n, r in runs.items()} == {"evaluation": "ok", "zerocost": "ok", "hessian": "ok"}
+    with torch.no_grad():
+        logits = model(x).logits
+    ev = runs["evaluation"].result.summary
+    assert ev["accuracy"] == pytest.approx(float((logits.argmax(1) == y).double().mean()), abs=1e-12)
+    assert ev["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)

@@ -93,7 +93,7 @@ def _load(model: str, arch: str | None, weights: str | None, data: str | None, n
     bundle = load_data(data, n_samples=n_samples, seed=seed)
     tokens = bool(bundle.meta.get("tokens"))
     if loss == "auto":
-        causal = type(module).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+        causal = getattr(module, "display_class", type(module).__name__).endswith(("ForCausalLM", "LMHeadModel"))
         loss = "lm" if causal and tokens else "ce"
     if loss == "lm" and not tokens:
         raise InputError(f"--loss lm needs token ids: an .npz with x alone, shape (sequences, T); {bundle.name} "

@@ -143,8 +143,6 @@ def _hf_module(path: Path) -> nn.Module:
     with its head, so the model returns logits), else ``AutoModel``; key-value caches are
     switched off (an analysis never generates).
     """
-    import json
-
     from nndiag.errors import require
 
     transformers = require("transformers", "hf", "running Hugging Face models")
@@ -212,8 +210,9 @@ def load_model(
         An architecture (built-in name or factory) to build when ``source`` is a
         weights file, giving a runnable module.
     hf_module : bool
-        For a Hugging Face folder, also build a runnable ``transformers`` model
-        (needs ``nndiag[hf]``; never contacts a hub).
+        For a Hugging Face folder, also build a runnable ``transformers`` model (needs
+        ``nndiag[hf]``; never contacts a hub), run through :class:`~nndiag.io.hf.HFLogits`
+        so that ``module(x)`` returns the logits tensor.
 
     Returns
     -------
@@ -250,8 +249,11 @@ def load_model(
             load_state_dict_into(module, tensors.to_dict(), spec)
             tensors = ModuleSource(module)
         elif origin == "hf" and hf_module:
-            module = _hf_module(path)
-            tensors = ModuleSource(module)
+            from nndiag.io.hf import HFLogits
+
+            raw = _hf_module(path)
+            module = HFLogits(raw)  # analyses call module(x) for a logits tensor
+            tensors = ModuleSource(raw)  # layer names as in the checkpoint
         name = path.name if path.is_dir() else path.stem
         return LoadedModel(tensors, module, name, origin, str(path), meta)
     if weights is not None and not Path(weights).exists():

@@ -55,12 +55,15 @@ def with_differentiable_attention(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def logits_of(out: Any) -> torch.Tensor:
     """The logits in a model's output: the tensor itself, a Hugging Face ``ModelOutput``'s
-    (or a dict's) ``logits``, else a tuple's first element."""
+    (or a dict's) ``logits``, else its (or a tuple's) first element."""
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)
     if logits is None and isinstance(out, dict):
         logits = out.get("logits")
+    if logits is None and hasattr(out, "to_tuple"):  # a ModelOutput without logits: its first field
+        fields = out.to_tuple()
+        logits = fields[0] if fields else None
     if logits is None and isinstance(out, (tuple, list)) and out:
         logits = out[0]
     if not isinstance(logits, torch.Tensor):

@@ -72,7 +72,7 @@ def _load(model: Any, arch: str | None, weights: Any, runnable: bool = False) ->
 def _model_info(lm: Any) -> dict[str, Any]:
     info: dict[str, Any] = {"origin": lm.origin, "path": lm.path, "runnable": lm.module is not None}
     if lm.module is not None:
-        info["class"] = type(lm.module).__name__
+        info["class"] = getattr(lm.module, "display_class", type(lm.module).__name__)
         info["parameters"] = int(sum(p.numel() for p in lm.module.parameters()))
         info["tensors"] = len(lm.module.state_dict())
     else:
