@@ -109,11 +109,11 @@ _EMBEDDING_MODULES = ("wte", "wpe", "shared")
 
 def _embedding_name(lname: str) -> bool:
     """Whether a tensor with no known module type is named as an embedding table (its owning
-    module's name: ``embed_tokens``, ``word_embeddings``, ``pos_embed``, GPT-2's ``wte``...;
-    a ``time_embedding.linear_1`` is a linear layer)."""
+    module's name: ``embed_tokens``, ``word_embeddings``, ``pos_embed``, ``tok_emb``, GPT-2's
+    ``wte``...; a ``time_embedding.linear_1`` or a ``time_emb_proj`` is a linear layer)."""
     parts = lname.split(".")
     owner = parts[-2] if len(parts) > 1 and parts[-1] in ("weight", "embedding", "embeddings") else parts[-1]
-    return "emb" in owner or owner in _EMBEDDING_MODULES
+    return "embed" in owner or owner.endswith("emb") or owner in _EMBEDDING_MODULES
 
 
 def _conv_kernel(info: TensorInfo, mt: str, lname: str) -> bool:
