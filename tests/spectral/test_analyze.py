@@ -118,7 +118,8 @@ def test_parameters_of_three_or_more_dims_outside_convolutions():
     raw = analyze({"transformer.wte.weight": torch.randn(50, 16), "transformer.wpe.weight": torch.randn(20, 16),
                    "pos_embed": torch.randn(1, 40, 16), "conv.weight": torch.randn(1, 16, 9),
                    "time_embedding.linear_1.weight": torch.randn(32, 16),
-                   "block.time_emb_proj.weight": torch.randn(32, 16), "tok_emb.weight": torch.randn(50, 16)}).layers.set_index("name")
+                   "block.time_emb_proj.weight": torch.randn(32, 16), "tok_emb.weight": torch.randn(50, 16)})
+    raw = raw.layers.set_index("name")
     assert list(raw["kind"]) == ["embedding", "embedding", "embedding", "conv1d", "linear", "linear", "embedding"]
 
 
