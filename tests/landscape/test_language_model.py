@@ -138,6 +138,7 @@ def test_diagnose_a_language_model_folder_on_token_sequences(tmp_path):
     assert ev.summary["perplexity"] == pytest.approx(np.exp(float(out.loss)), rel=1e-5)
     per_pos = ev.tables["per_position"]
     np.testing.assert_allclose(per_pos["loss"].mean(), ev.summary["loss"], rtol=1e-9)
+    assert [f.code for f in runs["evaluation"].result.findings] == ["EVAL-CHANCE"]  # an untrained model
     assert runs["hessian"].result.params["loss"] == "lm_loss"
     assert runs["landscape"].result.summary["origin_loss"] == pytest.approx(float(out.loss), rel=1e-5)
 
@@ -164,3 +165,24 @@ def test_diagnose_a_sequence_classifier_folder(tmp_path):
     ev = runs["evaluation"].result.summary
     assert ev["accuracy"] == pytest.approx(float((logits.argmax(1) == y).double().mean()), abs=1e-12)
     assert ev["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+
+
+def test_a_trained_language_model_is_not_at_chance():
+    # a tiny GPT-2 learns a repeating pattern in a few steps: next-token accuracy far above chance
+    from nndiag.report.evaluation import run as evaluate
+
+    model, x = _gpt2(), (torch.arange(60).reshape(10, 6) * 5 + torch.arange(10)[:, None]) % 12
+    model.float().train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        lm_loss(model(x), x).backward()
+        opt.step()
+    model.eval()
+    from nndiag.io.data import as_data
+    from nndiag.io.models import LoadedModel
+
+    data = as_data((x, x))
+    assert data.meta["tokens"]  # (tokens, tokens) pairs are token sequences
+    res = evaluate(LoadedModel(None, model, "lm", "module", None), data, seed=0)
+    assert res.summary["accuracy"] > 0.9 and res.findings == []

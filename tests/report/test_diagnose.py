@@ -119,6 +119,28 @@ def test_evaluation_matches_an_independent_computation(digits_test):
         assert pc["accuracy"][k] == pytest.approx((pred[y == k] == k).mean())
 
 
+def test_chance_level_accuracy_is_a_finding(digits_test):
+    from nndiag._utils.training import train_classifier
+    from nndiag.report.evaluation import chance_finding
+
+    untrained, trained = _mlp(1), _mlp(1)
+    train_classifier(trained, load_data("digits?split=train"), epochs=100, max_steps=300, lr=0.05, seed=0,
+                     progress=False)
+    codes = {}
+    for name, model in (("untrained", untrained), ("trained", trained)):
+        res = nndiag.diagnose(model, data=digits_test, probes=["evaluation"]).models[0].result("evaluation")
+        codes[name] = ([f for f in res.findings if f.code == "EVAL-CHANCE"], res.summary["accuracy"])
+    (found, acc), (none, trained_acc) = codes["untrained"], codes["trained"]
+    share = np.bincount(digits_test.y.numpy()).max() / len(digits_test)
+    assert acc <= share + 0.07 and len(found) == 1 and found[0].severity == "fail"
+    assert found[0].evidence["majority_share"] == pytest.approx(share)
+    assert trained_acc > 0.8 and none == []
+    # the margin: two binomial standard errors of the majority share, at least 2 points
+    y = np.array([0] * 50 + [1] * 50)
+    assert chance_finding(0.5 + 0.099, y, what="class", name="d") is not None  # 2·sqrt(.25/100) = 0.1
+    assert chance_finding(0.5 + 0.101, y, what="class", name="d") is None
+
+
 def test_evaluation_and_hessian_probes_on_token_ids():
     from tests.landscape._dense import tiny_embedding, token_data
 

@@ -154,6 +154,8 @@ def _bundle(x: Any, y: Any, name: str, num_classes: int | None = None, **meta: A
         if k > num_classes:
             raise DataError(f"{name}: label {k - 1} out of range for {num_classes} classes")
         k = num_classes
+    if tokens:
+        meta = {**meta, "tokens": True}  # y holds x's own ids: next-token targets
     return DataBundle(xt, yt, name, k, dict(meta))
 
 

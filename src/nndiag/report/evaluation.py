@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from nndiag.errors import DataError
 from nndiag.report.input_scale import input_scale_finding
-from nndiag.report.results import Result, provenance
+from nndiag.report.results import Finding, Result, provenance
 
 NAME = "evaluation"
 NEEDS_DATA = True
@@ -35,6 +35,42 @@ NEEDS_DATA = True
 TOKENS = True
 #: Summary values compared across models in a multi-model report.
 COMPARE = ("accuracy", "loss")
+
+
+#: How far above the most common target's share accuracy must be to count as better than chance:
+#: this many binomial standard errors of that share, and at least :data:`CHANCE_MARGIN_MIN`.
+CHANCE_SIGMAS = 2.0
+CHANCE_MARGIN_MIN = 0.02
+
+
+def chance_finding(accuracy: float, targets: np.ndarray, *, what: str, name: str) -> Finding | None:
+    """``EVAL-CHANCE`` when ``accuracy`` is no better than always predicting the most common target.
+
+    Parameters
+    ----------
+    accuracy : float
+        Top-1 accuracy on ``targets``.
+    targets : ndarray of int
+        The true classes (or next tokens), any shape.
+    what : str
+        ``"class"`` or ``"token"``, for the message.
+    name : str
+        The data's name.
+    """
+    t = np.asarray(targets).reshape(-1)
+    if t.size == 0:
+        return None
+    share = float(np.bincount(t).max() / t.size)
+    margin = max(CHANCE_MARGIN_MIN, CHANCE_SIGMAS * float(np.sqrt(share * (1 - share) / t.size)))
+    if accuracy > share + margin:
+        return None
+    return Finding(
+        "EVAL-CHANCE", "fail",
+        f"accuracy {accuracy:.1%} on {name} is no better than always predicting the most common {what} "
+        f"({share:.1%}): the model has learned nothing it can use on these data",
+        {"accuracy": accuracy, "majority_share": share, "margin": margin, "n": int(t.size)},
+        "check that these are the trained weights and that the data match its training (labels, "
+        "preprocessing, tokenizer); if they do, the training failed: see the other findings")
 
 
 def _class_names(data: Any, k: int) -> list[str]:
@@ -73,7 +109,9 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
         per predicted class). For unnormalised ``[0, 1]`` inputs and the default loss also
         the table ``input_scale`` (loss and accuracy on the first examples as given and
         normalised each way) and, when a normalisation does much better, the finding
-        ``EVAL-INPUT-SCALE`` (:mod:`nndiag.report.input_scale`).
+        ``EVAL-INPUT-SCALE`` (:mod:`nndiag.report.input_scale`). ``EVAL-CHANCE`` when the
+        accuracy is no better than always predicting the most common class
+        (:func:`chance_finding`).
     """
     from nndiag._utils.device import model_device
     from nndiag._utils.model_state import preserved
@@ -131,7 +169,9 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
     tables = {"per_class": per_class, "confusion": confusion}
     if scores:
         tables["input_scale"] = pd.DataFrame([{"name": h, "loss": v[0], "accuracy": v[1]} for h, v in scores.items()])
-    return Result(NAME, tables=tables, summary=summary, findings=[finding] if finding else [],
+    chance = chance_finding(summary["accuracy"], y, what="class", name=data.name)
+    findings = [f for f in (finding, chance) if f is not None]
+    return Result(NAME, tables=tables, summary=summary, findings=findings,
                   params={"batch_size": batch_size, "loss": "custom" if loss else "cross_entropy",
                           "data": data.name},
                   seed=seed, timing={"total": time.perf_counter() - t0}, meta=provenance(str(dev)))
@@ -172,6 +212,7 @@ def _evaluate_tokens(module: torch.nn.Module, data: Any, *, seed: int, batch_siz
             losses.append(F.cross_entropy(z.transpose(1, 2), target, reduction="none").cpu())
             hits.append((z.argmax(-1) == target).cpu())
     lo, hit = torch.cat(losses).double().numpy(), torch.cat(hits).numpy()
+    chance = chance_finding(float(hit.mean()), x[:, 1:].cpu().numpy(), what="next token", name=data.name)
     loss = float(lo.mean())
     per_position = pd.DataFrame({"name": [f"t={t + 1}" for t in range(lo.shape[1])],
                                  "position": np.arange(1, lo.shape[1] + 1),
@@ -179,6 +220,7 @@ def _evaluate_tokens(module: torch.nn.Module, data: Any, *, seed: int, batch_siz
     summary = {"accuracy": float(hit.mean()), "loss": loss, "perplexity": float(np.exp(loss)),
                "n_samples": int(lo.shape[0]), "n_tokens": int(lo.size), "num_classes": int(z.shape[-1])}
     return Result(NAME, tables={"per_position": per_position}, summary=summary,
+                  findings=[chance] if chance else [],
                   params={"batch_size": batch_size, "loss": "next_token_cross_entropy", "data": data.name},
                   seed=seed, timing={"total": time.perf_counter() - t0}, meta=provenance(str(dev)))
 
