@@ -184,5 +184,7 @@ def test_a_trained_language_model_is_not_at_chance():
 
     data = as_data((x, x))
     assert data.meta["tokens"]  # (tokens, tokens) pairs are token sequences
+    with pytest.raises(Exception, match="1-D class labels, or the token ids x themselves"):
+        as_data((x, (x + 1) % 12))  # per-token tags (a tagging task) are not next-token targets
     res = evaluate(LoadedModel(None, model, "lm", "module", None), data, seed=0)
     assert res.summary["accuracy"] > 0.9 and res.findings == []

@@ -129,10 +129,13 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 def _bundle(x: Any, y: Any, name: str, num_classes: int | None = None, **meta: Any) -> DataBundle:
     xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
-    tokens = yt.ndim == 2 and tuple(yt.shape) == tuple(xt.shape) and not yt.is_floating_point()
+    # token sequences for the next-token loss: y is x itself (per-token tags, as for named-entity
+    # recognition, are another task and are refused below)
+    tokens = (yt.ndim == 2 and tuple(yt.shape) == tuple(xt.shape) and not yt.is_floating_point()
+              and not xt.is_floating_point() and torch.equal(yt.long(), xt.long()))
     if xt.ndim == 0 or not (yt.ndim == 1 or tokens):
-        raise DataError(f"{name}: x must have an example axis and y must be 1-D, or the token ids themselves "
-                        f"for a language model (got shapes {tuple(xt.shape)} and {tuple(yt.shape)})")
+        raise DataError(f"{name}: x must have an example axis and y must be 1-D class labels, or the token ids "
+                        f"x themselves for a language model (got shapes {tuple(xt.shape)} and {tuple(yt.shape)})")
     if xt.shape[0] != yt.shape[0]:
         raise DataError(f"{name}: x has {xt.shape[0]} examples but y has {yt.shape[0]}")
     if xt.shape[0] == 0:
