@@ -188,3 +188,22 @@ def test_a_trained_language_model_is_not_at_chance():
         as_data((x, (x + 1) % 12))  # per-token tags (a tagging task) are not next-token targets
     res = evaluate(LoadedModel(None, model, "lm", "module", None), data, seed=0)
     assert res.summary["accuracy"] > 0.9 and res.findings == []
+
+
+def test_a_folder_transformers_cannot_build_still_gets_its_data_free_analyses(tmp_path):
+    from safetensors.torch import save_file
+
+    from nndiag.report.diagnose import diagnose
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    save_file({"enc.weight": torch.randn(32, 16), "head.weight": torch.randn(8, 32)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architectures": ["NoSuchModel"], "model_type": "nosuch"}))
+    g = torch.Generator().manual_seed(0)
+    rep = diagnose(str(folder), data=(torch.randn(20, 16, generator=g), torch.randint(0, 8, (20,), generator=g)),
+                   probes="spectral,evaluation", progress=False)
+    runs = {r.probe: r for r in rep.models[0].runs}
+    assert runs["spectral"].status == "ok" and len(runs["spectral"].result.tables["layers"]) == 2
+    assert runs["evaluation"].status == "error"
+    assert "needs a runnable model: " in runs["evaluation"].message and "transformers cannot build" in runs[
+        "evaluation"].message

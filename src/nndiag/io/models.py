@@ -63,6 +63,9 @@ class LoadedModel:
     def require_module(self, purpose: str = "this analysis") -> nn.Module:
         """The runnable module, or a clear error saying how to provide one."""
         if self.module is None:
+            why = self.meta.get("module_error") if isinstance(self.meta, dict) else None
+            if why:  # a Hugging Face folder that could not be built
+                raise AnalysisError(f"{self.name}: {purpose} needs a runnable model: {why}")
             raise AnalysisError(
                 f"{self.name}: {purpose} needs a runnable model, but {self.origin} input gives "
                 "weights only; pass an architecture (--arch NAME or 'package.module:factory') "

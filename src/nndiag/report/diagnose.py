@@ -65,8 +65,19 @@ def _load(model: Any, arch: str | None, weights: Any, runnable: bool = False) ->
 
     if isinstance(model, LoadedModel):
         return model
-    # a Hugging Face folder is built with transformers only when data will run it
-    return load_model(model, arch=arch, weights=weights, hf_module=runnable)
+    if not runnable:
+        return load_model(model, arch=arch, weights=weights)
+    # a Hugging Face folder is built with transformers only when data will run it; when it
+    # cannot be (transformers missing, an unknown class) the data-free analyses still run and
+    # the others say why
+    try:
+        return load_model(model, arch=arch, weights=weights, hf_module=True)
+    except NNDiagError as exc:
+        lm = load_model(model, arch=arch, weights=weights)
+        if lm.origin != "hf":
+            raise
+        lm.meta["module_error"] = _one_line(exc)
+        return lm
 
 
 def _model_info(lm: Any) -> dict[str, Any]:
