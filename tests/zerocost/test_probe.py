@@ -77,6 +77,28 @@ def test_reinitialised_is_seeded_and_leaves_rng_alone():
         reinitialised(Custom(), 0)
 
 
+def test_reinitialised_draws_bare_position_tables_and_class_tokens():
+    # a ViT's cls_token / pos_embed are bare parameters: truncated normal with the model's
+    # initializer_range (0.02 by default); other bare parameters still cannot be re-drawn
+    class ViTish(nn.Module):
+        def __init__(self, config=None):
+            super().__init__()
+            self.config = config
+            self.cls_token = nn.Parameter(torch.full((1, 1, 64), 5.0))
+            self.pos_embed = nn.Parameter(torch.full((1, 500, 64), 5.0))
+            self.fc = nn.Linear(64, 3)
+
+    for config, std in ((None, 0.02), (type("Cfg", (), {"initializer_range": 0.1})(), 0.1)):
+        net = reinitialised(ViTish(config), 0)
+        pos = net.pos_embed.detach().double()
+        assert pos.abs().max() <= 2 * std + 1e-7 and float(pos.std()) == pytest.approx(0.88 * std, rel=0.05)
+        assert net.cls_token.abs().max() <= 2 * std + 1e-7
+    bad = ViTish()
+    bad.gamma = nn.Parameter(torch.ones(64))  # a layer scale: no rule for it
+    with pytest.raises(AnalysisError, match="gamma"):
+        reinitialised(bad, 0)
+
+
 def test_diagnose_runs_the_zerocost_probe():
     import nndiag
 

@@ -19,12 +19,17 @@ def reinitialised(model: nn.Module, seed: int) -> nn.Module:
     """A copy of ``model`` with every parameter re-drawn by its layer's default initialiser.
 
     Calls ``reset_parameters()`` on every module that has one, under a forked global RNG
-    seeded with ``seed`` (the caller's RNG stream and ``model`` are untouched).
+    seeded with ``seed`` (the caller's RNG stream and ``model`` are untouched). Position
+    tables and class/mask tokens held as bare parameters (a ViT's ``cls_token`` and
+    ``position_embeddings``, timm's ``pos_embed``: 2-D or more, named ``pos``/``cls``/
+    ``token``/``emb``) are drawn from a normal distribution truncated at ±2σ, σ the model
+    configuration's ``initializer_range`` when it has one, else 0.02 — the convention of
+    BERT, GPT-2, ViT and timm.
 
     Raises
     ------
     AnalysisError
-        When some parameters belong to modules without ``reset_parameters`` (they could
+        When other parameters belong to modules without ``reset_parameters`` (they could
         not be re-initialised, so the score would not be an at-initialisation score).
     """
     from nndiag._utils.seeding import fork_rng
@@ -39,11 +44,32 @@ def reinitialised(model: nn.Module, seed: int) -> nn.Module:
                 covered.update(id(p) for p in m.parameters(recurse=False))
             if hasattr(m, "reset_running_stats") and callable(m.reset_running_stats):
                 m.reset_running_stats()
+        std = _initializer_range(net)
+        for n, p in net.named_parameters():
+            leaf = n.rsplit(".", 1)[-1].lower()
+            if id(p) not in covered and p.ndim >= 2 and any(h in leaf for h in _TABLE_HINTS):
+                nn.init.trunc_normal_(p, mean=0.0, std=std, a=-2 * std, b=2 * std)
+                covered.add(id(p))
     missing = [n for n, p in net.named_parameters() if id(p) not in covered]
     if missing:
         raise AnalysisError(f"cannot re-initialise {len(missing)} parameter(s) without a "
                             f"reset_parameters() method (e.g. {missing[0]}); score the model as is")
     return net
+
+
+#: Bare parameters re-drawn as tables or tokens (see :func:`reinitialised`).
+_TABLE_HINTS = ("pos", "cls", "token", "emb")
+#: Their standard deviation when the model's configuration names none.
+DEFAULT_INITIALIZER_RANGE = 0.02
+
+
+def _initializer_range(net: nn.Module) -> float:
+    """``config.initializer_range`` of a (Hugging Face) model or the model it wraps, else the default."""
+    for m in net.modules():
+        value = getattr(getattr(m, "config", None), "initializer_range", None)
+        if isinstance(value, (int, float)) and value > 0:
+            return float(value)
+    return DEFAULT_INITIALIZER_RANGE
 
 
 def proxy_agreement(scores: pd.DataFrame, proxies: Sequence[str]) -> float:
