@@ -76,6 +76,10 @@ def test_normalize_inputs_matches_the_data_option():
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(normalize_inputs(x, "imagenet"), (x - mean) / std)
+    torch.testing.assert_close(normalize_inputs(x, "inception"), 2 * x - 1)  # [0, 1] to [-1, 1]
+    clip_mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)  # OpenAI CLIP's preprocessing
+    clip_std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize_inputs(x, "clip"), (x - clip_mean) / clip_std)
     with pytest.raises(Exception, match="3-channel"):
         normalize_inputs(torch.rand(6, 1, 4, 4), "cifar")
 

@@ -219,7 +219,7 @@ def test_input_scale_check_on_a_cuda_model_equals_the_cpu():
     x, y = torch.rand(40, 3, 8, 8, generator=g), torch.randint(0, 5, (40,), generator=g)
     _, cpu = input_scale_finding(net, x, y, normalize=None)
     _, gpu = input_scale_finding(copy.deepcopy(net).cuda(), x, y, normalize=None)
-    assert set(gpu) == set(cpu) == {"as given", "imagenet", "cifar", "standard"}
+    assert set(gpu) == set(cpu) == {"as given", "imagenet", "cifar", "inception", "clip", "standard"}
     for k in cpu:
         assert gpu[k] == pytest.approx(cpu[k], rel=1e-4), k
 

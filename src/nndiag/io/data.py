@@ -9,7 +9,7 @@ A DATA spec is ``NAME[?key=value&key=value]``:
 - ``path/to/folder`` — one sub-folder of images per class.
 
 Options: ``split=train|test|all`` (digits and mnist1d; a fixed seeded 75/25 split for
-digits), ``normalize=none|imagenet|cifar|standard``, ``flatten=1``.
+digits), ``normalize=none|imagenet|cifar|inception|clip|standard``, ``flatten=1``.
 
 From Python, :func:`as_data` also accepts ``(x, y)`` tensors or arrays, a
 ``DataLoader`` and a :class:`DataBundle`.
@@ -40,6 +40,10 @@ BUILTIN_DATA = ("digits", "mnist1d")
 _NORMS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    # [0, 1] to [-1, 1]: Inception, Hugging Face ViT image processors, SigLIP
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # OpenAI CLIP's image preprocessing
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
 _OPTIONS = ("split", "normalize", "flatten")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -266,9 +270,11 @@ def normalize_inputs(x: torch.Tensor, how: str, *, name: str = "data") -> torch.
     ----------
     x : torch.Tensor
         Inputs, first axis = examples (integers are cast to float32 first).
-    how : {"none", "imagenet", "cifar", "standard"}
+    how : {"none", "imagenet", "cifar", "inception", "clip", "standard"}
         ``imagenet``/``cifar``: per-channel mean and std of those datasets (3-channel
-        images in [0, 1]); ``standard``: every feature to mean 0 and std 1 over ``x``.
+        images in [0, 1]); ``inception``: to [-1, 1] (mean = std = 0.5: Inception, Hugging
+        Face ViT, SigLIP); ``clip``: OpenAI CLIP's per-channel mean and std; ``standard``:
+        every feature to mean 0 and std 1 over ``x``.
     name : str
         The data's name, for error messages.
 
