@@ -91,8 +91,8 @@ def diagnose(
     from nndiag.io.data import load_data
     from nndiag.io.models import load_model
 
-    lm = load_model(model, arch=arch)
-    second = load_model(second_seed, arch=arch)
+    lm = load_model(model, arch=arch, hf_module=True)
+    second = load_model(second_seed, arch=arch, hf_module=True)
     bundle = load_data(data)
     res = diagnose_failure(lm, second, bundle, thresholds=thresholds, curve=curve, curve_epochs=curve_epochs,
                            hessian_samples=hessian_samples, max_samples=max_samples, seed=seed, threads=threads)

@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
                 from nndiag.slices.find import find_slices
 
                 dev = resolve_device(device.value)
-                lm = load_model(model, weights=weights, arch=arch)
+                lm = load_model(model, weights=weights, arch=arch, hf_module=True)
                 module = lm.require_module("slice discovery").to(dev)
                 bundle = load_data(data, n_samples=n_samples, seed=seed)  # batches go to the model's device
                 result = find_slices(module, bundle, method.value, layer=layer, size=size, n=n, seed=seed,

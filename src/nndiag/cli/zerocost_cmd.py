@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         x, y, data_name, _ = batch_from(data, batch_size, seed)
         models = []
         for spec in specs:
-            lm = load_model(spec, arch=arch)
+            lm = load_model(spec, arch=arch, hf_module=True)
             models.append((spec, lm.require_module("zerocost rank")))
         df, summary = rank_models(models, x, y, names, seed=seed, at_init=not as_is)
         result = Result("zerocost-rank", tables={"ranking": df}, summary=summary,
