@@ -207,3 +207,21 @@ def test_a_folder_transformers_cannot_build_still_gets_its_data_free_analyses(tm
     assert runs["evaluation"].status == "error"
     assert "needs a runnable model: " in runs["evaluation"].message and "transformers cannot build" in runs[
         "evaluation"].message
+
+
+def test_slices_command_on_a_sequence_classifier_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from nndiag.cli.app import app
+
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(str(tmp_path / "clf"))
+    g = torch.Generator().manual_seed(2)
+    np.savez(tmp_path / "data.npz", x=torch.randint(0, 30, (150, 10), generator=g).numpy(),
+             y=torch.randint(0, 3, (150,), generator=g).numpy())
+    res = CliRunner().invoke(app, ["slices", str(tmp_path / "clf"), "--data", str(tmp_path / "data.npz"),
+                                   "--n", "2", "--size", "0.05", "--steps", "50", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["tables"]["slices"]) == 2
