@@ -224,9 +224,7 @@ def _npz(path: Path) -> DataBundle:
         raise DataError(f"{path}: cannot read .npz ({first})") from None
     if x.dtype == np.uint8 and not tokens:
         x = _images_to_float(x)
-    meta: dict[str, Any] = {"classes": classes} if classes else {}
-    if tokens:
-        meta["tokens"] = True  # next-token targets: y is x
+    meta = {"classes": classes} if classes else {}
     return _bundle(x, y, str(path), len(classes) if classes else None, **meta)
 
 

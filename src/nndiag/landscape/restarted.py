@@ -34,7 +34,7 @@ def _wanted(theta: np.ndarray, top_k: int, bottom_k: int) -> tuple[np.ndarray, n
     return np.arange(m - 1, m - 1 - min(top_k, m), -1), np.arange(min(bottom_k, m))
 
 
-def _kept(m: int, n: int, top_k: int, bottom_k: int, keep: int) -> np.ndarray:
+def _kept(n: int, top_k: int, bottom_k: int, keep: int) -> np.ndarray:
     """The ``keep`` Ritz indices kept at a restart: the wanted ends, shared in proportion."""
     need = top_k + bottom_k
     extra = keep - need
@@ -133,7 +133,7 @@ def restarted_eigsh(
                 w = w - Q[:n].T @ (Q[:n] @ w)
             b = float(torch.linalg.vector_norm(w))
         if n == m:  # thick restart: keep the wanted Ritz vectors and their neighbours
-            kidx = _kept(m, n, top_k, bottom_k, keep)
+            kidx = _kept(n, top_k, bottom_k, keep)
             Sk = torch.as_tensor(S[:, kidx].T.copy(), dtype=dtype, device=device)
             Q[:len(kidx)] = Sk @ Q[:n]  # (a keep × m product into fresh memory, then copied)
             H[:] = 0.0

@@ -204,6 +204,11 @@ class HessianResult:
         return self.density.plot(ax=ax)
 
 
+#: Parameter-sized vectors Hutch++ holds at once (its 10-column sketch, their products, the
+#: float64 QR): below this many in the memory share, ``auto`` takes Hutchinson instead.
+HUTCHPP_VECTORS = 50
+
+
 def _trace_plan(op: HessianOperator,
                 method: str) -> tuple[str, tuple[QuadraticForms, GaussNewtonProbes | None] | None]:
     """The trace method to run and, for ``split``, its two probe engines.
@@ -260,20 +265,14 @@ def _estimate_trace(op: HessianOperator, method: str, *, n_probes: int, rtol: fl
         used = "hutchpp"
     if used == "exact":
         return used, exact_trace(op.matmat, op.dim, **kw)
-    if used == "hutchpp" and method == "auto" and _hutchpp_too_big(op.dim, dtype, device):
+    fit = vectors_that_fit(op.dim, dtype, device)
+    if used == "hutchpp" and method == "auto" and fit < HUTCHPP_VECTORS:
         used = "hutchinson"  # Hutch++'s sketch (tens of parameter-sized vectors) does not fit
     if used in ("hutchinson", "xtrace"):
         est = hutchinson if used == "hutchinson" else xtrace
-        fit = vectors_that_fit(op.dim, dtype, device)
         return used, est(op.matmat, op.dim, n_probes=n_probes, rtol=rtol, generator=generator,
                          block=max(1, min(8, fit // 4)), **kw)
     return used, hutchpp(op.matmat, op.dim, n_probes=n_probes, rtol=rtol, generator=generator, **kw)
-
-
-def _hutchpp_too_big(dim: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether Hutch++'s stored vectors (its 10-column sketch, its products, the float64 QR:
-    about 50 vectors' worth) would overrun the memory share for stored vectors."""
-    return vectors_that_fit(dim, dtype, device) < 50
 
 
 @full_precision
