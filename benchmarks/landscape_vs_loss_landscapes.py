@@ -93,8 +93,8 @@ def main() -> None:
             s = surface(model, (x, y), dim=2, steps=args.steps, norm="filter", seed=r, threads=args.threads)
             nd_t.append(time.perf_counter() - t)
             strategies.append(s.params["strategy"])
-            print(f"run {r}: loss-landscapes {ll_t[-1]:.2f} s | nndiag {nd_t[-1]:.2f} s ({s.params['strategy']}, "
-                  f"batches of {s.params['batch_size']})")
+            print(f"run {r}: loss-landscapes {ll_t[-1]:.3f} s | nndiag {nd_t[-1]:.3f} s, grid {s.timing['grid']:.3f} s "
+                  f"({s.params['strategy']}, batches of {s.params['batch_size']})")
     a, b = statistics.median(ll_t), statistics.median(nd_t)
     print(f"median: loss-landscapes {a:.2f} s, nndiag {b:.2f} s, speed-up {a / b:.2f}× "
           f"(grid ranges: loss-landscapes {np.nanmin(grid_ll):.3f}..{np.nanmax(grid_ll):.3f}, "

@@ -43,16 +43,22 @@ def input_key(x: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     return x.data_ptr(), tuple(x.shape), tuple(x.stride())
 
 
-def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Rebind parameter or buffer ``name`` of ``module`` to ``value`` (no copy)."""
-    owner_name, _, attr = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    if attr in owner._parameters:
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value
-    else:
-        setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+def _set(module: nn.Module, names: list[str], value: torch.Tensor) -> None:
+    """Rebind parameter or buffer ``names`` (aliases of one tensor) of ``module`` to ``value``
+    (no copy); tied parameters stay one ``nn.Parameter`` object, so that
+    ``torch.func.functional_call`` still sees them as tied."""
+    param = None
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if attr in owner._buffers:
+            owner._buffers[attr] = value
+            continue
+        param = param if param is not None else nn.Parameter(value, requires_grad=False)
+        if attr in owner._parameters:
+            owner._parameters[attr] = param
+        else:
+            setattr(owner, attr, param)
 
 
 class BoundCopy:
@@ -93,6 +99,13 @@ class BoundCopy:
         self._fold_inputs = [n for n in self.names if n.rpartition(".")[0] in owners]
         #: the current point's coefficients (read by a precomputed first layer)
         self.coeffs: list[float] = [0.0] * len(dirs)
+        # tied tensors (one Parameter registered under several names) are bound under all of
+        # their names; read once from the model as given (copies share the map)
+        groups: dict[int, list[str]] = {}
+        for n, t in [*self.module.named_parameters(remove_duplicate=False),
+                     *self.module.named_buffers(remove_duplicate=False)]:
+            groups.setdefault(id(t), []).append(n)
+        self.aliases = {n: group for group in groups.values() for n in group}
         #: ``(module path, cache)`` once :func:`~nndiag.landscape.first_layer.install` has run
         self.first_layer: tuple[str, Any] | None = None
         #: :func:`input_key` of the input during a call of this copy, else None
@@ -126,17 +139,10 @@ class BoundCopy:
                     v = sample[key]
                     fmt = torch.channels_last if _cl(v.shape, self.channels_last) else torch.contiguous_format
                     self.targets[key] = torch.empty_like(v, memory_format=fmt)
-        # tied tensors (one Parameter registered under several names) are bound under all of them
-        aliases: dict[int, list[str]] = {}
-        for n, t in [*self.module.named_parameters(remove_duplicate=False),
-                     *self.module.named_buffers(remove_duplicate=False)]:
-            aliases.setdefault(id(t), []).append(n)
-        names_of = {n: group for group in aliases.values() for n in group}
         for source in (self.buffers, self.views, self.targets):  # later sources win
             for n, t in source.items():
                 if source is self.targets or n not in self.targets:
-                    for alias in names_of.get(n, [n]):
-                        _set(self.module, alias, t)
+                    _set(self.module, self.aliases.get(n, [n]), t)
 
     def copy(self) -> BoundCopy:
         """An independent copy (own module, buffer and folded targets; shared buffers and

@@ -3,9 +3,11 @@
 ``surface(model, data, dim=2, steps=21)`` evaluates ``L(θ + α d₁ + β d₂)`` on a regular
 grid. The parameters are swapped in through ``torch.func.functional_call`` (the model
 is never edited); several grid points go through one vectorised forward
-(``torch.func.vmap`` over stacked parameter sets) or a plain loop — ``strategy="auto"``
-times both on the first points and keeps the faster. Big grids can be resumed from a
-``.npz`` checkpoint written after every chunk.
+(``torch.func.vmap`` over stacked parameter sets, or for fully connected models on a CPU
+:mod:`~nndiag.landscape.stacked` passes), a plain loop on a bound copy, points side by
+side in threads or a replayed CUDA graph — ``strategy="auto"`` times the candidates on the
+first points and keeps the fastest. Big grids can be resumed from a ``.npz`` checkpoint
+written after every chunk.
 
 BatchNorm policy, recorded in the result: ``mode="eval"`` uses the model's running
 statistics (so the loss at the origin is the model's eval-mode loss); ``mode="train"``
@@ -64,9 +66,10 @@ from nndiag.landscape.directions import (
     toward,
 )
 from nndiag.landscape.fold import FALLBACK_ERRORS, Folded, reproduces
+from nndiag.landscape.stacked import Stacked, build_stacked
 from nndiag.report.results import Finding, Result, provenance
 
-STRATEGIES = ("auto", "vmap", "loop", "threads", "graph")
+STRATEGIES = ("auto", "vmap", "loop", "threads", "graph", "stacked")
 #: Grids with more points than this are refused (override with ``max_points``).
 MAX_POINTS = 250_000
 
@@ -193,6 +196,7 @@ class _Grid:
         self.bound: BoundCopy | None = None
         self.workers: list[BoundCopy] = []  # more bound copies for points side by side
         self.point_loss = loss_fn  # the loss used by :meth:`loop` on a bound copy
+        self.stacker: Stacked | None = None  # points stacked through a fully connected model
 
     def _params(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
@@ -291,6 +295,13 @@ class _Grid:
             return torch.stack([torch.as_tensor(self._loss(self._point(c[i])))
                                 for i in range(c.shape[0])]).reshape(-1)
 
+    def stacked(self, c: torch.Tensor) -> torch.Tensor:
+        """Several points per pass through a fully connected model (:mod:`~nndiag.landscape.stacked`)."""
+        if self.stacker is None:
+            raise ValueError("points stacked need a fully connected model bound on a CPU")
+        with torch.inference_mode():
+            return self.stacker(c, self.data)
+
     def capture(self, c0: torch.Tensor) -> None:
         """Record one grid point's parameter update and forward(s) as a CUDA graph, with the
         point's coefficients in a static tensor (see :meth:`graph`)."""
@@ -381,6 +392,16 @@ def _precompute_first_layer(grid: _Grid, origin: float, n_dirs: int) -> str | No
         uninstall(grid.bound)
         return None
     return name
+
+
+def _stack(grid: _Grid, origin: float, n_dirs: int) -> bool:
+    """Give the grid a :class:`~nndiag.landscape.stacked.Stacked` evaluator when the bound
+    copy's graph is supported and it reproduces the model's loss at the origin."""
+    assert grid.bound is not None
+    grid.stacker = build_stacked(grid.bound, grid.loss_fn, grid.data)
+    if grid.stacker is not None and not _reproduces_origin(lambda c: grid.stacked(c[None])[0], grid, origin, n_dirs):
+        grid.stacker = None
+    return grid.stacker is not None
 
 
 def _fingerprint(params: dict[str, Any], dirs: list[Direction]) -> str:
@@ -513,12 +534,14 @@ def surface(
         with the whole data's statistics).
     seed : int
         Seeds the directions and the subset.
-    strategy : {"auto", "vmap", "loop", "threads", "graph"}
+    strategy : {"auto", "vmap", "loop", "threads", "graph", "stacked"}
         How grid points are evaluated: ``vmap`` over stacked parameter sets, a ``loop`` of
         forwards, (CPU, eval mode) ``threads``: points side by side, one per thread, each on
-        its own bound copy with one intra-op thread, or (CUDA, eval mode) one captured CUDA
-        ``graph`` replayed per point; ``auto`` times each on a few points (kept in the
-        grid) and keeps the fastest.
+        its own bound copy with one intra-op thread, (CPU, eval mode, fully connected
+        models) ``stacked``: several points per pass, activations with a point axis and
+        batched products (:mod:`~nndiag.landscape.stacked`), or (CUDA, eval mode) one
+        captured CUDA ``graph`` replayed per point; ``auto`` times each on a few points
+        (kept in the grid) and keeps the fastest.
     chunk : int, optional
         Grid points per vectorised forward (default from the parameter count).
     resume : path, optional
@@ -587,6 +610,7 @@ def surface(
                                    else (0, 0, 0))
         bound = _bind(grid, origin, n_dirs=dim) if dev.type == "cpu" and fold else False
         first = _precompute_first_layer(grid, origin, n_dirs=dim) if bound else None
+        stackable = _stack(grid, origin, n_dirs=dim) if bound and mode == "eval" else False
         weights, dirs = grid.base, grid.dirs  # (views into the bound copy's vectors when bound)
         alphas = np.linspace(lo, hi, steps)
         betas = np.linspace(lo, hi, steps) if dim == 2 else None
@@ -625,6 +649,9 @@ def surface(
         threadable = bound and mode == "eval" and torch.get_num_threads() > 1
         if strategy == "threads" and not (bound and mode == "eval"):
             raise InputError("strategy='threads' needs mode='eval' on a CPU (with fold=True)")
+        if strategy == "stacked" and not stackable:
+            raise InputError("strategy='stacked' needs mode='eval' on a CPU (with fold=True) and a fully "
+                             "connected model (linear layers, element-wise activations, BatchNorm1d/LayerNorm)")
         # one thread: points side by side is the loop (and is recorded as such)
         chosen = "loop" if strategy == "threads" and torch.get_num_threads() < 2 else strategy
         times: dict[str, float] = {}
@@ -635,7 +662,9 @@ def surface(
         # the loop on every CPU CNN measured, so a CPU trial for a convolutional model would
         # only waste its first points
         convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-        candidates = (["loop"] if dev.type == "cpu" and convs else ["vmap", "loop"]) + (
+        # (stacked does what vmap does for the models it takes, without vmap's per-call cost)
+        candidates = (["stacked", "loop"] if stackable else ["loop"] if dev.type == "cpu" and convs
+                      else ["vmap", "loop"]) + (
             ["threads"] if threadable else []) + (["graph"] if graphable else [])
         with progress_bar(len(todo), f"landscape {dim}-D", enabled=progress) as bar:
             i = 0
@@ -643,7 +672,8 @@ def surface(
                 use = chosen
                 if chosen == "auto":  # time each on a few points, keep the fastest
                     use = next(c for c in candidates if c not in times)
-                idx = todo[i:i + (min(chunk_n, 4) if chosen == "auto" else chunk_n)]
+                # (stacked is timed on whole passes of points: a pass of fewer runs slower per point)
+                idx = todo[i:i + (min(chunk_n, 4) if chosen == "auto" and use != "stacked" else chunk_n)]
                 try:
                     if use == "graph":
                         grid.capture(ctensor[idx[0]])  # once, before the clock starts
@@ -674,6 +704,8 @@ def surface(
     settings["pools_rewritten"] = pools
     settings["bound_copy"] = bound
     settings["first_layer_precomputed"] = first
+    settings["points_stacked"] = (grid.stacker.points_per_pass(batches.batch_size)
+                                  if grid.stacker is not None and settings["strategy"] == "stacked" else None)
     settings["batch_size"] = batches.batch_size
     settings["batch_size_requested"] = batch_size
     settings["activation_bytes_per_example"] = act_bytes

@@ -1,0 +1,160 @@
+"""Landscape points stacked through fully connected models: same losses as one forward per point."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nndiag._utils.model_state import same_snapshot, snapshot
+from nndiag.errors import InputError
+from nndiag.landscape import surface
+from nndiag.landscape.directions import normalize_direction, random_direction
+from tests.landscape._dense import tiny_cnn, tiny_data
+
+
+def _mixed(seed: int = 0) -> nn.Module:
+    """Every kind of layer the stacked pass takes, with non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 16), nn.BatchNorm1d(16), nn.GELU(), nn.Dropout(0.3),
+        nn.Linear(16, 16, bias=False), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 12), nn.LeakyReLU(0.1),
+        nn.Linear(12, 12), nn.SiLU(), nn.Linear(12, 5),
+    )
+    with torch.no_grad():
+        m[2].running_mean.uniform_(-0.5, 0.5)
+        m[2].running_var.uniform_(0.5, 2.0)
+        m[2].weight.uniform_(0.5, 1.5)
+        m[6].weight.uniform_(0.5, 1.5)
+        m[6].bias.uniform_(-0.2, 0.2)
+    m[10].weight.requires_grad_(False)  # a frozen layer: fixed weight, moving bias
+    return m.eval()
+
+
+def _data(n: int = 40, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 4, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def _loss_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor, shift: dict[str, torch.Tensor],
+             loss=F.cross_entropy) -> float:
+    """Independent reference: a float64 deep copy with the shifted weights written in."""
+    m = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for k, p in m.named_parameters():
+            if k in shift:
+                p.add_(shift[k])
+        return float(loss(m(x.double()), y))
+
+
+def test_stacked_equals_one_forward_per_point_on_a_mixed_network():
+    model = _mixed()
+    x, y = _data()
+    before = snapshot(model)
+    # one_d="keep": biases and the norms' affine parameters move too
+    kw = dict(dim=2, steps=7, seed=3, dtype=torch.float64, one_d="keep")
+    stacked = surface(model, (x, y), strategy="stacked", **kw)
+    loop = surface(model, (x, y), strategy="loop", **kw)
+    assert stacked.params["strategy"] == "stacked" and loop.params["strategy"] == "loop"
+    assert stacked.params["points_stacked"] > 1 and loop.params["points_stacked"] is None
+    np.testing.assert_allclose(stacked.losses, loop.losses, rtol=1e-12, atol=0)
+    assert float(np.ptp(stacked.losses)) > 0.05  # the plane is not flat: the layers do move
+    # against a deep copy with the weights shifted in place (no nndiag code on that side)
+    w = {k: p.detach().double() for k, p in model.named_parameters() if p.requires_grad}
+    gen = torch.Generator().manual_seed(3)
+    d1, d2 = (normalize_direction(random_direction(w, generator=gen), w, one_d="keep") for _ in range(2))
+    for i, j in [(0, 6), (3, 3), (5, 1)]:
+        a, b = stacked.alphas[i], stacked.betas[j]
+        shift = {k: a * d1[k] + b * d2[k] for k in w}
+        assert stacked.losses[i, j] == pytest.approx(_loss_at(model, x, y, shift), rel=1e-10)
+    assert same_snapshot(before, snapshot(model))
+
+
+def test_stacked_in_float32_and_with_a_custom_loss():
+    model = _mixed(seed=5)
+    x, y = _data(seed=6)
+    s32 = surface(model, (x, y), dim=2, steps=5, strategy="stacked", seed=1)
+    ref = surface(model, (x, y), dim=2, steps=5, strategy="loop", seed=1)
+    np.testing.assert_allclose(s32.losses, ref.losses, rtol=2e-5)
+
+    def soft_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.multi_margin_loss(logits, target)
+
+    kw = dict(dim=1, steps=9, seed=2, loss=soft_hinge, dtype=torch.float64)
+    st = surface(model, (x, y), strategy="stacked", **kw)
+    lp = surface(model, (x, y), strategy="loop", **kw)
+    np.testing.assert_allclose(st.losses, lp.losses, rtol=1e-12)
+    assert st.origin_loss == pytest.approx(_loss_at(model, x, y, {}, loss=soft_hinge), rel=1e-12)
+
+
+def test_stacked_takes_features_with_leading_axes_and_several_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(30, 6, generator=g)
+    y = torch.randint(0, 3, (30,), generator=g)
+    kw = dict(dim=2, steps=5, seed=0, dtype=torch.float64, batch_size=7)  # 5 batches, last one short
+    a = surface(model, (x, y), strategy="stacked", **kw)
+    b = surface(model, (x, y), strategy="loop", **kw)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-12)
+
+    def seq_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # (N, T, C) outputs
+        return F.cross_entropy(out.mean(1), target)
+
+    xs = torch.randn(10, 4, 6, generator=g)
+    ys = torch.randint(0, 3, (10,), generator=g)
+    kw = dict(dim=1, steps=5, seed=1, dtype=torch.float64, loss=seq_loss)
+    a = surface(model, (xs, ys), strategy="stacked", **kw)
+    b = surface(model, (xs, ys), strategy="loop", **kw)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-12)
+
+
+def test_stacked_is_refused_where_it_does_not_apply():
+    x, y = tiny_data("cnn", n=8)
+    before = snapshot(model := tiny_cnn())
+    with pytest.raises(InputError, match="fully connected"):
+        surface(model, (x, y), dim=1, steps=3, strategy="stacked")
+    assert same_snapshot(before, snapshot(model))
+    xm, ym = _data(n=8)
+    with pytest.raises(InputError, match="mode='eval'"):
+        surface(_mixed(), (xm, ym), dim=1, steps=3, strategy="stacked", mode="train")
+
+    class Skip(nn.Module):  # a residual sum: two tensors meet, not a chain of layers
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)) + x)
+
+    xs = torch.randn(8, 4)
+    with pytest.raises(InputError, match="fully connected"):
+        surface(Skip(), (xs, ym[:8] % 2), dim=1, steps=3, strategy="stacked")
+    # auto falls back to its other strategies there, with the same values
+    s = surface(Skip(), (xs, ym[:8] % 2), dim=1, steps=3)
+    assert s.params["strategy"] in ("vmap", "loop", "threads")
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
+def test_tied_weights_move_together_in_every_strategy(strategy):
+    """One Parameter under two names. The bound copy used to give each name its own Parameter:
+    ``vmap`` (functional_call no longer saw the tie) and ``threads`` (worker copies bound one
+    name only) then evaluated points with the second name's weight left elsewhere."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    model[2].weight = model[0].weight
+    x = torch.randn(12, 4)
+    y = torch.randint(0, 3, (12,))
+    with pytest.raises(InputError, match="fully connected"):  # stacked leaves ties to the others
+        surface(model, (x, y), dim=1, steps=3, strategy="stacked")
+    s = surface(model, (x, y), dim=1, steps=5, seed=1, dtype=torch.float64, strategy=strategy, threads=2)
+    assert s.params["strategy"] == strategy
+    w = {k: p.detach().double() for k, p in model.named_parameters()}
+    d = normalize_direction(random_direction(w, generator=torch.Generator().manual_seed(1)), w)
+    for i in range(5):
+        shift = {k: s.alphas[i] * d[k] for k in w}
+        assert s.losses[i] == pytest.approx(_loss_at(model, x, y, shift), rel=1e-10)
