@@ -129,6 +129,61 @@ def test_landscape_writes_picture_and_grid(tmp_path):
     assert bad.exit_code == 2 and "limit" in bad.output
 
 
+def test_landscape_toward_other_checkpoints(tmp_path):
+    """``--toward``: the line to another checkpoint and the plane through three (one saved
+    with DataParallel's ``module.`` prefix); the ends are the other models' own losses."""
+    import torch
+    import torch.nn.functional as F
+
+    from nndiag._utils.seeding import fork_rng
+    from nndiag.models import build_model
+
+    models, paths = [], []
+    for i in range(3):
+        with fork_rng(i):
+            models.append(build_model("digits-mlp").eval())
+        paths.append(tmp_path / f"m{i}.pt")
+        state = models[-1].state_dict()
+        torch.save({f"module.{k}": v for k, v in state.items()} if i == 2 else state, paths[-1])
+    bundle = load_data("digits", n_samples=64, seed=0)  # what the command draws
+    with torch.no_grad():
+        own = [float(F.cross_entropy(m(bundle.x), bundle.y)) for m in models]
+    base = ["landscape", str(paths[0]), "--arch", "digits-mlp", "--data", "digits", "--n-samples", "64"]
+    line = tmp_path / "line.npz"
+    res = runner.invoke(app, [*base, "--toward", str(paths[1]), "--steps", "7", "--grid", str(line)])
+    assert res.exit_code == 0, res.output
+    assert "interpolation directions" in res.output
+    with np.load(line) as f:
+        alphas, losses = f["alphas"], f["losses"]
+    np.testing.assert_allclose(alphas, np.linspace(-0.25, 1.25, 7))  # a little beyond both ends
+    assert losses[1] == pytest.approx(own[0], rel=1e-5) and losses[5] == pytest.approx(own[1], rel=1e-5)
+    plane = tmp_path / "plane.npz"
+    res = runner.invoke(app, [*base, "--toward", str(paths[1]), "--toward", str(paths[2]), "--steps", "3",
+                              "--span", "0.5", "--grid", str(plane), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    with np.load(plane) as f:  # span 0.5: steps -0.5, 0, 0.5 along each
+        p = f["losses"]
+    doc = json.loads(res.stdout)
+    assert doc["params"]["directions"] == "interpolation" and doc["params"]["dim"] == 2
+    assert p[1, 1] == pytest.approx(own[0], rel=1e-5)
+    # θ0 + ½(θ1 − θ0) + ½(θ2 − θ0) = (θ1 + θ2)/2: the midpoint of the other two
+    mid = build_model("digits-mlp").eval()
+    with torch.no_grad():
+        for q, a, b in zip(mid.parameters(), models[1].parameters(), models[2].parameters(), strict=True):
+            q.copy_((a + b) / 2)
+        want = float(F.cross_entropy(mid(bundle.x), bundle.y))
+    assert p[2, 2] == pytest.approx(want, rel=1e-5)
+    for extra, msg in ([["--toward", str(paths[1])] * 3, "one model"],
+                       [["--toward", str(paths[1]), "--directions", "hessian"], "not both"],
+                       [["--toward", str(paths[1]), "--dim", "2"], "does not match"]):
+        bad = runner.invoke(app, [*base, *extra, "--grid", str(plane)])
+        assert bad.exit_code != 0 and msg in bad.output, bad.output
+    other = build_model("digits-cnn")
+    torch.save(other.state_dict(), tmp_path / "cnn.pt")
+    bad = runner.invoke(app, [*base, "--toward", str(tmp_path / "cnn.pt"), "--grid", str(plane)])
+    assert bad.exit_code != 0 and "same architecture" in bad.output
+
+
 def test_probes_follow_the_contract():
     data = load_data("digits", n_samples=96)
     lm = load_model("digits-mlp")

@@ -225,3 +225,38 @@ def test_slices_command_on_a_sequence_classifier_folder(tmp_path):
                                    "--n", "2", "--size", "0.05", "--steps", "50", "--format", "json"])
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.stdout)["tables"]["slices"]) == 2
+
+
+def test_landscape_line_between_two_language_model_folders(tmp_path):
+    """``--toward`` another Hugging Face folder: the module runs wrapped (names ``model.…``),
+    the folder's tensors carry the bare names; the end of the line is that model's own loss."""
+    from typer.testing import CliRunner
+
+    from nndiag.cli.app import app
+    from nndiag.io.models import load_model
+    from nndiag.landscape.directions import toward
+
+    a, x = _gpt2(), _tokens()
+    cfg = a.config
+    torch.manual_seed(1)
+    b = transformers.GPT2LMHeadModel(cfg).eval()
+    a.float().save_pretrained(str(tmp_path / "a"))
+    b.save_pretrained(str(tmp_path / "b"))
+    np.savez(tmp_path / "tok.npz", x=x.numpy())
+    res = CliRunner().invoke(app, ["landscape", str(tmp_path / "a"), "--data", str(tmp_path / "tok.npz"),
+                                   "--toward", str(tmp_path / "b"), "--steps", "7", "--grid", str(tmp_path / "g.npz")])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "g.npz") as f:
+        losses = f["losses"]
+    with torch.no_grad():
+        own_a, own_b = float(a.float()(x, labels=x).loss), float(b(x, labels=x).loss)
+    assert abs(own_a - own_b) > 1e-3
+    assert losses[1] == pytest.approx(own_a, rel=1e-5) and losses[5] == pytest.approx(own_b, rel=1e-5)
+    # the same direction from the API, against the wrapped module's names
+    wrapped = load_model(tmp_path / "a", hf_module=True).module
+    w = {k: p.detach() for k, p in wrapped.named_parameters()}
+    assert all(k.startswith("model.") for k in w)
+    d = toward(w, load_model(tmp_path / "b"))
+    bw = dict(b.named_parameters())
+    for k in w:
+        torch.testing.assert_close(d[k], bw[k[len("model."):]].detach() - w[k])

@@ -132,6 +132,15 @@ def test_interpolation_line_and_plane_through_three_models():
     assert plane.params["directions"] == "interpolation" and plane.params["norm"] == "none"
     with pytest.raises(InputError, match="no parameter"):
         toward(_weights(a), nn.Linear(2, 2))
+    # names that differ by one wrapper prefix, on either side
+    wa, sb = _weights(a), b.state_dict()
+    plain = toward(wa, b)
+    prefixed = toward(wa, {f"module.{k}": v for k, v in sb.items()})
+    wrapped = toward({f"net.{k}": v for k, v in wa.items()}, sb)
+    for k in wa:
+        assert torch.equal(prefixed[k], plain[k]) and torch.equal(wrapped[f"net.{k}"], plain[k])
+    with pytest.raises(InputError, match="no parameter"):  # two different prefixes: no match
+        toward(wa, {(f"module.{k}" if i else f"model.{k}"): v for i, (k, v) in enumerate(sb.items())})
 
 
 def test_resume_skips_finished_points(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -185,7 +185,8 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option("--out", help="Picture to write (PNG/SVG/PDF).")] = None,
         arch: ArchOpt = None,
         weights: WeightsOpt = None,
-        dim: Annotated[int, typer.Option("--dim", help="1 (line) or 2 (plane).")] = 2,
+        dim: Annotated[int | None, typer.Option(
+            "--dim", help="1 (line) or 2 (plane); default 2, or one per --toward.")] = None,
         steps: Annotated[int, typer.Option("--steps", help="Grid points per axis.")] = 21,
         span: Annotated[float, typer.Option("--span", help="Steps range over [-span, span].")] = 1.0,
         directions: DirsOpt = Dirs.random,
@@ -202,16 +203,32 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = 0,
         fail_on: FailOnOpt = FailOn.never,
         loss: LossOpt = "auto",
+        toward: Annotated[list[str] | None, typer.Option(
+            "--toward", help="Another checkpoint or folder of the same architecture: the line to it "
+                             "(given twice: the plane through the three models).")] = None,
     ) -> int:
         """Loss landscape around the weights: a 1-D line or 2-D plane, as a picture and a grid."""
         from nndiag.errors import InputError
+        from nndiag.io.models import load_model
         from nndiag.landscape.surface import surface
         from nndiag.report.input_scale import check_bundle
 
         if out is None and grid is None and fmt is not Format.json:
             raise InputError("say where to write the result: --out FILE.png and/or --grid FILE.npz")
+        dirs: Any = directions.value
+        if toward:
+            if len(toward) > 2:
+                raise InputError(f"--toward takes one model (a line) or two (a plane), got {len(toward)}")
+            if directions is not Dirs.random:
+                raise InputError("give either --directions or --toward, not both")
+            if dim is not None and dim != len(toward):
+                raise InputError(f"--dim {dim} does not match {len(toward)} --toward model(s)")
+            dim = len(toward)
+        dim = 2 if dim is None else dim
         _, module, bundle, loss_fn = _load(model, arch, weights, data, n_samples, seed, loss)
-        s = surface(module, bundle, loss=loss_fn, dim=dim, steps=steps, span=span, directions=directions.value,
+        if toward:
+            dirs = [load_model(t) for t in toward]  # only their tensors are read
+        s = surface(module, bundle, loss=loss_fn, dim=dim, steps=steps, span=span, directions=dirs,
                     norm=norm.value, one_d=one_d.value, mode=mode.value, batch_size=batch_size, seed=seed,
                     resume=resume, device=device.value)
         scale = check_bundle(module, bundle)

@@ -109,20 +109,73 @@ def normalize_direction(direction: Direction, weights: dict[str, torch.Tensor], 
     return out
 
 
+def matching_names(ours: list[str], theirs: list[str]) -> dict[str, str] | None:
+    """Our parameter names → the other model's, allowing one wrapper prefix on either side.
+
+    Checkpoints of the same architecture often differ by a prefix: ``module.`` from
+    ``DataParallel``, ``model.`` from a Lightning module or nndiag's own Hugging Face
+    wrapper (:class:`~nndiag.io.hf.HFLogits`) against the folder's tensor names. Returns
+    None when no single prefix (added to or removed from every name) matches all names.
+
+    Examples
+    --------
+    >>> matching_names(["model.fc.weight"], ["fc.weight", "fc.bias"])
+    {'model.fc.weight': 'fc.weight'}
+    >>> matching_names(["fc.weight"], ["module.fc.weight"])
+    {'fc.weight': 'module.fc.weight'}
+    """
+    have = set(theirs)
+    missing = [k for k in ours if k not in have]
+    if not missing:
+        return {k: k for k in ours}
+    k0 = missing[0]
+    parts = k0.split(".")
+    options = [("strip", ".".join(parts[:i]) + ".") for i in range(1, len(parts))]
+    options += [("add", t[: -len(k0)]) for t in theirs if t.endswith("." + k0)]
+    for how, prefix in options:
+        if how == "strip":
+            names = {k: k[len(prefix):] for k in ours if k.startswith(prefix)}
+            if len(names) != len(ours):
+                continue
+        else:
+            names = {k: prefix + k for k in ours}
+        if all(v in have for v in names.values()):
+            return names
+    return None
+
+
 def toward(weights: dict[str, torch.Tensor], other: Any) -> Direction:
-    """The direction ``θ_other − θ`` to another model (an ``nn.Module`` or a state dict).
+    """The direction ``θ_other − θ`` to another model.
+
+    Parameters
+    ----------
+    weights : dict of str to Tensor
+        This model's trainable parameters.
+    other : nn.Module, mapping of str to Tensor, LoadedModel or TensorSource
+        The other model, its state dict, or a loaded checkpoint/folder (only the matching
+        tensors are read). Names may differ by one wrapper prefix (:func:`matching_names`).
 
     Raises
     ------
     InputError
         When the other model lacks a parameter or its shape differs.
     """
-    state = other.state_dict() if hasattr(other, "state_dict") else dict(other)
+    source = getattr(other, "tensors", other)  # a LoadedModel's tensors
+    if hasattr(other, "state_dict"):
+        state: Any = other.state_dict()
+        names = list(state)
+    elif hasattr(source, "infos") and hasattr(source, "get"):
+        state, names = source, [i.name for i in source.infos()]
+    else:
+        state = dict(other)
+        names = list(state)
+    mapping = matching_names(list(weights), names) or {}
     out: Direction = {}
     for k, w in weights.items():
-        if k not in state:
+        if k not in mapping:
             raise InputError(f"the other model has no parameter '{k}'; interpolation needs the same architecture")
-        t = state[k].detach().to(device=w.device, dtype=w.dtype)
+        t = state.get(mapping[k]) if not isinstance(state, dict) else state[mapping[k]]
+        t = t.detach().to(device=w.device, dtype=w.dtype)
         if t.shape != w.shape:
             raise InputError(f"parameter '{k}' has shape {tuple(t.shape)} in the other model, {tuple(w.shape)} here")
         out[k] = t - w

@@ -459,7 +459,7 @@ def _make_directions(
     items = list(directions)
     if len(items) != dim:
         raise InputError(f"a {dim}-D landscape needs {dim} direction(s) or other model(s), got {len(items)}")
-    if all(isinstance(d, nn.Module) for d in items):
+    if all(_is_model(d) for d in items):
         return [toward(weights, other) for other in items], "interpolation", "none"
     if all(isinstance(d, dict) for d in items):
         dirs = []
@@ -469,7 +469,12 @@ def _make_directions(
             dirs.append({k: torch.as_tensor(v).detach().to(weights[k].device, weights[k].dtype)
                          for k, v in d.items()})
         return [normalize_direction(d, weights, norm=norm, one_d=one_d) for d in dirs], "given", norm
-    raise InputError("directions must be 'random', 'hessian', a list of direction dicts or a list of nn.Modules")
+    raise InputError("directions must be 'random', 'hessian', a list of direction dicts or a list of other models")
+
+
+def _is_model(d: Any) -> bool:
+    """An other model for interpolation: a module, a LoadedModel or a TensorSource."""
+    return isinstance(d, nn.Module) or hasattr(d, "tensors") or (hasattr(d, "infos") and hasattr(d, "get"))
 
 
 @full_precision
@@ -513,10 +518,14 @@ def surface(
     span : float or (lo, hi)
         Steps range over ``[-span, span]`` (or ``[lo, hi]``). For interpolation toward
         other models, 0 is this model and 1 the other (default range then (-0.25, 1.25)).
-    directions : "random", "hessian", list of direction dicts, or list of nn.Modules
+    directions : "random", "hessian", list of direction dicts, or list of other models
         Seeded Gaussian directions; the top ``dim`` Hessian eigenvectors (LLA's Hessian
         axes); directions you give (normalised by ``norm``); or ``dim`` other models of
-        the same architecture (a line to one, a plane through three; no normalisation).
+        the same architecture (a line to one, a plane through three; no normalisation):
+        modules, :func:`~nndiag.load_model` results or tensor sources (checkpoint
+        files, Hugging Face folders), names matched up to one wrapper prefix such as
+        ``module.`` (:func:`~nndiag.landscape.directions.matching_names`). Only trainable
+        parameters move; buffers (BatchNorm running statistics) stay this model's.
     norm : {"filter", "layer", "model", "weight", "none"}
         Direction normalisation (see :mod:`nndiag.landscape.directions`).
     one_d : {"zero", "keep", "scale"}
