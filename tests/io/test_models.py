@@ -198,6 +198,29 @@ def test_weights_that_do_not_fit(tmp_path):
     _raises("do not fit", tmp_path / "narrow.pt", arch="digits-cnn")
 
 
+def test_lightning_checkpoint_loads_into_the_bare_architecture(tmp_path):
+    """A PyTorch Lightning checkpoint: weights under ``state_dict`` with the LightningModule's
+    attribute (``model.``) in front, beside an EMA copy; loaded by --arch / weights=."""
+    torch.manual_seed(3)
+    plain = build_model("digits-cnn").eval()
+    sd = plain.state_dict()
+    ema = {f"model_ema.{k}": v + 1 for k, v in sd.items()}
+    p = tmp_path / "epoch=3.ckpt"
+    torch.save({"epoch": 3, "state_dict": {**{f"model.{k}": v for k, v in sd.items()}, **ema}}, p)
+    x = torch.randn(4, 1, 8, 8)
+    lm = load_model(p, arch="digits-cnn")
+    assert torch.equal(lm.module.eval()(x), plain(x))
+    assert sorted(lm.meta["ignored_keys"]) == sorted(ema)
+    lw = load_model("digits-cnn", weights=p)
+    assert torch.equal(lw.module.eval()(x), plain(x)) and lw.meta["ignored_keys"]
+    exact = tmp_path / "exact.pt"
+    torch.save(sd, exact)
+    assert load_model(exact, arch="digits-cnn").meta == {}
+    # a prefix that covers only some of the architecture's keys is no match
+    torch.save({f"model.{k}" if "features" in k else k: v for k, v in sd.items()}, tmp_path / "mixed.pt")
+    _raises("do not fit", tmp_path / "mixed.pt", arch="digits-cnn")
+
+
 def test_hugging_face_runnable_module_offline(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)

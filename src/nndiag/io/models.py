@@ -74,8 +74,24 @@ class LoadedModel:
         return self.module
 
 
-def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``module.load_state_dict(state, strict=True)`` with a one-line error on mismatch."""
+def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """``module.load_state_dict(state, strict=True)`` with a one-line error on mismatch.
+
+    Names that differ from the module's by one prefix are matched
+    (:func:`~nndiag._utils.names.matching_names`): a PyTorch Lightning checkpoint's
+    ``model.…`` keys load into the bare architecture. Returns the checkpoint keys left out
+    then (e.g. an EMA copy ``model_ema.…`` beside ``model.…``; none for an exact match).
+    """
+    from nndiag._utils.names import matching_names
+
+    own = list(module.state_dict())
+    ignored: list[str] = []
+    if set(own) != set(state):
+        names = matching_names(own, list(state))
+        if names is not None:
+            used = set(names.values())
+            ignored = [k for k in state if k not in used]
+            state = {k: state[v] for k, v in names.items()}
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:
@@ -89,6 +105,7 @@ def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], sour
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys e.g. {', '.join(unexpected[:3])}")
         raise ModelLoadError(f"{source}: weights do not fit the architecture ({'; '.join(parts)})")
+    return ignored
 
 
 def _state_from_file(path: Path) -> tuple[TensorSource, str, dict[str, Any]]:
@@ -234,9 +251,9 @@ def load_model(
     (True, True)
     """
     if isinstance(source, nn.Module):
-        if weights is not None:
-            load_state_dict_into(source, _weights_state(weights), str(weights))
-        return LoadedModel(ModuleSource(source), source, type(source).__name__, "module")
+        ignored = load_state_dict_into(source, _weights_state(weights), str(weights)) if weights is not None else []
+        return LoadedModel(ModuleSource(source), source, type(source).__name__, "module",
+                           meta={"ignored_keys": ignored} if ignored else {})
     if not isinstance(source, (str, Path)):
         raise InputError(f"cannot load a model from {type(source).__name__}; expected {SUPPORTED}")
     spec = str(source)
@@ -249,7 +266,9 @@ def load_model(
         module: nn.Module | None = None
         if arch is not None:
             module = build_model(arch) if is_builtin(arch) else _factory(arch)
-            load_state_dict_into(module, tensors.to_dict(), spec)
+            ignored = load_state_dict_into(module, tensors.to_dict(), spec)
+            if ignored:
+                meta = {**meta, "ignored_keys": ignored}
             tensors = ModuleSource(module)
         elif origin == "hf" and hf_module:
             from nndiag.io.hf import HFLogits
@@ -271,6 +290,6 @@ def load_model(
         looks_like_file = bool(Path(spec).suffix) or "/" in spec
         what = "no such file or folder" if looks_like_file else "not a file, factory or built-in name"
         raise ModelLoadError(f"{spec}: {what}; expected {SUPPORTED}")
-    if weights is not None:
-        load_state_dict_into(module, _weights_state(weights), str(weights))
-    return LoadedModel(ModuleSource(module), module, spec, origin, str(weights) if weights else None)
+    ignored = load_state_dict_into(module, _weights_state(weights), str(weights)) if weights is not None else []
+    return LoadedModel(ModuleSource(module), module, spec, origin, str(weights) if weights else None,
+                       {"ignored_keys": ignored} if ignored else {})

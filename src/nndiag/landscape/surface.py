@@ -524,7 +524,7 @@ def surface(
         the same architecture (a line to one, a plane through three; no normalisation):
         modules, :func:`~nndiag.load_model` results or tensor sources (checkpoint
         files, Hugging Face folders), names matched up to one wrapper prefix such as
-        ``module.`` (:func:`~nndiag.landscape.directions.matching_names`). Only trainable
+        ``module.`` (:func:`~nndiag._utils.names.matching_names`). Only trainable
         parameters move; buffers (BatchNorm running statistics) stay this model's.
     norm : {"filter", "layer", "model", "weight", "none"}
         Direction normalisation (see :mod:`nndiag.landscape.directions`).
