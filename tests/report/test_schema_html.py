@@ -60,6 +60,16 @@ def test_html_is_self_contained_and_embeds_the_report(report):
     assert page.count('class="figure-error"') == 2  # badfig, once per model, shown not hidden
     assert "RuntimeError: deliberate failure" in page
     assert "Models side by side" in page
+    # each analysis heading carries its findings' worst severity, or why it did not finish
+    for m in report.models:
+        for r in m.runs:
+            sid = f'id="{m.name}-{r.probe}"'.lower()
+            heading = page[page.index(sid):].split("</h3>")[0] if r.status != "skipped" else ""
+            if r.status == "ok":
+                assert f'class="sev sev-{r.result.worst_severity()}"' in heading, (m.name, r.probe)
+            elif r.status == "error":
+                assert 'class="status status-error"' in heading
+    assert any(r.status == "ok" and r.result.worst_severity() != "pass" for m in report.models for r in m.runs)
 
 
 def test_text_is_escaped_and_json_cannot_close_the_script(monkeypatch):

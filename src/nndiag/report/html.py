@@ -147,8 +147,11 @@ def _findings_list(findings: list[Any]) -> str:
 def _run_section(model: str, run: ProbeRun, figures: bool) -> str:
     sid = _slug(model, run.probe)
     title = _TITLES.get(run.probe, run.probe)
+    # a finished analysis shows its findings' worst severity (a green "ok" beside WARN findings
+    # read as "this analysis found nothing"); one that did not finish shows why
+    mark = _badge(run.result.worst_severity()) if run.status == "ok" else _status(run.status)
     head = (f'<h3>{_e(title)} <span class="probe-name">{_e(run.probe)}</span> '
-            f'{_status(run.status)} <span class="muted">{run.seconds:.2f} s</span></h3>')
+            f'{mark} <span class="muted">{run.seconds:.2f} s</span></h3>')
     if run.status == "skipped":
         how = next((f.recommendation for f in run.findings if f.recommendation), "")
         return (f'<section class="probe probe-skipped" id="{sid}" data-probe="{_e(run.probe)}">'
