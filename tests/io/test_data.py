@@ -193,3 +193,28 @@ def test_bundle_name_records_the_options_given(tmp_path):
     np.savez(f, x=np.zeros((4, 3, 2, 2), dtype=np.uint8), y=np.arange(4) % 2)
     d = load_data(f"{f}?normalize=imagenet")
     assert d.name == f"{f}?normalize=imagenet" and d.meta["normalize"] == "imagenet"
+
+
+def test_a_token_stream_is_cut_into_blocks(tmp_path):
+    stream = np.arange(1000, dtype=np.int32) % 97
+    np.savez(tmp_path / "corpus.npz", x=stream)
+    b = load_data(tmp_path / "corpus.npz")  # default block: 128 tokens
+    assert b.meta["tokens"] and tuple(b.x.shape) == (7, 128) and torch.equal(b.x, b.y)
+    assert b.meta["block"] == 128 and b.meta["dropped_tokens"] == 1000 - 7 * 128
+    assert torch.equal(b.x.flatten(), torch.as_tensor(stream[:896], dtype=torch.int64))
+    b = load_data(f"{tmp_path / 'corpus.npz'}?block=10", n_samples=5, seed=1)
+    assert tuple(b.x.shape) == (5, 10) and b.meta["dropped_tokens"] == 0
+    assert all(int(r[1] - r[0]) % 97 == 1 for r in b.x)  # rows are runs of consecutive tokens
+    assert "block=10" in b.name
+    for spec, msg in ((f"{tmp_path / 'corpus.npz'}?block=1", "at least 2"),
+                      (f"{tmp_path / 'corpus.npz'}?block=2000", "fewer than one block"),
+                      (f"{tmp_path / 'corpus.npz'}?block=ten", "whole number"),
+                      ("digits?block=8", "token stream")):
+        with pytest.raises(DataError, match=msg):
+            load_data(spec)
+    np.savez(tmp_path / "seqs.npz", x=stream.reshape(10, 100))
+    with pytest.raises(DataError, match="1-D"):
+        load_data(f"{tmp_path / 'seqs.npz'}?block=10")
+    np.savez(tmp_path / "floats.npz", x=np.zeros(50, dtype=np.float32))
+    with pytest.raises(DataError, match="'x' alone holding token ids"):
+        load_data(tmp_path / "floats.npz")

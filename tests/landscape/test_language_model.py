@@ -112,6 +112,12 @@ def test_token_files_and_the_cli(tmp_path):
     with torch.no_grad():
         own = float(model(x, labels=x).loss)
     assert json.loads(res.stdout)["summary"]["origin_loss"] == pytest.approx(own, rel=1e-5)
+    # the same tokens as one stream (a tokenised corpus), cut back into blocks of 6
+    np.savez(tmp_path / "stream.npz", x=x.numpy().reshape(-1))
+    res = run(app, ["landscape", str(tmp_path / "lm"), "--data", f"{tmp_path / 'stream.npz'}?block=6",
+                    "--steps", "3", "--grid", str(tmp_path / "g2.npz"), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["summary"]["origin_loss"] == pytest.approx(own, rel=1e-5)
 
 
 def test_diagnose_a_language_model_folder_on_token_sequences(tmp_path):

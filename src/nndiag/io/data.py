@@ -5,11 +5,13 @@ A DATA spec is ``NAME[?key=value&key=value]``:
 - ``digits`` — scikit-learn's bundled 8×8 handwritten digits (1,797 images, 1×8×8, /16);
 - ``mnist1d`` — generated offline by the ``mnist1d`` package (40-long signals);
 - ``path/to/file.npz`` — arrays ``x`` and ``y`` (uint8 images are scaled to [0, 1]
-  and turned channel-first);
+  and turned channel-first), or ``x`` alone holding token ids: sequences ``(n, T)``, or one
+  token stream ``(N,)`` (a tokenised corpus) cut into sequences of ``block`` tokens;
 - ``path/to/folder`` — one sub-folder of images per class.
 
 Options: ``split=train|test|all`` (digits and mnist1d; a fixed seeded 75/25 split for
-digits), ``normalize=none|imagenet|cifar|inception|clip|standard``, ``flatten=1``.
+digits), ``normalize=none|imagenet|cifar|inception|clip|standard``, ``flatten=1``,
+``block=T`` (a token stream's sequence length, default :data:`STREAM_BLOCK`).
 
 From Python, :func:`as_data` also accepts ``(x, y)`` tensors or arrays, a
 ``DataLoader`` and a :class:`DataBundle`.
@@ -45,7 +47,10 @@ _NORMS = {
     # OpenAI CLIP's image preprocessing
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
-_OPTIONS = ("split", "normalize", "flatten")
+_OPTIONS = ("split", "normalize", "flatten", "block")
+#: Tokens per sequence when a 1-D token stream is cut (``block=`` overrides): the usual
+#: evaluation context of small causal models, within GPT-2's 1,024 positions.
+STREAM_BLOCK = 128
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 #: Layers whose input is integer indices (token ids), not numbers to compute with.
 INDEX_LAYERS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
@@ -206,15 +211,21 @@ def _mnist1d(split: str) -> DataBundle:
     return _bundle(x.astype(np.float32), y, "mnist1d" if split == "all" else f"mnist1d?split={split}", 10)
 
 
-def _npz(path: Path) -> DataBundle:
+def _npz(path: Path, block: str | None = None) -> DataBundle:
+    stream: dict[str, Any] = {}
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = list(f.keys())
-            tokens = "y" not in keys and "x" in keys and f["x"].ndim == 2 and f["x"].dtype.kind in "iu"
+            tokens = "y" not in keys and "x" in keys and f["x"].ndim in (1, 2) and f["x"].dtype.kind in "iu"
             if ("x" not in keys or "y" not in keys) and not tokens:
                 raise DataError(f"{path}: .npz must contain arrays 'x' and 'y', or 'x' alone holding token ids "
-                                f"(batch, T) (found: {', '.join(keys) or 'none'})")
+                                f"(batch, T) or one stream (N,) (found: {', '.join(keys) or 'none'})")
             x = f["x"]
+            if block is not None and not (tokens and x.ndim == 1):
+                raise DataError(f"{path}: block= cuts a token stream (an 'x' of token ids alone, 1-D); "
+                                f"this file holds x of shape {x.shape}")
+            if tokens and x.ndim == 1:
+                x, stream = _cut_stream(x, block, path)
             y = x.astype(np.int64) if tokens else f["y"]
             classes = [str(c) for c in f["classes"]] if "classes" in keys else None
     except DataError:
@@ -225,7 +236,23 @@ def _npz(path: Path) -> DataBundle:
     if x.dtype == np.uint8 and not tokens:
         x = _images_to_float(x)
     meta = {"classes": classes} if classes else {}
-    return _bundle(x, y, str(path), len(classes) if classes else None, **meta)
+    return _bundle(x, y, str(path), len(classes) if classes else None, **meta, **stream)
+
+
+def _cut_stream(x: np.ndarray, block: str | None, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """A 1-D token stream as ``(n, block)`` sequences (the remainder left out, and counted)."""
+    try:
+        t = STREAM_BLOCK if block is None else int(block)
+    except ValueError:
+        raise DataError(f"{path}: block={block} is not a whole number of tokens") from None
+    if t < 2:
+        raise DataError(f"{path}: block={t}: next-token prediction needs sequences of at least 2 tokens")
+    n = x.size // t
+    if n == 0:
+        raise DataError(f"{path}: the stream holds {x.size} tokens, fewer than one block of {t}; "
+                        f"give a smaller block=")
+    return x[: n * t].reshape(n, t), {"block": t, "stream_tokens": int(x.size),
+                                      "dropped_tokens": int(x.size - n * t)}
 
 
 def _image_folder(path: Path) -> DataBundle:
@@ -354,6 +381,8 @@ def load_data(
     if sp not in ("train", "test", "all"):
         raise DataError(f"{spec}: unknown split '{sp}'; valid: train, test, all")
     path = Path(name).expanduser()
+    if "block" in opts and not (path.is_file() and path.suffix.lower() == ".npz"):
+        raise DataError(f"{spec}: block= cuts the token stream of an .npz file")
     if name == "digits":
         bundle = _digits(sp)
     elif name == "mnist1d":
@@ -361,7 +390,7 @@ def load_data(
     elif path.is_file():
         if path.suffix.lower() != ".npz":
             raise DataError(f"{path}: unsupported data file type '{path.suffix}'; expected .npz with x and y")
-        bundle = _npz(path)
+        bundle = _npz(path, opts.get("block"))
     elif path.is_dir():
         bundle = _image_folder(path)
     else:
