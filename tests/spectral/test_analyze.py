@@ -147,6 +147,33 @@ def test_stacked_mixture_of_experts_weights_are_one_matrix_per_expert():
         np.testing.assert_array_equal(ev, res.evals[name])
 
 
+def test_recurrent_weights_are_one_matrix_per_gate():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"lstm": nn.LSTM(12, 16, num_layers=2, bidirectional=True),
+                           "gru": nn.GRU(16, 10), "rnn": nn.RNN(10, 9), "cell": nn.LSTMCell(9, 11)})
+    res = analyze(model, keep_evals=True, precision="float64")
+    rows = res.layers.set_index("name")
+    expected = {"lstm.weight_ih_l0": (model["lstm"].weight_ih_l0, "ifgo"),
+                "lstm.weight_hh_l1_reverse": (model["lstm"].weight_hh_l1_reverse, "ifgo"),
+                "gru.weight_ih_l0": (model["gru"].weight_ih_l0, "rzn"),
+                "cell.weight_hh": (model["cell"].weight_hh, "ifgo")}
+    for tensor, (w, gates) in expected.items():
+        h = w.shape[0] // len(gates)
+        for g, letter in enumerate(gates):  # PyTorch stacks the gates' rows in this order
+            name = f"{tensor}.{letter}"
+            assert rows.loc[name, "kind"] == "recurrent" and rows.loc[name, "M"] == min(h, w.shape[1])
+            np.testing.assert_allclose(res.evals[name], _svd2(w[g * h:(g + 1) * h]), rtol=1e-8)
+    assert "lstm.weight_ih_l0" not in rows.index
+    assert sum(n.startswith("lstm.") for n in rows.index) == 2 * 2 * 2 * 4  # layers × directions × ih/hh × gates
+    # an Elman RNN has one matrix per weight (no gates)
+    np.testing.assert_allclose(res.evals["rnn.weight_hh_l0"], _svd2(model["rnn"].weight_hh_l0), rtol=1e-8)
+    # a state dict alone (no module types): the gate count read from weight_hh's shape
+    alone = analyze(model.state_dict(), keep_evals=True, precision="float64")
+    assert set(alone.evals) == set(res.evals)
+    for name, ev in alone.evals.items():
+        np.testing.assert_allclose(ev, res.evals[name], rtol=1e-12)
+
+
 def test_nndiag_layers_agrees_with_analysis_selection():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 4),

@@ -32,11 +32,19 @@ Matrices
   as one matrix per expert, as a fused weight of unknown layout: implementations stack the
   halves or interleave their columns.
 
+* Recurrent layers (``nn.LSTM``/``nn.GRU`` and their cells): ``weight_ih``/``weight_hh``
+  stack one matrix per gate along dim 0 — LSTM ``i, f, g, o``, GRU ``r, z, n`` (PyTorch's
+  order) — each analysed as its own layer ``<tensor>.<gate>``. The stack's spectrum is
+  that of ``Σ_g W_gᵀW_g``, mixing four (three) different maps. Without module types (a
+  state dict) the gate count is read from ``weight_hh`` (rows = gates × columns); a plain
+  ``nn.RNN`` has one matrix.
+
 Every tensor that is not analysed gets a reason (see :data:`REASONS`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +60,10 @@ CONV_MODES = ("ww", "unfold")
 _NORM_HINTS = ("norm", "bn", "ln_", ".ln", "layernorm", "batchnorm", "groupnorm")
 _NORM_TYPES = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "LocalResponseNorm")
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+#: ``weight_ih``/``weight_hh`` of PyTorch's recurrent layers (``_l<k>[_reverse]`` in nn.LSTM/GRU/RNN).
+_RECURRENT_LEAF = re.compile(r"weight_(ih|hh)(_l\d+(_reverse)?)?$")
+#: Gates stacked along dim 0, in PyTorch's order, by the owning module's type.
+_GATES = {"LSTM": "ifgo", "GRU": "rzn"}
 _FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 _QUANT_DTYPES = ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")
 
@@ -60,7 +72,7 @@ def tensor_kind(info: TensorInfo) -> str:
     """A short kind for a tensor.
 
     One of ``linear``, ``conv1d``/``conv2d``/``conv3d``, ``embedding``,
-    ``attention-qkv``, ``experts``, ``lora-a``, ``lora-b``, ``norm``, ``bias``, ``vector``,
+    ``attention-qkv``, ``experts``, ``recurrent``, ``lora-a``, ``lora-b``, ``norm``, ``bias``, ``vector``,
     ``buffer`` or ``tensorKd``.
     """
     leaf = info.name.rsplit(".", 1)[-1]
@@ -80,6 +92,8 @@ def tensor_kind(info: TensorInfo) -> str:
         return "lora-b"
     if mt == "Embedding" or (not mt and len(info.shape) == 2 and _embedding_name(lname)):
         return "embedding"
+    if len(info.shape) == 2 and _RECURRENT_LEAF.search(leaf) and (not mt or mt.startswith(("LSTM", "GRU", "RNN"))):
+        return "recurrent"
     if leaf == "in_proj_weight" and len(info.shape) == 2:
         return "attention-qkv"
     if _fused_qkv_dim(info) is not None:
@@ -167,8 +181,8 @@ class LayerSpec:
         Larger and smaller matrix side, receptive field (kernel positions), and the
         number of eigenvalues the layer yields.
     part : int or None
-        Index of the Q/K/V part for split attention weights, or of the expert for
-        stacked Mixture-of-Experts weights.
+        Index of the Q/K/V part for split attention weights, of the expert for
+        stacked Mixture-of-Experts weights, or of the gate of a recurrent weight.
     split_dim : int or None
         Dimension along which the fused attention weight splits.
     partner : str or None
@@ -190,6 +204,26 @@ class LayerSpec:
     split_dim: int | None = None
     partner: str | None = None
     index: int = 0
+    n_parts: int = 3
+
+
+def recurrent_gates(info: TensorInfo, by_name: dict[str, TensorInfo]) -> str:
+    """Gate letters stacked in a recurrent weight (``""``: one matrix, e.g. ``nn.RNN``).
+
+    From the owning module's type when known; else from the layer's ``weight_hh``, whose
+    rows are gates × hidden size and whose columns are the hidden size.
+    """
+    mt = info.module_type or ""
+    for prefix, gates in _GATES.items():
+        if mt.startswith(prefix):
+            return gates
+    if mt:
+        return ""  # nn.RNN / nn.RNNCell
+    hh = by_name.get(re.sub(r"weight_ih", "weight_hh", info.name))
+    if hh is None or len(hh.shape) != 2 or info.shape[0] != hh.shape[0]:
+        return ""
+    rows, cols = int(hh.shape[0]), int(hh.shape[1])
+    return {4 * cols: "ifgo", 3 * cols: "rzn"}.get(rows, "")
 
 
 def _display(tensor_name: str) -> str:
@@ -295,6 +329,13 @@ def plan_layers(
             for p, letter in enumerate("qkv"):
                 candidates.append(LayerSpec(f"{base}.{letter}", info.name, kind, info.shape, info.dtype,
                                             max(a, b), min(a, b), 1, min(a, b), part=p, split_dim=dim))
+        elif kind == "recurrent" and recurrent_gates(info, by_name):
+            gates = recurrent_gates(info, by_name)
+            a, b = int(info.shape[0]) // len(gates), int(info.shape[1])
+            for p, letter in enumerate(gates):
+                candidates.append(LayerSpec(f"{info.name}.{letter}", info.name, kind, info.shape, info.dtype,
+                                            max(a, b), min(a, b), 1, min(a, b), part=p, split_dim=0,
+                                            n_parts=len(gates)))
         elif kind == "experts":
             a, b = int(info.shape[1]), int(info.shape[2])
             base = _display(info.name)
@@ -382,9 +423,9 @@ def layer_matrices(spec: LayerSpec, w: torch.Tensor, conv_mode: str = "ww",
     if spec.kind == "lora-b":
         assert partner is not None
         mats = (w @ to_float(partner).to(w.dtype))[None]
-    elif spec.kind == "attention-qkv":
-        assert spec.split_dim is not None and spec.part is not None
-        mats = w.chunk(3, dim=spec.split_dim)[spec.part][None]
+    elif spec.kind in ("attention-qkv", "recurrent") and spec.part is not None:
+        assert spec.split_dim is not None
+        mats = w.chunk(spec.n_parts, dim=spec.split_dim)[spec.part][None]
     elif spec.kind == "experts":
         assert spec.part is not None
         mats = w[spec.part][None]
