@@ -98,10 +98,46 @@ def test_slice_table_and_findings_by_hand():
     assert row["accuracy"] == 1 / 3 and row["accuracy_out"] == 1.0
     assert row["class_counts"] == {"0": 2, "1": 1}
     assert row["top_indices"] == [0, 1, 2]
+    # 3 members, 1 correct at 75 % overall: P(X ≤ 1) = 0.25³ + 3·0.75·0.25² = 0.156, too few to tell
     codes = {f.code: f for f in slice_findings(t, emb)}
     assert codes["SLICE-FAILED"].evidence["failed"] == ["slice-2"]
+    assert "SLICE-SYSTEMATIC" not in codes and codes["SLICE-NONE"].evidence["unclear"] == ["slice-1"]
+    assert "p = 0.16" in codes["SLICE-NONE"].message
+    codes = {f.code: f for f in slice_findings(t, emb, alpha=1.0)}  # the accuracy gap alone
     assert codes["SLICE-SYSTEMATIC"].evidence["slice"] == "slice-1"
+    assert codes["SLICE-SYSTEMATIC"].evidence["p_value"] == pytest.approx(0.25 ** 3 + 3 * 0.75 * 0.25 ** 2)
     assert "SLICE-NONE" not in codes
+
+
+def test_a_slice_is_systematic_only_with_the_evidence_for_it():
+    """40 examples at 0.40 against 0.78 overall are evidence (binomial p ~ 2e-7); 3 examples
+    all wrong are what chance gives often enough (p = 0.22³ = 0.011, above 0.01 / 2 slices)."""
+    from math import comb
+
+    from nndiag.slices.base import Slices
+    from nndiag.slices.embeddings import Embeddings
+    from nndiag.slices.report import slice_findings, slice_table
+
+    n = 200
+    correct = np.ones(n, dtype=bool)
+    correct[:24] = False  # slice A: examples 0..39, 16 correct
+    correct[40:43] = False  # slice B: examples 40..42, none correct
+    correct[43:60] = False  # elsewhere: overall 0.78
+    labels = np.zeros(n, dtype=int)
+    preds = np.where(correct, 0, 1)
+    emb = Embeddings(z=np.zeros((n, 2)), losses=np.where(correct, 0.1, 2.0), labels=labels, preds=preds)
+    w = np.zeros((2, n))
+    w[0, :40], w[1, 40:43] = 1.0, 1.0
+    sl = Slices("spotlight", w, w > 0, (False, False), lambda e: (w, w > 0))
+    t = slice_table(sl, emb)
+    overall = correct.mean()
+    p_a = sum(comb(40, j) * overall ** j * (1 - overall) ** (40 - j) for j in range(17))
+    p_b = (1 - overall) ** 3
+    assert p_a < 1e-4 and 0.01 / 2 < p_b
+    found = [f for f in slice_findings(t, emb) if f.code == "SLICE-SYSTEMATIC"]
+    assert [f.evidence["slice"] for f in found] == ["slice-1"]
+    assert found[0].evidence["p_value"] == pytest.approx(p_a, rel=1e-9)
+    assert found[0].evidence["alpha"] == pytest.approx(0.01 / 2)
 
 
 def test_findings_and_gallery_name_classes_where_the_data_has_names():
@@ -119,7 +155,8 @@ def test_findings_and_gallery_name_classes_where_the_data_has_names():
                                       (["0", "1", "2"], "67% are class 0", None),  # digits: names add nothing
                                       ([], "67% are class 0", None)):
         emb = Embeddings(z=np.zeros((8, 2)), losses=loss, labels=labels, preds=preds, meta={"classes": classes})
-        msg = next(f.message for f in slice_findings(slice_table(sl, emb), emb) if f.code == "SLICE-SYSTEMATIC")
+        msg = next(f.message for f in slice_findings(slice_table(sl, emb), emb, alpha=1.0)
+                   if f.code == "SLICE-SYSTEMATIC")
         assert msg.endswith(text)
         g = gallery_table(sl, emb, x)
         assert g.iloc[0]["label_name"] == label_name and g.iloc[0]["label"] == 0

@@ -128,8 +128,20 @@ def gallery_table(slices: Slices, emb: Embeddings, x: Any, per_slice: int = GALL
     return pd.DataFrame(rows)
 
 
-def slice_findings(table: pd.DataFrame, emb: Embeddings, min_gap: float = 0.2) -> list[Finding]:
-    """``SLICE-SYSTEMATIC`` / ``SLICE-NONE`` / ``SLICE-FAILED`` findings."""
+def slice_findings(table: pd.DataFrame, emb: Embeddings, min_gap: float = 0.2,
+                   alpha: float = 0.01) -> list[Finding]:
+    """``SLICE-SYSTEMATIC`` / ``SLICE-NONE`` / ``SLICE-FAILED`` findings.
+
+    A slice is reported as systematic when its accuracy is at least ``min_gap`` below the
+    overall accuracy *and* that many errors among its members would be unlikely at the
+    overall accuracy: one-sided binomial ``P(X ≤ correct) ≤ alpha / slices`` (Bonferroni over
+    the slices tested). The slices are searched for high loss, so this guards against what
+    chance alone gives small slices (4 examples all wrong at 25 % overall accuracy: p = 0.32),
+    not against the search itself. Slices with the gap but not the evidence are named in
+    ``SLICE-NONE``.
+    """
+    from scipy.stats import binom
+
     out: list[Finding] = []
     failed = table[table["failed"]]
     if len(failed):
@@ -143,14 +155,17 @@ def slice_findings(table: pd.DataFrame, emb: Embeddings, min_gap: float = 0.2) -
     if correct is None:
         return out
     overall = float(correct.mean())
-    bad = []
-    for row in table.itertuples():
-        if row.failed or row.accuracy is None or row.members == 0:
-            continue
+    tested = [row for row in table.itertuples()
+              if not row.failed and row.accuracy is not None and row.members > 0]
+    level = alpha / max(1, len(tested))
+    bad, unclear = [], []
+    for row in tested:
         if overall - row.accuracy >= min_gap:
-            bad.append(row)
+            k = int(round(row.accuracy * row.members))
+            p = float(binom.cdf(k, row.members, overall))
+            (bad if p <= level else unclear).append((row, p))
     names = list((emb.meta or {}).get("classes") or [])
-    for row in bad:
+    for row, p in bad:
         top_cls = next(iter(row.class_counts), None)
         share = row.class_counts.get(top_cls, 0) / max(1, row.members) if top_cls is not None else 0
         label = top_cls
@@ -160,13 +175,19 @@ def slice_findings(table: pd.DataFrame, emb: Embeddings, min_gap: float = 0.2) -
         out.append(Finding(
             "SLICE-SYSTEMATIC", "warn",
             f"{row.name}: {row.members} similar examples with accuracy {row.accuracy:.2f} "
-            f"against {overall:.2f} overall" + (f"; {share:.0%} are class {label}" if top_cls is not None else ""),
+            f"against {overall:.2f} overall (p = {p:.1g})"
+            + (f"; {share:.0%} are class {label}" if top_cls is not None else ""),
             {"slice": row.name, "metric": "accuracy", "value": row.accuracy, "overall": overall,
-             "threshold": overall - min_gap, "members": row.members, "top_indices": row.top_indices},
+             "threshold": overall - min_gap, "members": row.members, "p_value": p, "alpha": level,
+             "top_indices": row.top_indices},
             "inspect the slice's top members (gallery): look for mislabelled or under-represented "
             "subgroups and add or fix training data for them"))
     if not bad:
+        why = "".join(f"; {r.name}: {r.members} examples at {r.accuracy:.2f}, too few to tell (p = {p:.2g})"
+                      for r, p in unclear)
         out.append(Finding("SLICE-NONE", "pass",
-                           f"no slice's accuracy is {min_gap:.2f} or more below the overall {overall:.2f}",
-                           {"metric": "accuracy_gap", "threshold": min_gap, "overall": overall}))
+                           f"no slice's accuracy is {min_gap:.2f} or more below the overall {overall:.2f} "
+                           f"with evidence (binomial p ≤ {level:.2g}){why}",
+                           {"metric": "accuracy_gap", "threshold": min_gap, "overall": overall, "alpha": level,
+                            "unclear": [r.name for r, _ in unclear]}))
     return out
