@@ -198,8 +198,40 @@ def test_failures_become_rows_not_crashes():
         parse_proxies("gradsign,foo")
     with pytest.raises(AnalysisError, match="ReLU"):
         P.nwot(nn.Sequential(nn.Linear(5, 3)), x)
-    with pytest.raises(AnalysisError, match="ReLU"):  # other activations are not ReLU codes
+    with pytest.raises(AnalysisError, match="ReLU-like"):  # saturating activations have no such code
         P.nwot(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), x)
+
+
+class NewGELUActivation(nn.Module):
+    """Hugging Face GPT-2's GELU: a tanh formula (no F.gelu call for the function mode to see)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class GELUActivation(nn.Module):
+    """Hugging Face's "gelu": a module outside torch.nn around F.gelu (coded once, not twice)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(x)
+
+
+def test_nwot_codes_gelu_silu_and_leaky_relu_networks_at_zero():
+    x, _ = _xy(seed=5)
+    xs = x.double().numpy()
+    torch.manual_seed(5)
+    a, b, c = nn.Linear(5, 30), nn.Linear(30, 20), nn.Linear(20, 3)
+    w1, b1 = a.weight.detach().double().numpy(), a.bias.detach().double().numpy()
+    w2, b2 = b.weight.detach().double().numpy(), b.bias.detach().double().numpy()
+    pre1 = xs @ w1.T + b1
+    for act1, act2, f1 in ((nn.GELU(), nn.SiLU(), lambda v: v * 0.5 * (1 + np.vectorize(math.erf)(v / math.sqrt(2)))),
+                           (nn.LeakyReLU(0.1), nn.ELU(), lambda v: np.where(v > 0, v, 0.1 * v)),
+                           (NewGELUActivation(), GELUActivation(),
+                            lambda v: 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3))))):
+        net = nn.Sequential(a, act1, b, act2, c)
+        pre2 = f1(pre1) @ w2.T + b2
+        k = sum(code @ code.T + (1 - code) @ (1 - code).T for code in ((pre1 > 0) * 1.0, (pre2 > 0) * 1.0))
+        assert P.nwot(net, x) == pytest.approx(np.linalg.slogdet(k)[1], rel=1e-10), type(act1).__name__
 
 
 def test_token_ids_stay_integers_and_integer_features_become_floats():

@@ -25,6 +25,7 @@ cross-entropy over the batch.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -202,25 +203,57 @@ def jacob_cov(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) 
 #: ``F.relu``; functional uses (``F.relu``, ``torch.relu``, ``x.relu()``, in place or not)
 #: are the same operation, and NASLib's module hooks missed them.
 _RELU_CALLS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
+#: Piecewise activations whose pieces meet at 0 (the code is the piece), and smooth gated
+#: ones ``x·g(x)`` whose gate crosses its midpoint at 0 (GELU, SiLU/Swish, Mish): the
+#: binary code is ``[x > 0]`` for all of them (an extension of Mellor et al.'s ReLU codes
+#: to the activations of transformers and recent CNNs).
+_GATED_CALLS = _RELU_CALLS | frozenset({
+    F.leaky_relu, F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.relu6, F.hardswish,
+    F.gelu, F.silu, F.mish})
+#: Activation modules outside ``torch.nn`` written without those calls (Hugging Face's
+#: ``NewGELUActivation``, a tanh formula): recognised by class name, their input coded once.
+_GATED_MODULE = re.compile(r"(GELU|SiLU|Swish|Mish)", re.IGNORECASE)
 
 
 class _ReluCodes(TorchFunctionMode):
-    """Adds each ReLU call's Hamming-similarity kernel ``c cᵀ + (1−c)(1−c)ᵀ`` to ``kernel``.
+    """Adds each activation call's Hamming-similarity kernel ``c cᵀ + (1−c)(1−c)ᵀ`` to ``kernel``.
 
     A torch-function mode sees the outermost call only (the mode is off while the call
     runs), so ``nn.ReLU`` → ``F.relu`` → ``torch.relu`` counts once, and an in-place ReLU
-    is read before it overwrites its input.
+    is read before it overwrites its input. Inside a recognised activation module
+    (:meth:`hook`) the module's input is coded and the calls it makes are not.
     """
 
     def __init__(self, kernel: torch.Tensor) -> None:
         super().__init__()
-        self.kernel, self.calls = kernel, 0
+        self.kernel, self.calls, self.inside = kernel, 0, 0
+
+    def add(self, a: torch.Tensor) -> None:
+        c = (a.detach().reshape(self.kernel.shape[0], -1) > 0).double()
+        self.kernel.add_(c @ c.T + (1 - c) @ (1 - c).T)
+        self.calls += 1
+
+    def hook(self, net: nn.Module) -> list[Any]:
+        """Pre/post hooks on activation modules that :data:`_GATED_CALLS` would not see."""
+        handles = []
+
+        def enter(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            if not self.inside and args and isinstance(args[0], torch.Tensor):
+                self.add(args[0])
+            self.inside += 1
+
+        def leave(_m: nn.Module, _args: Any, _out: Any) -> None:
+            self.inside -= 1
+
+        for m in net.modules():
+            cls = type(m)
+            if _GATED_MODULE.search(cls.__name__) and not cls.__module__.startswith("torch.nn"):
+                handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+        return handles
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        if func in _RELU_CALLS and args and isinstance(args[0], torch.Tensor):
-            c = (args[0].detach().reshape(self.kernel.shape[0], -1) > 0).double()
-            self.kernel.add_(c @ c.T + (1 - c) @ (1 - c).T)
-            self.calls += 1
+        if not self.inside and func in _GATED_CALLS and args and isinstance(args[0], torch.Tensor):
+            self.add(args[0])
         return func(*args, **(kwargs or {}))
 
 
@@ -231,17 +264,26 @@ def nwot(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> fl
     Each ReLU's input is binarised (c = [a > 0]) per example; K = Σ c cᵀ + (1−c)(1−c)ᵀ
     over ReLUs — ``nn.ReLU`` modules and functional ReLUs alike (NASLib hooks modules
     only, so a network written with ``F.relu``, like the CIFAR ResNets, got no score).
-    Labels are not used. A network whose codes coincide gives −inf.
+    Other activations coded the same way, at 0: leaky ReLU, ELU/SELU/CELU, ReLU6,
+    hard-swish, GELU, SiLU, Mish (:data:`_GATED_CALLS`; Hugging Face's own GELU modules by
+    class name). Saturating ones (tanh, sigmoid) are not. Labels are not used. A network
+    whose codes coincide gives −inf.
     """
     check_batch(x, None, what="nwot")
     net = working_copy(model, train=True)
     n = x.shape[0]
     dev = next(net.parameters()).device
     codes = _ReluCodes(torch.zeros(n, n, dtype=torch.float64, device=dev))
-    with torch.no_grad(), codes:
-        net(x.to(dev))
+    handles = codes.hook(net)
+    try:
+        with torch.no_grad(), codes:
+            net(x.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
     if not codes.calls:
-        raise AnalysisError(f"nwot needs ReLU activations; {type(model).__name__} has none")
+        raise AnalysisError(f"nwot needs ReLU-like activations (ReLU, leaky ReLU, ELU, GELU, SiLU...); "
+                            f"{type(model).__name__} has none")
     sign, logdet = torch.linalg.slogdet(codes.kernel)
     return float(logdet) if float(sign) > 0 else -math.inf
 
