@@ -38,8 +38,8 @@ _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 #: Parameter-free operations that may stand between the input and the first layer.
 _RESHAPE_MODULES = (nn.Flatten, nn.Identity)
-_RESHAPE_METHODS = ("view", "reshape", "flatten", "contiguous")
-_RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape)
+RESHAPE_METHODS = ("view", "reshape", "flatten", "contiguous")
+RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape)
 
 
 def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -86,17 +86,17 @@ def _is_reshape(node: Any, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return type(modules[str(node.target)]) in _RESHAPE_MODULES
     if node.op == "call_method":
-        return node.target in _RESHAPE_METHODS
-    return node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS
+        return node.target in RESHAPE_METHODS
+    return node.op == "call_function" and node.target in RESHAPE_FUNCTIONS
 
 
-def _shape_of(node: Any) -> bool:
+def is_shape_query(node: Any) -> bool:
     """``x.shape``, ``x.size()``, ``x.dim()`` or an item of one: a value that carries no data."""
     if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
         return True
     if node.op == "call_method" and node.target in ("size", "dim"):
         return True
-    return node.op == "call_function" and node.target is operator.getitem and _shape_of(node.args[0])
+    return node.op == "call_function" and node.target is operator.getitem and is_shape_query(node.args[0])
 
 
 def _candidate(bound: BoundCopy) -> str | None:
@@ -115,12 +115,12 @@ def _candidate(bound: BoundCopy) -> str | None:
         return None
     node = placeholders[0]
     while True:  # follow the input through reshapes used nowhere else (shape queries aside)
-        users = [u for u in node.users if not _shape_of(u)]
+        users = [u for u in node.users if not is_shape_query(u)]
         if len(users) != 1:
             return None
         user = users[0]
         extra = [a for a in [*user.args[1:], *user.kwargs.values()] if isinstance(a, torch.fx.Node)]
-        if not user.args or user.args[0] is not node or not all(_shape_of(a) for a in extra):
+        if not user.args or user.args[0] is not node or not all(is_shape_query(a) for a in extra):
             return None
         if not _is_reshape(user, modules):
             break

@@ -37,6 +37,7 @@ from torch import nn
 
 from nndiag.landscape._setup import Batches, LossFn, default_loss, logits_of
 from nndiag.landscape.bound import BoundCopy, input_key
+from nndiag.landscape.first_layer import RESHAPE_FUNCTIONS, RESHAPE_METHODS, is_shape_query
 
 #: Largest stacked activation (all ``k`` points of one batch), in bytes. The digits MLP's
 #: 441 points (512 examples, 64 features: 128 KiB per point), one thread, medians of 6:
@@ -60,8 +61,8 @@ _ELEMENTWISE_FUNCTIONS = {
 }
 _ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "clamp_min", "clamp_min_"}
 _RESHAPE_MODULES = (nn.Flatten,)
-_RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous"}
-_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+_RESHAPE_METHODS = set(RESHAPE_METHODS)
+_RESHAPE_FUNCTIONS = set(RESHAPE_FUNCTIONS)
 
 
 class Unsupported(Exception):
@@ -144,7 +145,7 @@ class Stacked:
                 elif list(m.parameters(recurse=False)):
                     raise Unsupported(f"module {type(m).__name__} has parameters")
             elif node.op == "call_function":
-                if node.target not in _ELEMENTWISE_FUNCTIONS | _RESHAPE_FUNCTIONS and not _shape_query(node):
+                if node.target not in _ELEMENTWISE_FUNCTIONS | _RESHAPE_FUNCTIONS and not is_shape_query(node):
                     raise Unsupported(f"function {getattr(node.target, '__name__', node.target)}")
             elif node.op == "call_method":
                 if node.target not in _ELEMENTWISE_METHODS | _RESHAPE_METHODS | {"size", "dim"}:
@@ -248,7 +249,7 @@ class Stacked:
                 break
             src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
             h, stacked = env[src] if src is not None else (None, False)
-            if _shape_query(node) or not stacked and node.op != "call_module":
+            if is_shape_query(node) or not stacked and node.op != "call_module":
                 # point-independent (reshapes of the input, shape queries): computed as written
                 value = _run(node, self.modules, arg)
                 env[node] = (value, False)
@@ -312,16 +313,6 @@ class Stacked:
             parts = [self.losses(xb, yb, c[s:s + k]) for s in range(0, c.shape[0], k)]
             total += w * torch.cat(parts).double()
         return total
-
-
-def _shape_query(node: Any) -> bool:
-    import operator
-
-    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
-        return True
-    if node.op == "call_method" and node.target in ("size", "dim"):
-        return True
-    return node.op == "call_function" and node.target is operator.getitem and _shape_query(node.args[0])
 
 
 def _run(node: Any, modules: dict[str, nn.Module], arg: Callable[[Any], Any]) -> Any:
