@@ -111,7 +111,7 @@ class Stacked:
         self.loss_fn = loss_fn
         self.dim = len(bound.dir_views)
         self.moving: dict[str, _Moving] = {}
-        self._first: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._first: dict[Any, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.point_bytes = 0  # largest stacked activation per point, measured by a first pass
         self._check()
 
