@@ -16,8 +16,7 @@ from torch import nn
 
 
 def _hook_dicts(module: nn.Module) -> dict[str, dict[Any, Any]]:
-    names = [n for n in vars(module) if n.endswith("_hooks") and isinstance(vars(module)[n], dict)]
-    return {n: dict(getattr(module, n)) for n in names}
+    return {n: dict(v) for n, v in vars(module).items() if n.endswith("_hooks") and isinstance(v, dict)}
 
 
 @contextlib.contextmanager
@@ -65,8 +64,9 @@ def preserved(model: nn.Module, *, values: bool = True) -> Iterator[nn.Module]:
             m.training = t
             for name, saved in h.items():
                 live = getattr(m, name)
-                live.clear()
-                live.update(saved)
+                if live != saved:  # (most are still empty: nothing to restore)
+                    live.clear()
+                    live.update(saved)
 
 
 def snapshot(model: nn.Module) -> dict[str, Any]:
