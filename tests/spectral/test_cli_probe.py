@@ -91,6 +91,40 @@ def test_compare_base_and_finetuned():
     assert list(flow["depth"]) == [0, 1, 2]
 
 
+def test_cli_compare_with_a_lightning_checkpoint(tmp_path):
+    """``nndiag spectral BASE --compare OTHER``: the other model saved as a Lightning checkpoint
+    (``model.`` keys under ``state_dict``); numbers as compare() on the two modules."""
+    from nndiag.models import build_model
+    from nndiag.spectral import compare
+
+    torch.manual_seed(0)
+    base = build_model("digits-mlp")
+    tuned = build_model("digits-mlp")
+    tuned.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        tuned.net[3].weight.add_(torch.randn(64, 3) @ torch.randn(3, 64) * 0.1)
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    torch.save({"epoch": 1, "state_dict": {f"model.{k}": v for k, v in tuned.state_dict().items()}},
+               tmp_path / "tuned.ckpt")
+    r = runner.invoke(app, ["spectral", str(tmp_path / "base.pt"), "--arch", "digits-mlp",
+                            "--compare", str(tmp_path / "tuned.ckpt"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    got = {row["name"]: row for row in doc["tables"]["layers"]}
+    ref = compare(base, tuned).table("layers").set_index("name")
+    assert set(got) == set(ref.index) == {"net.1", "net.3", "net.5"}
+    for name, row in got.items():
+        assert row["delta_alpha"] == pytest.approx(ref.loc[name, "delta_alpha"], rel=1e-9)
+        assert row["rel_change"] == pytest.approx(ref.loc[name, "rel_change"], rel=1e-9, abs=0)
+    assert got["net.1"]["rel_change"] == 0 and got["net.3"]["rel_change"] > 0.01
+    human = runner.invoke(app, ["spectral", str(tmp_path / "base.pt"), "--arch", "digits-mlp",
+                                "--compare", str(tmp_path / "tuned.ckpt")])
+    assert human.exit_code == 0 and "3 layers in both" in human.output and "2 unchanged" in human.output
+    bad = runner.invoke(app, ["spectral", str(tmp_path / "base.pt"), "--arch", "digits-mlp",
+                              "--compare", "resnet20"])
+    assert bad.exit_code != 0 and "share no analysed layer" in bad.output
+
+
 def test_scale_collapse_finding():
     torch.manual_seed(0)
     sd = {"a.weight": torch.randn(64, 64), "b.weight": torch.randn(64, 64) * 1e-3,

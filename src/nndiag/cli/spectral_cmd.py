@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -60,6 +60,30 @@ _PRIORITY = ["name", "alpha", "warning", "status", "D", "lambda_max", "log_norm"
              "xmin", "entropy", "num_evals"]
 
 
+_COMPARED = ["name", "alpha_base", "alpha_other", "delta_alpha", "rel_change", "alpha_delta",
+             "log_spectral_norm_delta"]
+
+
+def _compare(base: Any, other: Any, options: dict[str, Any], fmt: Format) -> int:
+    """``nndiag spectral BASE --compare OTHER``: the layers sorted by how much alpha moved."""
+    from nndiag.spectral.compare import compare
+
+    res = compare(base, other, **options)
+    if fmt is Format.json:
+        emit_json(res.to_dict())
+        return 0
+    df = res.tables["layers"]
+    order = df["delta_alpha"].abs().sort_values(ascending=False, na_position="last").index
+    human_table(df.loc[order, _COMPARED].to_dict(orient="records"),
+                title=f"{base.name} → {other.name}: weight spectra compared (largest alpha shifts first)",
+                priority=["name", "delta_alpha", "rel_change"])
+    s = res.summary
+    mean = s.get("mean_delta_alpha")
+    typer.echo(f"{s['num_layers']} layers in both; mean Δalpha {mean:+.3f}; {s['num_unchanged']} unchanged"
+               if mean is not None else f"{s['num_layers']} layers in both; no valid fits to compare")
+    return 0
+
+
 def register(app: typer.Typer) -> None:
     @app.command("spectral")
     @handle_errors
@@ -80,6 +104,9 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = Device.auto,
         seed: SeedOpt = 0,
         fail_on: FailOnOpt = FailOn.never,
+        other: Annotated[str | None, typer.Option(
+            "--compare", help="Another checkpoint or folder of the same architecture (e.g. the fine-tuned "
+                              "model): per-layer alpha shifts and the spectra of ΔW.")] = None,
     ) -> int:
         """Judge each layer from the eigenvalue spectrum of its weights, without data."""
         from nndiag._utils.device import resolve_device
@@ -88,13 +115,16 @@ def register(app: typer.Typer) -> None:
 
         dev = resolve_device(device.value)
         lm = load_model(model, weights=weights, arch=arch)
-        res = analyze(
-            lm, conv_mode=conv_mode.value, conventions=conventions.value, mp_fit=mp,
+        options = dict(
+            conv_mode=conv_mode.value, conventions=conventions.value, mp_fit=mp,
             randomize=randomize,
             fix_fingers=None if fix_fingers is FixFingers.none else fix_fingers.value,
             fit="TPL" if tpl else "PL", min_evals=min_evals, max_evals=max_evals or None,
             seed=seed, device=dev,
         )
+        if other is not None:
+            return _compare(lm, load_model(other), options, fmt)
+        res = analyze(lm, **options)
         if plots:
             from nndiag.spectral.probe import save_figures
 

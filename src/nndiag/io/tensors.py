@@ -114,6 +114,30 @@ class DictSource(TensorSource):
         return self._tensors[name]
 
 
+class RenamedSource(TensorSource):
+    """Another source's tensors under other names (e.g. without a checkpoint's wrapper prefix).
+
+    Parameters
+    ----------
+    source : TensorSource
+        The tensors.
+    names : dict of str to str
+        The source's name → the name shown; names not in it are kept.
+    """
+
+    def __init__(self, source: TensorSource, names: Mapping[str, str]) -> None:
+        self.source, self.names = source, dict(names)
+        self._back = {v: k for k, v in self.names.items()}
+
+    def infos(self) -> list[TensorInfo]:
+        from dataclasses import replace
+
+        return [replace(i, name=self.names.get(i.name, i.name)) for i in self.source.infos()]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.get(self._back.get(name, name))
+
+
 _ST_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",

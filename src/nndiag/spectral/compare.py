@@ -23,11 +23,29 @@ def correlation_flow(result: Result) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def aligned(base: Any, other: Any) -> Any:
+    """``other`` (a TensorSource) with its names matched to ``base``'s up to one wrapper prefix
+    (:func:`~nndiag._utils.names.matching_names`: a Lightning ``model.…`` checkpoint against
+    the bare model); ``other`` itself when the names agree or no single prefix maps them."""
+    from nndiag._utils.names import matching_names
+    from nndiag.io.tensors import RenamedSource
+
+    ours = [i.name for i in base.infos()]
+    theirs = [i.name for i in other.infos()]
+    if set(ours) <= set(theirs):
+        return other
+    names = matching_names(ours, theirs)
+    if names is None:
+        return other
+    return RenamedSource(other, {t: o for o, t in names.items()})
+
+
 def compare(base: Any, other: Any, **options: Any) -> Result:
     """Compare two models with the same layer names (e.g. base vs fine-tuned).
 
     Both models are analysed, and so is the difference ``ΔW = W_other − W_base`` of
-    every same-shaped weight. The ``layers`` table has one row per layer analysed in
+    every same-shaped weight. The other model's names may carry one wrapper prefix more
+    or less (:func:`aligned`). The ``layers`` table has one row per layer analysed in
     both: ``name, alpha_base, alpha_other, delta_alpha, log_norm_base,
     log_norm_other, log_spectral_norm_delta`` (λmax of ΔW), ``alpha_delta`` (alpha of
     ΔW's ESD), ``rel_change`` (‖ΔW‖_F / ‖W_base‖_F).
@@ -52,6 +70,7 @@ def compare(base: Any, other: Any, **options: Any) -> Result:
 
     src_a, _, name_a = _source(base)
     src_b, _, name_b = _source(other)
+    src_b = aligned(src_a, src_b)
     ra = analyze(src_a, **options)
     rb = analyze(src_b, **options)
     infos_b = {i.name: i for i in src_b.infos()}
