@@ -157,6 +157,21 @@ def test_landscape_toward_other_checkpoints(tmp_path):
         alphas, losses = f["alphas"], f["losses"]
     np.testing.assert_allclose(alphas, np.linspace(-0.25, 1.25, 7))  # a little beyond both ends
     assert losses[1] == pytest.approx(own[0], rel=1e-5) and losses[5] == pytest.approx(own[1], rel=1e-5)
+    # the loss barrier between the two: the halfway model evaluated on its own
+    half = build_model("digits-mlp").eval()
+    with torch.no_grad():
+        for q, a, b in zip(half.parameters(), models[0].parameters(), models[1].parameters(), strict=True):
+            q.copy_((a + b) / 2)
+        mid = float(F.cross_entropy(half(bundle.x), bundle.y))
+    assert losses[3] == pytest.approx(mid, rel=1e-5)
+    res = runner.invoke(app, [*base, "--toward", str(paths[1]), "--steps", "7", "--format", "json"])
+    (barrier,) = json.loads(res.stdout)["summary"]["barriers"]
+    t = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    gaps = losses[1:6] - ((1 - t) * own[0] + t * own[1])
+    assert barrier["from"] == "this model" and barrier["to"] == "m1"
+    assert barrier["barrier"] == pytest.approx(gaps.max(), abs=1e-6)  # (float32 losses near 2.3)
+    assert barrier["barrier"] >= mid - sum(own[:2]) / 2 - 1e-6
+    assert barrier["at"] == t[gaps.argmax()]
     plane = tmp_path / "plane.npz"
     res = runner.invoke(app, [*base, "--toward", str(paths[1]), "--toward", str(paths[2]), "--steps", "3",
                               "--span", "0.5", "--grid", str(plane), "--format", "json"])
@@ -165,6 +180,8 @@ def test_landscape_toward_other_checkpoints(tmp_path):
         p = f["losses"]
     doc = json.loads(res.stdout)
     assert doc["params"]["directions"] == "interpolation" and doc["params"]["dim"] == 2
+    assert doc["params"]["toward"] == ["m1", "m2"]
+    assert doc["summary"]["barriers"] == []  # span 0.5: the other models are off the grid
     assert p[1, 1] == pytest.approx(own[0], rel=1e-5)
     # θ0 + ½(θ1 − θ0) + ½(θ2 − θ0) = (θ1 + θ2)/2: the midpoint of the other two
     mid = build_model("digits-mlp").eval()

@@ -14,7 +14,7 @@ from nndiag._utils.model_state import same_snapshot, snapshot
 from nndiag.errors import AnalysisError, DataError, InputError
 from nndiag.landscape import hessian_spectrum, surface
 from nndiag.landscape.directions import normalize_direction, random_direction, toward
-from nndiag.landscape.surface import _Grid
+from nndiag.landscape.surface import _Grid, _on_grid
 from tests.landscape._dense import tiny_cnn, tiny_data, tiny_embedding, tiny_mlp, token_data
 
 
@@ -141,6 +141,39 @@ def test_interpolation_line_and_plane_through_three_models():
         assert torch.equal(prefixed[k], plain[k]) and torch.equal(wrapped[f"net.{k}"], plain[k])
     with pytest.raises(InputError, match="no parameter"):  # two different prefixes: no match
         toward(wa, {(f"module.{k}" if i else f"model.{k}"): v for i, (k, v) in enumerate(sb.items())})
+
+
+def test_interpolation_grids_hold_the_models_and_measure_the_barriers():
+    a, b, c = tiny_mlp(0), tiny_mlp(1), tiny_mlp(2)
+    x, y = tiny_data("mlp")
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+
+    def at(ta: float, tb: float) -> float:  # θa + ta(θb − θa) + tb(θc − θa), evaluated on a copy
+        return _loss_at(a, x, y, {k: ta * (wb[k] - wa[k]) + tb * (wc[k] - wa[k]) for k in wa})
+
+    line = surface(a, (x, y), dim=1, steps=21, directions=[b], dtype=torch.float64)
+    assert _on_grid(line.alphas, 0.0) == 3 and _on_grid(line.alphas, 1.0) == 17  # steps of 1/14
+    (bar,) = line.summary()["barriers"]
+    t = line.alphas[3:18]
+    ends = np.array([at(0, 0), at(1, 0)])
+    gaps = np.array([at(v, 0) for v in t]) - ((1 - t) * ends[0] + t * ends[1])
+    assert bar["barrier"] == pytest.approx(max(gaps.max(), 0.0), rel=1e-6, abs=1e-9)
+    assert bar["relative"] == pytest.approx(bar["barrier"] / ends.mean(), rel=1e-6)
+    assert bar["at"] == pytest.approx(t[gaps.argmax()]) and bar["to"] == "Sequential"
+    finding = next(f for f in line.findings() if f.code == "LAND-BARRIER")
+    assert finding.evidence["value"] == bar["barrier"]
+    plane = surface(a, (x, y), dim=2, steps=5, directions=[b, c], dtype=torch.float64)
+    assert list(plane.alphas) == [0.0, 0.25, 0.5, 0.75, 1.0]  # 5 steps: the segment alone
+    segs = {(s["from"], s["to"]): s for s in plane.summary()["barriers"]}
+    assert len(segs) == 3
+    tt = plane.alphas
+    diag = np.array([at(1 - v, v) for v in tt]) - ((1 - tt) * at(1, 0) + tt * at(0, 1))
+    b_to_c = next(s for (f, _), s in segs.items() if f != "this model")
+    assert b_to_c["barrier"] == pytest.approx(max(diag.max(), 0.0), rel=1e-6, abs=1e-9)
+    assert sum(f.code == "LAND-BARRIER" for f in plane.findings()) == 3
+    # directions given as dicts are not models: the usual symmetric span
+    d = {k: torch.randn_like(v) for k, v in wa.items()}
+    assert list(surface(a, (x, y), dim=1, steps=3, directions=[d], norm="none").alphas) == [-1.0, 0.0, 1.0]
 
 
 def test_resume_skips_finished_points(tmp_path, monkeypatch):

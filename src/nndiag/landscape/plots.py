@@ -52,12 +52,18 @@ def plot_eigenvalues(values: np.ndarray, *, ax: Any = None, title: str = "Top He
 
 
 def plot_line(alphas: np.ndarray, losses: np.ndarray, *, ax: Any = None, label: str | None = None,
-              title: str = "Loss along a direction") -> Any:
-    """A 1-D landscape: loss against the step along the direction."""
+              title: str = "Loss along a direction", marks: list[tuple[float, str]] | None = None,
+              xlabel: str = "step α") -> Any:
+    """A 1-D landscape: loss against the step along the direction; ``marks``: named positions
+    (the models of an interpolation line), else a line at the weights."""
     fig, ax = _fig_ax(ax)
     ax.plot(alphas, losses, marker=".", label=label)
-    ax.axvline(0.0, color="0.6", lw=0.8, ls="--")
-    ax.set_xlabel("step α")
+    for x, name in marks or [(0.0, "")]:
+        ax.axvline(x, color="0.6", lw=0.8, ls="--")
+        if name:
+            ax.annotate(name, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize="small", color="0.3")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("loss")
     ax.set_title(title)
     if label:
@@ -89,11 +95,14 @@ def contour_levels(losses: np.ndarray, levels: int = 30) -> tuple[np.ndarray, bo
 
 
 def plot_contour(alphas: np.ndarray, betas: np.ndarray, losses: np.ndarray, *, ax: Any = None,
-                 levels: int = 30, title: str = "Loss landscape") -> Any:
+                 levels: int = 30, title: str = "Loss landscape",
+                 marks: list[tuple[tuple[float, float], str]] | None = None,
+                 labels: tuple[str, str] = ("direction 1 (α)", "direction 2 (β)")) -> Any:
     """A 2-D landscape as filled contours, the origin and the grid minimum marked.
 
     ``losses[i, j]`` is the loss at ``(alphas[i], betas[j])``. Levels are logarithmic when the
-    losses span more than a decade (:func:`contour_levels`).
+    losses span more than a decade (:func:`contour_levels`). ``marks``: named points (the
+    other models of an interpolation plane).
     """
     fig, ax = _fig_ax(ax)
     Z = np.asarray(losses, dtype=float).T  # rows = betas for contourf
@@ -118,8 +127,11 @@ def plot_contour(alphas: np.ndarray, betas: np.ndarray, losses: np.ndarray, *, a
         i, j = np.unravel_index(np.nanargmin(losses), np.shape(losses))
         ax.plot(alphas[i], betas[j], marker="*", color="red", ms=12, ls="", label="grid minimum")
     ax.plot(0, 0, marker="o", color="white", mec="black", ls="", label="weights")
-    ax.set_xlabel("direction 1 (α)")
-    ax.set_ylabel("direction 2 (β)")
+    for (x, y), name in marks or []:
+        ax.plot(x, y, marker="s", color="white", mec="black", ls="")
+        ax.annotate(name, (x, y), xytext=(5, 5), textcoords="offset points", fontsize="small", color="white")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize="small")
     return fig

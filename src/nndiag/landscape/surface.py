@@ -119,7 +119,46 @@ class Surface:
             s["min_loss"] = float(self.losses[idx])
             s["min_at"] = [float(self.alphas[idx[0]])] + ([float(self.betas[idx[1]])] if self.dim == 2 else [])
             s["max_loss"] = float(np.nanmax(np.where(finite, self.losses, np.nan)))
+        if self.params.get("directions") == "interpolation":
+            s["barriers"] = self.barriers()
         return s
+
+    def _ends(self) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+        """The interpolation segments on the grid: ``(from, to, t, losses)``, ``t`` from 0 to 1."""
+        names = ["this model", *(self.params.get("toward") or [])]
+        ia, ja = _on_grid(self.alphas, 0.0), _on_grid(self.alphas, 1.0)
+        if self.dim == 1:
+            return [] if ia is None or ja is None else [(names[0], names[1], self.alphas, self.losses)]
+        ib, jb = _on_grid(self.betas, 0.0), _on_grid(self.betas, 1.0)
+        if None in (ia, ja, ib, jb):
+            return []
+        segs = [(names[0], names[1], self.alphas, self.losses[:, ib]),
+                (names[0], names[2], self.betas, self.losses[ia, :])]
+        # from the first other model (1, 0) to the second (0, 1): points (1 − t, t)
+        pts = [(t, _on_grid(self.alphas, 1.0 - t)) for t in self.betas]
+        t = np.array([tb for tb, i in pts if i is not None])
+        losses = np.array([self.losses[i, j] for j, (_, i) in enumerate(pts) if i is not None])
+        segs.append((names[1], names[2], t, losses))
+        return segs
+
+    def barriers(self) -> list[dict[str, Any]]:
+        """Loss barriers between the models of an interpolation grid (linear mode connectivity).
+
+        For each segment between two models, ``barrier = max_t L(t) − ((1 − t)·L(0) + t·L(1))``
+        over the grid points with ``0 ≤ t ≤ 1`` (Frankle et al. 2020 measure it on the error),
+        and ``relative`` = barrier / mean of the two end losses. Empty when the models are not
+        grid points (a span given that misses 0 or 1).
+        """
+        out = []
+        for a, b, t, losses in self._ends():
+            inside = (t >= -1e-9) & (t <= 1 + 1e-9) & np.isfinite(losses)
+            l0, l1 = float(losses[_on_grid(t, 0.0)]), float(losses[_on_grid(t, 1.0)])
+            gap = losses[inside] - ((1 - t[inside]) * l0 + t[inside] * l1)
+            j = int(np.argmax(gap))
+            mean = (l0 + l1) / 2
+            out.append({"from": a, "to": b, "loss_from": l0, "loss_to": l1, "barrier": float(max(gap[j], 0.0)),
+                        "at": float(t[inside][j]), "relative": float(max(gap[j], 0.0) / mean) if mean > 0 else None})
+        return out
 
     def findings(self) -> list[Finding]:
         out: list[Finding] = []
@@ -136,9 +175,23 @@ class Surface:
                 out.append(Finding(
                     "LAND-NOT-MINIMUM", "warn",
                     f"the loss falls by {100 * rel:.1f}% from the weights to the grid minimum at "
-                    f"{s['min_at']}: the weights are not at a minimum along these directions",
+                    f"({', '.join(f'{v:.3g}' for v in s['min_at'])}): the weights are not at a minimum "
+                    "along these directions",
                     {"metric": "relative_drop", "value": rel, "threshold": 0.05, "min_at": s["min_at"]},
                     "train longer or lower the learning rate at the end of training"))
+        for b in s.get("barriers", []):
+            rel = b["relative"]
+            connected = rel is not None and rel <= BARRIER_CONNECTED
+            out.append(Finding(
+                "LAND-BARRIER", "pass",
+                f"from {b['from']} to {b['to']}: the loss rises {b['barrier']:.3g} above the straight line "
+                f"between their losses ({b['loss_from']:.3g}, {b['loss_to']:.3g})"
+                + (f", {100 * rel:.0f}% of their mean" if rel is not None else "")
+                + (": linearly connected (one basin)" if connected else ": a barrier separates them"),
+                {"metric": "loss_barrier", "value": b["barrier"], "relative": rel, "at": b["at"],
+                 "threshold": BARRIER_CONNECTED},
+                None if connected else "averaging their weights would land on the barrier; compare them as "
+                                       "separate solutions"))
         return out
 
     def table(self) -> pd.DataFrame:
@@ -171,15 +224,36 @@ class Surface:
         """``line`` (1-D), ``contour`` or ``surface`` (2-D, 3-D view); returns the Figure."""
         from nndiag.landscape import plots
 
+        toward = self.params.get("toward") if self.params.get("directions") == "interpolation" else None
         if self.dim == 1 or kind == "line":
             if self.dim != 1:
                 raise InputError("a line plot needs a 1-D landscape")
+            if toward:
+                return plots.plot_line(self.alphas, self.losses, ax=ax, marks=[(0.0, "this model"), (1.0, toward[0])],
+                                       title=f"Loss along the line to {toward[0]}", xlabel="interpolation α")
             return plots.plot_line(self.alphas, self.losses, ax=ax)
         if kind == "surface":
             return plots.plot_surface3d(self.alphas, self.betas, self.losses, ax=ax)
         if kind == "contour":
+            if toward:
+                return plots.plot_contour(self.alphas, self.betas, self.losses, ax=ax,
+                                          marks=[((1.0, 0.0), toward[0]), ((0.0, 1.0), toward[1])],
+                                          title="Loss on the plane through three models",
+                                          labels=(f"toward {toward[0]} (α)", f"toward {toward[1]} (β)"))
             return plots.plot_contour(self.alphas, self.betas, self.losses, ax=ax)
         raise InputError(f"unknown plot kind '{kind}'; choose line, contour or surface")
+
+
+#: Loss barrier, relative to the mean of the two end losses, up to which two models count as
+#: linearly connected in ``LAND-BARRIER`` (nndiag's threshold; Frankle et al. 2020 allow 2 %
+#: of error).
+BARRIER_CONNECTED = 0.1
+
+
+def _on_grid(values: np.ndarray, x: float) -> int | None:
+    """Index of ``x`` among grid ``values`` (to rounding), else None."""
+    i = int(np.argmin(np.abs(np.asarray(values) - x)))
+    return i if abs(float(values[i]) - x) <= 1e-9 * max(1.0, abs(x)) else None
 
 
 class _Grid:
@@ -472,6 +546,39 @@ def _make_directions(
     raise InputError("directions must be 'random', 'hessian', a list of direction dicts or a list of other models")
 
 
+def interpolation_span(steps: int) -> tuple[float, float]:
+    """The default range of an interpolation grid: about a quarter beyond both models, with
+    0 (this model) and 1 (the other) grid points, so that the ends are the models themselves.
+
+    Examples
+    --------
+    >>> interpolation_span(7), interpolation_span(5)
+    ((-0.25, 1.25), (0.0, 1.0))
+    >>> lo, hi = interpolation_span(21)
+    >>> round(lo, 4), round(hi, 4)  # steps of 1/14: 0 is the 4th point, 1 the 18th
+    (-0.2143, 1.2143)
+    """
+    if steps < 3:
+        return 0.0, 1.0
+    k = int(0.25 * (steps - 1) / 1.5 + 1e-9)  # points beyond each end at the nominal spacing
+    h = 1.0 / (steps - 1 - 2 * k)
+    return -k * h, 1.0 + k * h
+
+
+def _model_name(d: Any) -> str:
+    """How an other model is named in results and pictures."""
+    name = getattr(d, "name", None)
+    return str(name) if isinstance(name, str) and name else type(d).__name__
+
+
+def _model_names(models: list[Any]) -> list[str]:
+    """Distinct names of the other models (``#1``, ``#2`` added when two share one)."""
+    names = [_model_name(d) for d in models]
+    if len(set(names)) < len(names) or "this model" in names:
+        names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
+    return names
+
+
 def _is_model(d: Any) -> bool:
     """An other model for interpolation: a module, a LoadedModel or a TensorSource."""
     return isinstance(d, nn.Module) or hasattr(d, "tensors") or (hasattr(d, "infos") and hasattr(d, "get"))
@@ -517,7 +624,8 @@ def surface(
         Grid points per axis (odd numbers put a point at the weights).
     span : float or (lo, hi)
         Steps range over ``[-span, span]`` (or ``[lo, hi]``). For interpolation toward
-        other models, 0 is this model and 1 the other (default range then (-0.25, 1.25)).
+        other models, 0 is this model and 1 the other (default range then about
+        (-0.25, 1.25), with 0 and 1 on the grid: :func:`interpolation_span`).
     directions : "random", "hessian", list of direction dicts, or list of other models
         Seeded Gaussian directions; the top ``dim`` Hessian eigenvectors (LLA's Hessian
         axes); directions you give (normalised by ``norm``); or ``dim`` other models of
@@ -583,8 +691,8 @@ def surface(
     if strategy not in STRATEGIES:
         raise InputError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
     resolve_mode(mode)
-    interp = not isinstance(directions, str)
-    lo, hi = ((-0.25, 1.25) if interp and not isinstance(span, (tuple, list)) and span == 1.0 else
+    interp = not isinstance(directions, str) and all(_is_model(d) for d in directions)
+    lo, hi = (interpolation_span(steps) if interp and not isinstance(span, (tuple, list)) and span == 1.0 else
               (tuple(span) if isinstance(span, (tuple, list)) else (-float(span), float(span))))
     if not hi > lo:
         raise InputError(f"span must have hi > lo, got ({lo}, {hi})")
@@ -634,6 +742,7 @@ def surface(
         chunk_n = int(chunk or max(1, min(16, (256 << 20) // max(per_point, 1))))
         settings = {
             "dim": dim, "steps": steps, "span": [lo, hi], "directions": dkind, "norm": used_norm,
+            "toward": _model_names(directions) if dkind == "interpolation" else None,
             "one_d": one_d, "mode": mode, "n_samples": batches.n,
             "dtype": str(dtype).replace("torch.", ""),
             "batchnorm_modules": sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
