@@ -71,7 +71,7 @@ def test_small_n_rule_matches_reference():
     assert fit.num_pl_spikes >= 8
 
 
-@pytest.mark.parametrize("n", [600, 3000])
+@pytest.mark.parametrize("n", [300, 600, 3000, 4800])
 def test_pruned_ks_equals_full(n):
     rng = np.random.default_rng(n)
     x = np.sort(np.r_[rng.chisquare(4, n - 50), pareto(2.2, 50, seed=1, xmin=8)])
