@@ -691,6 +691,7 @@ def surface(
     if strategy not in STRATEGIES:
         raise InputError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
     resolve_mode(mode)
+    directions = directions if isinstance(directions, str) else list(directions)
     interp = not isinstance(directions, str) and all(_is_model(d) for d in directions)
     lo, hi = (interpolation_span(steps) if interp and not isinstance(span, (tuple, list)) and span == 1.0 else
               (tuple(span) if isinstance(span, (tuple, list)) else (-float(span), float(span))))
