@@ -113,6 +113,42 @@ def test_stacked_takes_features_with_leading_axes_and_several_batches():
     np.testing.assert_allclose(a.losses, b.losses, rtol=1e-12)
 
 
+class _LogSoftmaxNet(nn.Module):
+    """The PyTorch MNIST example's ending: log-probabilities out (for nll_loss)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.b, self.how = nn.Linear(6, 16), nn.Linear(16, 4), how
+        self.out = nn.LogSoftmax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.b(F.relu(self.a(x)))
+        if self.how == "module":
+            return self.out(z)
+        if self.how == "function":
+            return F.log_softmax(z, dim=-1)
+        return z.softmax(1).log()  # a softmax, then an element-wise log
+
+
+@pytest.mark.parametrize("how", ["module", "function", "method"])
+def test_stacked_takes_softmax_endings(how):
+    torch.manual_seed(0)
+    model = _LogSoftmaxNet(how).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 4, (40,), generator=g)
+    kw = dict(dim=2, steps=5, seed=0, dtype=torch.float64)
+    if how == "method":  # .log() is a method outside the supported set: the grid falls back
+        with pytest.raises(InputError, match="fully connected"):
+            surface(model, (x, y), strategy="stacked", **kw)
+        return
+    a = surface(model, (x, y), strategy="stacked", **kw)
+    b = surface(model, (x, y), strategy="loop", **kw)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-12)
+    # nll of log-probabilities is the cross-entropy of their logits
+    nll = surface(model, (x, y), strategy="stacked", loss=F.nll_loss, **kw)
+    np.testing.assert_allclose(nll.losses, b.losses, rtol=1e-12)
+
+
 def test_stacked_is_refused_where_it_does_not_apply():
     x, y = tiny_data("cnn", n=8)
     before = snapshot(model := tiny_cnn())

@@ -18,11 +18,11 @@ forwards, 45 ms stacked by 8 (same losses to 5e-7 in float32).
 (:class:`~nndiag.landscape.bound.BoundCopy`) on such stacked tensors. It accepts a graph
 made of: reshapes of the input before the first layer; ``nn.Linear`` (trainable, frozen
 or bias-free weights; inputs of any rank with features last); parameter-free
-element-wise activation modules, functions and methods; ``nn.Identity``/dropout (eval
-mode only); ``BatchNorm1d`` (eval, features last) and ``LayerNorm`` over the last axis,
-with moving or frozen affine parameters. Anything else (convolutions, attention,
-parameters read directly, ...) makes :func:`build_stacked` return None, and the grid keeps its
-other strategies.
+element-wise activation modules, functions and methods; softmax / log-softmax over an
+explicit axis; ``nn.Identity``/dropout (eval mode only); ``BatchNorm1d`` (eval, features
+last) and ``LayerNorm`` over the last axis, with moving or frozen affine parameters.
+Anything else (convolutions, attention, parameters read directly, ...) makes
+:func:`build_stacked` return None, and the grid keeps its other strategies.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ _ELEMENTWISE_FUNCTIONS = {
     torch.nn.functional.tanh, torch.nn.functional.sigmoid,
 }
 _ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "clamp_min", "clamp_min_"}
+#: Normalisations over one axis (its index shifts by one for the point axis in front).
+_AXIS_MODULES = (nn.Softmax, nn.LogSoftmax)
+_AXIS_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
+_AXIS_METHODS = {"softmax", "log_softmax"}
 _RESHAPE_MODULES = (nn.Flatten,)
 _RESHAPE_METHODS = set(RESHAPE_METHODS)
 _RESHAPE_FUNCTIONS = set(RESHAPE_FUNCTIONS)
@@ -140,15 +144,16 @@ class Stacked:
                             size += self.moving[key].nbytes
                     if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
                         raise Unsupported("LayerNorm over more than the last axis")
-                elif not isinstance(m, (*_ELEMENTWISE_MODULES, *_PASS_MODULES, *_RESHAPE_MODULES)):
+                elif not isinstance(m, (*_ELEMENTWISE_MODULES, *_PASS_MODULES, *_RESHAPE_MODULES, *_AXIS_MODULES)):
                     raise Unsupported(f"module {type(m).__name__}")
                 elif list(m.parameters(recurse=False)):
                     raise Unsupported(f"module {type(m).__name__} has parameters")
             elif node.op == "call_function":
-                if node.target not in _ELEMENTWISE_FUNCTIONS | _RESHAPE_FUNCTIONS and not is_shape_query(node):
+                if (node.target not in _ELEMENTWISE_FUNCTIONS | _RESHAPE_FUNCTIONS | _AXIS_FUNCTIONS
+                        and not is_shape_query(node)):
                     raise Unsupported(f"function {getattr(node.target, '__name__', node.target)}")
             elif node.op == "call_method":
-                if node.target not in _ELEMENTWISE_METHODS | _RESHAPE_METHODS | {"size", "dim"}:
+                if node.target not in _ELEMENTWISE_METHODS | _RESHAPE_METHODS | _AXIS_METHODS | {"size", "dim"}:
                     raise Unsupported(f"method {node.target}")
         if size > MAX_BYTES:
             raise Unsupported("the moving linear parameters are too large to stack")
@@ -274,8 +279,18 @@ class Stacked:
                     env[node] = (h, True)
                 elif isinstance(m, _RESHAPE_MODULES):
                     raise Unsupported("a reshape after the first moving layer")
+                elif isinstance(m, _AXIS_MODULES):
+                    fn = F.softmax if isinstance(m, nn.Softmax) else F.log_softmax
+                    env[node] = (fn(h, dim=_point_axis(m.dim)), True)
                 else:
                     env[node] = (m(h), True)
+                continue
+            if node.target in _AXIS_FUNCTIONS or node.target in _AXIS_METHODS:
+                dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+                fn = F.softmax if node.target in (F.softmax, torch.softmax, "softmax") else F.log_softmax
+                if isinstance(dim, torch.fx.Node) or node.kwargs.get("dtype") is not None or len(node.args) > 2:
+                    raise Unsupported("a softmax with arguments other than its axis")
+                env[node] = (fn(h, dim=_point_axis(dim)), True)
                 continue
             if node.target in _RESHAPE_METHODS or node.target in _RESHAPE_FUNCTIONS:
                 raise Unsupported("a reshape after the first moving layer")
@@ -313,6 +328,14 @@ class Stacked:
             parts = [self.losses(xb, yb, c[s:s + k]) for s in range(0, c.shape[0], k)]
             total += w * torch.cat(parts).double()
         return total
+
+
+def _point_axis(dim: Any) -> int:
+    """The axis of a stacked activation for axis ``dim`` of the model's own (one more in
+    front, so non-negative axes move by one)."""
+    if not isinstance(dim, int):
+        raise Unsupported("a softmax without an explicit axis")
+    return dim + 1 if dim >= 0 else dim
 
 
 def _run(node: Any, modules: dict[str, nn.Module], arg: Callable[[Any], Any]) -> Any:
