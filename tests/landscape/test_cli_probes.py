@@ -168,7 +168,7 @@ def test_landscape_toward_other_checkpoints(tmp_path):
     (barrier,) = json.loads(res.stdout)["summary"]["barriers"]
     t = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
     gaps = losses[1:6] - ((1 - t) * own[0] + t * own[1])
-    assert barrier["from"] == "this model" and barrier["to"] == "m1"
+    assert barrier["from"] == "m0" and barrier["to"] == "m1"  # the files' names
     assert barrier["barrier"] == pytest.approx(gaps.max(), abs=1e-6)  # (float32 losses near 2.3)
     assert barrier["barrier"] >= mid - sum(own[:2]) / 2 - 1e-6
     assert barrier["at"] == t[gaps.argmax()]

@@ -225,12 +225,12 @@ def register(app: typer.Typer) -> None:
                 raise InputError(f"--dim {dim} does not match {len(toward)} --toward model(s)")
             dim = len(toward)
         dim = 2 if dim is None else dim
-        _, module, bundle, loss_fn = _load(model, arch, weights, data, n_samples, seed, loss)
+        lm, module, bundle, loss_fn = _load(model, arch, weights, data, n_samples, seed, loss)
         if toward:
             dirs = [load_model(t) for t in toward]  # only their tensors are read
         s = surface(module, bundle, loss=loss_fn, dim=dim, steps=steps, span=span, directions=dirs,
                     norm=norm.value, one_d=one_d.value, mode=mode.value, batch_size=batch_size, seed=seed,
-                    resume=resume, device=device.value)
+                    resume=resume, device=device.value, name=lm.name if toward else None)
         scale = check_bundle(module, bundle)
         if out is not None:
             s.plot("line" if dim == 1 else plot.value).savefig(out, dpi=120)

@@ -125,7 +125,7 @@ class Surface:
 
     def _ends(self) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
         """The interpolation segments on the grid: ``(from, to, t, losses)``, ``t`` from 0 to 1."""
-        names = ["this model", *(self.params.get("toward") or [])]
+        names = [self.params.get("model_name") or "this model", *(self.params.get("toward") or [])]
         ia, ja = _on_grid(self.alphas, 0.0), _on_grid(self.alphas, 1.0)
         if self.dim == 1:
             return [] if ia is None or ja is None else [(names[0], names[1], self.alphas, self.losses)]
@@ -229,7 +229,8 @@ class Surface:
             if self.dim != 1:
                 raise InputError("a line plot needs a 1-D landscape")
             if toward:
-                return plots.plot_line(self.alphas, self.losses, ax=ax, marks=[(0.0, "this model"), (1.0, toward[0])],
+                this = self.params.get("model_name") or "this model"
+                return plots.plot_line(self.alphas, self.losses, ax=ax, marks=[(0.0, this), (1.0, toward[0])],
                                        title=f"Loss along the line to {toward[0]}", xlabel="interpolation α")
             return plots.plot_line(self.alphas, self.losses, ax=ax)
         if kind == "surface":
@@ -571,10 +572,11 @@ def _model_name(d: Any) -> str:
     return str(name) if isinstance(name, str) and name else type(d).__name__
 
 
-def _model_names(models: list[Any]) -> list[str]:
-    """Distinct names of the other models (``#1``, ``#2`` added when two share one)."""
+def _model_names(models: list[Any], this: str | None = None) -> list[str]:
+    """Distinct names of the other models (``#1``, ``#2`` added when two share one or this
+    model's name)."""
     names = [_model_name(d) for d in models]
-    if len(set(names)) < len(names) or "this model" in names:
+    if len(set(names)) < len(names) or (this or "this model") in names:
         names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
     return names
 
@@ -609,6 +611,7 @@ def surface(
     threads: int | None = None,
     max_points: int = MAX_POINTS,
     fold: bool = True,
+    name: str | None = None,
 ) -> Surface:
     """The loss on a 1-D line or 2-D plane through the weights.
 
@@ -676,6 +679,9 @@ def surface(
         and 2×2 max-poolings as two pairwise maxima, each used only after checking it
         reproduces the loss at the origin. The counts are in ``params["batchnorm_folded"]``,
         ``params["in_place_ops"]`` and ``params["pools_rewritten"]``.
+    name : str, optional
+        What to call this model beside other models of an interpolation (its barriers,
+        pictures); default "this model".
 
     Returns
     -------
@@ -743,7 +749,8 @@ def surface(
         chunk_n = int(chunk or max(1, min(16, (256 << 20) // max(per_point, 1))))
         settings = {
             "dim": dim, "steps": steps, "span": [lo, hi], "directions": dkind, "norm": used_norm,
-            "toward": _model_names(directions) if dkind == "interpolation" else None,
+            "toward": _model_names(directions, name) if dkind == "interpolation" else None,
+            "model_name": name,
             "one_d": one_d, "mode": mode, "n_samples": batches.n,
             "dtype": str(dtype).replace("torch.", ""),
             "batchnorm_modules": sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
