@@ -201,6 +201,29 @@ def test_landscape_toward_other_checkpoints(tmp_path):
     assert bad.exit_code != 0 and "same architecture" in bad.output
 
 
+def test_probes_cap_the_tokens_of_long_sequences(tmp_path):
+    """256 sequences of 1,024 tokens would make every diagnose pass 262k tokens: the Hessian and
+    landscape probes take at most PROBE_TOKENS tokens of token data unless told otherwise."""
+    import torch
+    from torch import nn
+
+    from nndiag.landscape._setup import PROBE_TOKENS, lm_loss, probe_samples
+
+    np.savez(tmp_path / "long.npz", x=np.random.default_rng(0).integers(0, 50, (10, 1024)))
+    tokens = load_data(tmp_path / "long.npz")
+    digits = load_data("digits", n_samples=300)
+    assert probe_samples(256, tokens, given=False) == PROBE_TOKENS // 1024 == 4
+    assert probe_samples(256, tokens, given=True) is None  # asked for more than there is: all
+    assert probe_samples(3, tokens, given=True) == 3
+    assert probe_samples(256, digits, given=False) == 256 and probe_samples(512, digits, given=False) is None
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 50))
+    land = load_probe("landscape").run(model, tokens, loss=lm_loss, steps=3)
+    assert land.params["n_samples"] == 4
+    hess = load_probe("hessian").run(model, tokens, loss=lm_loss, trace=False, density=False, top_k=1)
+    assert hess.summary["n_samples"] == 4
+
+
 def test_probes_follow_the_contract():
     data = load_data("digits", n_samples=96)
     lm = load_model("digits-mlp")

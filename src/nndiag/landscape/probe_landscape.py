@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nndiag.landscape._setup import probe_samples
 from nndiag.report.results import Result
 
 NAME = "landscape"
@@ -37,8 +38,7 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | str = "a
 
     module = model.require_module("the loss landscape") if hasattr(model, "require_module") else model
     opts = {**DEFAULTS, **options}
-    if opts.get("n_samples") and data is not None and opts["n_samples"] > len(data):
-        opts["n_samples"] = None
+    opts["n_samples"] = probe_samples(opts.get("n_samples"), data, given="n_samples" in options)
     return surface(module, data, seed=seed, device=device, loss=loss, **opts).to_result()
 
 
