@@ -155,3 +155,48 @@ def test_pixel_values_stored_as_floats_are_recognised():
     # not whole numbers, or beyond 255: nothing is suggested
     assert input_scale_finding(model, pixels + 0.5, raw.y, normalize=None) == (None, {})
     assert input_scale_finding(model, pixels * 2, raw.y, normalize=None) == (None, {})
+
+
+def _colour_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-channel 8×8 images in [0, 1] whose class is the colour of a bright patch (R, G or B)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = 0.3 * torch.rand(n, 3, 8, 8, generator=g)
+    for i in range(n):
+        r, c = torch.randint(0, 5, (2,), generator=g).tolist()
+        x[i, y[i], r:r + 3, c:c + 3] += 0.6
+    return x, y
+
+
+def test_images_in_the_other_channel_order_are_flagged_and_the_bgr_option_fixes_them(tmp_path):
+    from nndiag.io.data import reverse_channels
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    x, y = _colour_task(600, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    xt, yt = _colour_task(300, seed=2)
+    bgr = reverse_channels(xt)  # what OpenCV would have loaded
+    with torch.no_grad():
+        acc_rgb = float((model(xt).argmax(1) == yt).float().mean())
+        acc_bgr = float((model(bgr).argmax(1) == yt).float().mean())
+    assert acc_rgb > 0.95 and acc_bgr < 0.7  # red and blue patches swap classes
+    f, scores = input_scale_finding(model, bgr, yt, normalize="none")
+    assert f is not None and f.code == "EVAL-INPUT-SCALE" and f.evidence["bgr"] is True
+    assert f.evidence["normalize"] == "none" and "DATA?bgr=1" in f.recommendation
+    assert scores["bgr"][1] == pytest.approx(acc_rgb) and scores["as given"][1] == pytest.approx(acc_bgr)
+    assert input_scale_finding(model, xt, yt, normalize="none")[0] is None  # RGB as trained: nothing
+    # the data option does what the finding says
+    np.savez(tmp_path / "bgr.npz", x=(bgr.numpy() * 255).round().astype(np.uint8).transpose(0, 2, 3, 1),
+             y=yt.numpy())
+    fixed = load_data(f"{tmp_path / 'bgr.npz'}?bgr=1")
+    with torch.no_grad():
+        assert float((model(fixed.x).argmax(1) == yt).float().mean()) == pytest.approx(acc_rgb, abs=0.02)
+    with pytest.raises(Exception, match="3-channel"):
+        load_data("digits?bgr=1")

@@ -11,7 +11,9 @@ A DATA spec is ``NAME[?key=value&key=value]``:
 
 Options: ``split=train|test|all`` (digits and mnist1d; a fixed seeded 75/25 split for
 digits), ``normalize=none|imagenet|cifar|inception|clip|standard``, ``flatten=1``,
-``block=T`` (a token stream's sequence length, default :data:`STREAM_BLOCK`).
+``block=T`` (a token stream's sequence length, default :data:`STREAM_BLOCK`), ``bgr=1`` (reverse
+the colour channels of 3-channel images, BGR ↔ RGB — OpenCV reads BGR — before any
+normalisation).
 
 From Python, :func:`as_data` also accepts ``(x, y)`` tensors or arrays, a
 ``DataLoader`` and a :class:`DataBundle`.
@@ -47,7 +49,7 @@ _NORMS = {
     # OpenAI CLIP's image preprocessing
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
-_OPTIONS = ("split", "normalize", "flatten", "block")
+_OPTIONS = ("split", "normalize", "flatten", "block", "bgr")
 #: Tokens per sequence when a 1-D token stream is cut (``block=`` overrides): the usual
 #: evaluation context of small causal models, within GPT-2's 1,024 positions.
 STREAM_BLOCK = 128
@@ -326,9 +328,19 @@ def normalize_inputs(x: torch.Tensor, how: str, *, name: str = "data") -> torch.
     return x
 
 
+def reverse_channels(x: torch.Tensor, *, name: str = "data") -> torch.Tensor:
+    """3-channel images ``(N, 3, H, W)`` with their colour channels in reverse order (BGR ↔ RGB)."""
+    if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+        raise DataError(f"{name}: bgr=1 needs 3-channel images, got shape {tuple(x.shape)}")
+    return x.flip(1)
+
+
 def _apply_options(b: DataBundle, opts: dict[str, str]) -> DataBundle:
     norm = opts.get("normalize", "none")
-    x = normalize_inputs(b.x, norm, name=b.name)
+    x = b.x
+    if opts.get("bgr", "0") not in ("0", "false", ""):
+        x = reverse_channels(x, name=b.name)
+    x = normalize_inputs(x, norm, name=b.name)
     if opts.get("flatten", "0") not in ("0", "false", ""):
         x = x.reshape(x.shape[0], -1)
     meta = dict(b.meta, normalize=norm)

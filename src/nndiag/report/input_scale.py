@@ -12,6 +12,9 @@ they are and normalised each way the ``normalize=`` DATA option offers
 It looks only where the mismatch is plausible: float inputs in ``[0, 1]`` that were not
 normalised when loaded — or whole numbers in ``[0, 255]``, pixel values stored as floats,
 which are also tried divided by 255 — and a classifier under the default cross-entropy.
+For 3-channel images the best of these is also tried with the colour channels reversed
+(BGR ↔ RGB: images read with OpenCV fed to a model trained on RGB, or the other way), and
+so are the inputs as given.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nndiag.io.data import NORMALIZATIONS, normalize_inputs
+from nndiag.io.data import NORMALIZATIONS, normalize_inputs, reverse_channels
 from nndiag.report.results import Finding
 
 #: Examples (the first ones, so that the check is deterministic) evaluated each way.
@@ -94,6 +97,15 @@ def input_scale_finding(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     scores = {"as given": _scores(module, xs, ys, batch_size)}
     for key, (_, how) in variants.items():
         scores[key] = _scores(module, normalize_inputs(base, how, name=name), ys, batch_size)
+    if xs.ndim == 4 and xs.shape[1] == 3:  # colour channels in the other order
+        top = min(variants, key=lambda h: scores[h][0], default=None)
+        flipped = {"as given, bgr": (False, "none")} if pixels else {"bgr": (False, "none")}
+        if top is not None:
+            flipped[f"{top}, bgr"] = variants[top]
+        for key, (divide, how) in flipped.items():
+            src = base if (divide or key == "bgr") else xs
+            scores[key] = _scores(module, normalize_inputs(reverse_channels(src), how, name=name), ys, batch_size)
+        variants = {**variants, **flipped}
     given_loss, given_acc = scores["as given"]
     best = min(variants, key=lambda h: scores[h][0], default=None)
     if best is None:
@@ -103,18 +115,21 @@ def input_scale_finding(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
             or loss <= LOSS_RATIO_ALONE * given_loss):
         return None, scores
     divide, how = variants[best]
-    named = f"normalised as '{how}'"
-    told = ("divided by 255" + (f" and {named}" if how != "none" else "")) if divide else named
-    option = f"DATA?normalize={how}"
+    bgr = best.endswith("bgr")
+    parts = (["divided by 255"] if divide else []) + ([f"normalised as '{how}'"] if how != "none" else []) + (
+        ["in reversed colour-channel order (BGR ↔ RGB)"] if bgr else [])
+    told = " and ".join(parts)
+    query = "&".join(([f"normalize={how}"] if how != "none" else []) + (["bgr=1"] if bgr else []))
+    option = f"DATA?{query}"
     fix = ("store the inputs as uint8 (nndiag reads them as [0, 1]) or divide them by 255"
-           + (f", and pass the data as {option}" if how != "none" else "")) if divide else (
-        f"pass the data as {option} (or normalise it as in training)")
+           + (f", and pass the data as {option}" if query else "")) if divide else (
+        f"pass the data as {option} (or prepare it as in training)")
     finding = Finding(
         "EVAL-INPUT-SCALE", "warn",
         f"on the first {len(ys)} examples of {name} the model does much better with the inputs {told} "
         f"(loss {loss:.3g}, accuracy {acc:.1%}) than as given (loss {given_loss:.3g}, accuracy "
         f"{given_acc:.1%}): it was probably trained on inputs in that scale",
-        {"normalize": how, "divide_by_255": divide, "n_examples": len(ys),
+        {"normalize": how, "divide_by_255": divide, "bgr": bgr, "n_examples": len(ys),
          "scores": {h: {"loss": v[0], "accuracy": v[1]} for h, v in scores.items()}},
         f"{fix}; the analyses that read data otherwise describe the model off its input distribution")
     return finding, scores
