@@ -90,6 +90,9 @@ def _model_info(lm: Any) -> dict[str, Any]:
         infos = lm.tensors.infos()
         info["tensors"] = len(infos)
         info["parameters"] = int(sum(i.numel for i in infos))
+    left = (lm.meta or {}).get("ignored_keys") or []
+    if left:  # a checkpoint with more than the model (a Lightning EMA copy): say what was not used
+        info["keys_left_out"] = f"{len(left)} checkpoint tensors not loaded, e.g. {left[0]}"
     return info
 
 
