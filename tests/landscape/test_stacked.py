@@ -175,6 +175,18 @@ def test_stacked_is_refused_where_it_does_not_apply():
     assert s.params["strategy"] in ("vmap", "loop", "threads")
 
 
+def test_a_last_layer_with_a_frozen_weight_and_a_moving_bias():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    model[2].weight.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 5, generator=g), torch.randint(0, 3, (30,), generator=g)
+    kw = dict(dim=2, steps=5, seed=0, dtype=torch.float64, one_d="keep")  # biases move too
+    a = surface(model, (x, y), strategy="stacked", **kw)
+    b = surface(model, (x, y), strategy="loop", **kw)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-12)
+
+
 @pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
 def test_tied_weights_move_together_in_every_strategy(strategy):
     """One Parameter under two names. The bound copy used to give each name its own Parameter:

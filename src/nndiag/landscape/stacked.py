@@ -181,7 +181,8 @@ class Stacked:
 
     def _linear(self, name: str, m: nn.Linear, h: torch.Tensor, stacked: bool, c: torch.Tensor,
                 classes_first: bool = False) -> torch.Tensor:
-        """``m`` at the ``k`` points; ``classes_first``: (k, examples, in) → (k, out, examples)."""
+        """``m`` at the ``k`` points; ``classes_first`` (a moving weight, 3-D ``h``):
+        (k, examples, in) → (k, out, examples)."""
         k = c.shape[0]
         w, w_moves = self._param(f"{name}.weight", m.weight, c)
         b, b_moves = self._param(f"{name}.bias", m.bias, c)
@@ -189,8 +190,8 @@ class Stacked:
             h = h.unsqueeze(0).expand(k, *h.shape)
         lead = h.shape[1:-1]
         flat = h.reshape(k, -1, h.shape[-1])
-        if w_moves and classes_first and h.ndim == 3:
-            assert w is not None
+        if classes_first:
+            assert w is not None and w_moves and h.ndim == 3
             if b is None:
                 return torch.bmm(w, h.transpose(1, 2))
             bias = b.unsqueeze(2) if b_moves else b.view(1, -1, 1).expand(k, -1, 1)
@@ -268,7 +269,9 @@ class Stacked:
                 elif target == first:
                     env[node] = (self._first_layer(x, c), True)
                 elif isinstance(m, nn.Linear):
-                    flip = classes_first and node is last and stacked and h.ndim == 3 and moves
+                    # the last layer writes (k, classes, examples) when its weight moves
+                    flip = (classes_first and node is last and stacked and h.ndim == 3
+                            and f"{target}.weight" in self.moving)
                     env[node] = (self._linear(target, m, h, stacked, c, classes_first=flip), True)
                     transposed = flip
                 elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
