@@ -200,25 +200,39 @@ def test_weights_that_do_not_fit(tmp_path):
 
 def test_lightning_checkpoint_loads_into_the_bare_architecture(tmp_path):
     """A PyTorch Lightning checkpoint: weights under ``state_dict`` with the LightningModule's
-    attribute (``model.``) in front, beside an EMA copy; loaded by --arch / weights=."""
+    attribute (``model.``) in front; beside other tensors, and beside an EMA copy (then the
+    user says which: ``FILE#PREFIX``)."""
     torch.manual_seed(3)
     plain = build_model("digits-cnn").eval()
     sd = plain.state_dict()
-    ema = {f"model_ema.{k}": v + 1 for k, v in sd.items()}
-    p = tmp_path / "epoch=3.ckpt"
-    torch.save({"epoch": 3, "state_dict": {**{f"model.{k}": v for k, v in sd.items()}, **ema}}, p)
     x = torch.randn(4, 1, 8, 8)
+    p = tmp_path / "epoch=3.ckpt"
+    extra = {"loss_fn.weight": torch.ones(10)}
+    torch.save({"epoch": 3, "state_dict": {**{f"model.{k}": v for k, v in sd.items()}, **extra}}, p)
     lm = load_model(p, arch="digits-cnn")
     assert torch.equal(lm.module.eval()(x), plain(x))
-    assert sorted(lm.meta["ignored_keys"]) == sorted(ema)
+    assert lm.meta["ignored_keys"] == ["loss_fn.weight"]
     lw = load_model("digits-cnn", weights=p)
-    assert torch.equal(lw.module.eval()(x), plain(x)) and lw.meta["ignored_keys"]
+    assert torch.equal(lw.module.eval()(x), plain(x)) and lw.meta["ignored_keys"] == ["loss_fn.weight"]
     exact = tmp_path / "exact.pt"
     torch.save(sd, exact)
     assert load_model(exact, arch="digits-cnn").meta == {}
     # a prefix that covers only some of the architecture's keys is no match
     torch.save({f"model.{k}" if "features" in k else k: v for k, v in sd.items()}, tmp_path / "mixed.pt")
     _raises("do not fit", tmp_path / "mixed.pt", arch="digits-cnn")
+    # the architecture twice (a model and its EMA copy): no guessing, and FILE#PREFIX chooses
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    both = tmp_path / "ema.ckpt"
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in sd.items()},
+                               **{f"model_ema.{k}": v for k, v in ema.items()}}}, both)
+    _raises(f"several prefixes .*{both}#model", both, arch="digits-cnn")
+    chosen = load_model(f"{both}#model_ema.", arch="digits-cnn")
+    ref = build_model("digits-cnn").eval()
+    ref.load_state_dict(ema)
+    assert torch.equal(chosen.module.eval()(x), ref(x)) and chosen.name == "ema#model_ema"
+    assert torch.equal(load_model("digits-cnn", weights=f"{both}#model.").module.eval()(x), plain(x))
+    assert [i.name for i in load_model(f"{both}#model_ema.").tensors.infos()] == list(sd)
+    _raises("no tensor names start with", f"{both}#teacher.", arch="digits-cnn")
 
 
 def test_hugging_face_runnable_module_offline(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from nndiag.errors import InputError
+
 
 def matching_names(ours: list[str], theirs: list[str]) -> dict[str, str] | None:
     """Our parameter names → the other model's, allowing one wrapper prefix on either side.
@@ -11,6 +13,12 @@ def matching_names(ours: list[str], theirs: list[str]) -> dict[str, str] | None:
     wrapper (:class:`~nndiag.io.hf.HFLogits`) against the folder's tensor names. Returns
     None when no single prefix (added to or removed from every name) matches all names;
     names of ``theirs`` outside the match are left out of the mapping.
+
+    Raises
+    ------
+    AmbiguousNames
+        When several prefixes match (the same architecture stored twice: a model and its EMA
+        copy, a student and a teacher): nndiag does not guess which one is meant.
 
     Examples
     --------
@@ -27,6 +35,7 @@ def matching_names(ours: list[str], theirs: list[str]) -> dict[str, str] | None:
     parts = k0.split(".")
     options = [("strip", ".".join(parts[:i]) + ".") for i in range(1, len(parts))]
     options += [("add", t[: -len(k0)]) for t in theirs if t.endswith("." + k0)]
+    found: dict[str, dict[str, str]] = {}
     for how, prefix in options:
         if how == "strip":
             names = {k: k[len(prefix):] for k in ours if k.startswith(prefix)}
@@ -35,5 +44,17 @@ def matching_names(ours: list[str], theirs: list[str]) -> dict[str, str] | None:
         else:
             names = {k: prefix + k for k in ours}
         if all(v in have for v in names.values()):
-            return names
-    return None
+            found.setdefault(("-" if how == "strip" else "+") + prefix, names)
+    if len(found) > 1:  # e.g. a student and a teacher, or a model and its EMA copy
+        raise AmbiguousNames([p[1:] for p in found])
+    return next(iter(found.values()), None)
+
+
+class AmbiguousNames(InputError):
+    """The other model's names match under several prefixes (:attr:`prefixes`)."""
+
+    def __init__(self, prefixes: list[str]) -> None:
+        self.prefixes = prefixes
+        super().__init__(f"the checkpoint holds this architecture under several prefixes "
+                         f"({', '.join(repr(p) for p in prefixes)}); choose one as FILE#PREFIX, "
+                         f"e.g. FILE#{prefixes[0]}")

@@ -21,7 +21,7 @@ from torch import nn
 
 from nndiag.errors import AnalysisError, InputError, ModelLoadError
 from nndiag.io.checkpoint import CHECKPOINT_SUFFIXES, read_checkpoint
-from nndiag.io.tensors import DictSource, ModuleSource, SafetensorsSource, TensorSource
+from nndiag.io.tensors import DictSource, ModuleSource, PrefixSource, SafetensorsSource, TensorSource
 from nndiag.models.registry import available_models, build_model, is_builtin
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -82,12 +82,15 @@ def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], sour
     ``model.…`` keys load into the bare architecture. Returns the checkpoint keys left out
     then (e.g. an EMA copy ``model_ema.…`` beside ``model.…``; none for an exact match).
     """
-    from nndiag._utils.names import matching_names
+    from nndiag._utils.names import AmbiguousNames, matching_names
 
     own = list(module.state_dict())
     ignored: list[str] = []
     if set(own) != set(state):
-        names = matching_names(own, list(state))
+        try:
+            names = matching_names(own, list(state))
+        except AmbiguousNames as exc:
+            raise ModelLoadError(f"{source}: {exc}".replace("FILE", source)) from None
         if names is not None:
             used = set(names.values())
             ignored = [k for k in state if k not in used]
@@ -204,9 +207,29 @@ def _factory(spec: str) -> nn.Module:
     return model
 
 
+def _selected(spec: str | Path) -> tuple[Path, str | None]:
+    """``FILE#PREFIX`` → (FILE, PREFIX): one model out of a checkpoint that holds several."""
+    path = Path(spec).expanduser()
+    if not path.exists() and "#" in str(spec):
+        base, _, prefix = str(spec).rpartition("#")
+        if Path(base).expanduser().exists() and prefix:
+            return Path(base).expanduser(), prefix
+    return path, None
+
+
+def _state_from_path(path: Path, prefix: str | None) -> tuple[TensorSource, str, dict[str, Any]]:
+    """A file's or folder's tensors (only those under ``prefix``, renamed without it, when given)."""
+    src, origin, meta = _state_from_file(path) if path.is_file() else _state_from_dir(path)
+    if prefix is not None:
+        src = PrefixSource(src, prefix)
+        if not src.infos():
+            raise ModelLoadError(f"{path}: no tensor names start with '{prefix}'")
+        meta = {**meta, "prefix": prefix}
+    return src, origin, meta
+
+
 def _weights_state(weights: str | Path) -> dict[str, torch.Tensor]:
-    src, _, _ = _state_from_file(Path(weights)) if Path(weights).is_file() else _state_from_dir(Path(weights))
-    return src.to_dict()
+    return _state_from_path(*_selected(weights))[0].to_dict()
 
 
 def load_model(
@@ -257,12 +280,9 @@ def load_model(
     if not isinstance(source, (str, Path)):
         raise InputError(f"cannot load a model from {type(source).__name__}; expected {SUPPORTED}")
     spec = str(source)
-    path = Path(spec).expanduser()
+    path, prefix = _selected(spec)
     if path.exists():
-        if path.is_dir():
-            tensors, origin, meta = _state_from_dir(path)
-        else:
-            tensors, origin, meta = _state_from_file(path)
+        tensors, origin, meta = _state_from_path(path, prefix)
         module: nn.Module | None = None
         if arch is not None:
             module = build_model(arch) if is_builtin(arch) else _factory(arch)
@@ -276,9 +296,9 @@ def load_model(
             raw = _hf_module(path)
             module = HFLogits(raw)  # analyses call module(x) for a logits tensor
             tensors = ModuleSource(raw)  # layer names as in the checkpoint
-        name = path.name if path.is_dir() else path.stem
+        name = (path.name if path.is_dir() else path.stem) + (f"#{prefix.rstrip('.')}" if prefix else "")
         return LoadedModel(tensors, module, name, origin, str(path), meta)
-    if weights is not None and not Path(weights).exists():
+    if weights is not None and not _selected(weights)[0].exists():
         raise ModelLoadError(f"{weights}: no such weights file")
     if is_builtin(spec):
         module = build_model(spec)

@@ -138,6 +138,23 @@ class RenamedSource(TensorSource):
         return self.source.get(self._back.get(name, name))
 
 
+class PrefixSource(TensorSource):
+    """The tensors of another source whose names start with ``prefix``, without it (one model
+    out of a checkpoint that holds several: ``FILE#model_ema.``)."""
+
+    def __init__(self, source: TensorSource, prefix: str) -> None:
+        self.source, self.prefix = source, prefix
+
+    def infos(self) -> list[TensorInfo]:
+        from dataclasses import replace
+
+        n = len(self.prefix)
+        return [replace(i, name=i.name[n:]) for i in self.source.infos() if i.name.startswith(self.prefix)]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.get(self.prefix + name)
+
+
 _ST_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
