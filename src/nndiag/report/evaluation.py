@@ -16,8 +16,9 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -113,21 +114,14 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
         accuracy is no better than always predicting the most common class
         (:func:`chance_finding`).
     """
-    from nndiag._utils.device import model_device
-    from nndiag._utils.model_state import preserved
-    from nndiag.io.data import model_inputs
-
     if data is None:
         raise DataError("evaluation needs labelled data")
     module = model.require_module("evaluation")
     if (data.meta or {}).get("tokens"):
         return _evaluate_tokens(module, data, seed=seed, batch_size=batch_size)
     t0 = time.perf_counter()
-    dev = model_device(module)
     preds, losses = [], []
-    with preserved(module, values=False), torch.no_grad():
-        module.eval()
-        x = model_inputs(module, data.x, name=data.name)
+    with _evaluating(module, data) as (x, dev):
         for i in range(0, len(data), batch_size):
             xb, yb = x[i:i + batch_size], data.y[i:i + batch_size]
             out = module(xb.to(dev))
@@ -177,6 +171,19 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
                   seed=seed, timing={"total": time.perf_counter() - t0}, meta=provenance(str(dev)))
 
 
+@contextlib.contextmanager
+def _evaluating(module: torch.nn.Module, data: Any) -> Iterator[tuple[torch.Tensor, torch.device]]:
+    """The model in eval mode without gradients (its state restored afterwards), with the
+    data's inputs as it takes them and its device."""
+    from nndiag._utils.device import model_device
+    from nndiag._utils.model_state import preserved
+    from nndiag.io.data import model_inputs
+
+    with preserved(module, values=False), torch.no_grad():
+        module.eval()
+        yield model_inputs(module, data.x, name=data.name), model_device(module)
+
+
 def _evaluate_tokens(module: torch.nn.Module, data: Any, *, seed: int, batch_size: int) -> Result:
     """Next-token loss and accuracy of a causal language model on token sequences.
 
@@ -186,17 +193,11 @@ def _evaluate_tokens(module: torch.nn.Module, data: Any, *, seed: int, batch_siz
     n_tokens, num_classes (vocabulary); table ``per_position`` (loss and accuracy by position
     in the context: a model that cannot use its context does no better late than early).
     """
-    from nndiag._utils.device import model_device
-    from nndiag._utils.model_state import preserved
-    from nndiag.io.data import model_inputs
     from nndiag.landscape._setup import logits_of
 
     t0 = time.perf_counter()
-    dev = model_device(module)
     losses, hits = [], []
-    with preserved(module, values=False), torch.no_grad():
-        module.eval()
-        x = model_inputs(module, data.x, name=data.name)
+    with _evaluating(module, data) as (x, dev):
         if x.ndim != 2 or x.shape[1] < 2:
             raise DataError(f"{data.name}: token sequences must be (sequences, T) with T >= 2, got {tuple(x.shape)}")
         for i in range(0, len(data), batch_size):
