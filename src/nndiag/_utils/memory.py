@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from nndiag._utils.env import env_count
+
 #: Share of the memory available when an analysis starts that its stored vectors may take.
 BASIS_FRACTION = 0.25
 #: Assumed available memory where it cannot be read (no /proc/meminfo, no CUDA query).
@@ -51,11 +53,8 @@ def vectors_that_fit(dim: int, dtype: torch.dtype, device: torch.device | str = 
     ``NNDIAG_MAX_BASIS`` (a vector count) overrides the estimate, for tests and for users
     who know better.
     """
-    env = os.environ.get("NNDIAG_MAX_BASIS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            pass
+    env = env_count("NNDIAG_MAX_BASIS")
+    if env is not None:
+        return env
     per = max(1, int(dim) * torch.empty((), dtype=dtype).element_size())
     return int(available_bytes(device) * fraction // per)

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from nndiag._utils.env import env_count
+
 _controller: tuple[int, Any] | None = None
 _pools: dict[int, Any] = {}
 
@@ -65,12 +67,9 @@ def default_threads() -> int:
     (``nndiag diagnose``, a script) ran on one thread — a Hessian density at 0.96 instead
     of 0.6 s per product. It is used only where ``/proc`` cannot be read.
     """
-    env = os.environ.get("NNDIAG_THREADS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            pass
+    env = env_count("NNDIAG_THREADS")
+    if env is not None:
+        return env
     cores = usable_cores()
     busy = _running_elsewhere()
     if busy is None:
