@@ -134,6 +134,9 @@ def test_cli_evaluate_and_rank(tiny_bench):
     assert [(row["name"], row["rank"], row["status"]) for row in table] == \
         [("digits-cnn", 1.0, "ok"), ("nb201:" + B, None, "failed")]
     assert "channels" in table[1]["error"]
+    human = runner.invoke(app, ["zerocost", "rank", "digits-cnn", "nb201:" + B, "--data", "digits",
+                                "--proxies", "synflow,params", "--batch-size", "8"])
+    assert human.exit_code == 0 and "agreement (mean Kendall τ): n/a" in human.output  # one scored
     r = runner.invoke(app, ["zerocost", "rank", "nb201:|bad~0|", "--data", "digits"])
     assert r.exit_code == 2 and "valid ops" in r.output
     r = runner.invoke(app, ["zerocost", "rank", "digits-cnn", "--data", "digits", "--batch-size", "1"])

@@ -113,6 +113,7 @@ def register(app: typer.Typer) -> None:
         human_table(df.drop(columns=["error"]).to_dict(orient="records"), title=f"candidates, {label}")
         for _, r in df[df["status"] != "ok"].iterrows():
             err(f"{r['name']}: {r['error']}")
+        agree = summary["proxy_agreement"]
         typer.echo(f"best: {summary['best']}; proxy agreement (mean Kendall τ): "
-                   f"{summary['proxy_agreement']:.2f}")
+                   + (f"{agree:.2f}" if agree == agree else "n/a (needs two or more scored candidates)"))
         return 0
