@@ -21,7 +21,7 @@ from torch import nn
 
 from nndiag.errors import AnalysisError, InputError, ModelLoadError
 from nndiag.io.checkpoint import CHECKPOINT_SUFFIXES, read_checkpoint
-from nndiag.io.tensors import DictSource, ModuleSource, PrefixSource, SafetensorsSource, TensorSource
+from nndiag.io.tensors import DictSource, ModuleSource, RenamedSource, SafetensorsSource, TensorSource
 from nndiag.models.registry import available_models, build_model, is_builtin
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -221,7 +221,7 @@ def _state_from_path(path: Path, prefix: str | None) -> tuple[TensorSource, str,
     """A file's or folder's tensors (only those under ``prefix``, renamed without it, when given)."""
     src, origin, meta = _state_from_file(path) if path.is_file() else _state_from_dir(path)
     if prefix is not None:
-        src = PrefixSource(src, prefix)
+        src = RenamedSource.under(src, prefix)
         if not src.infos():
             raise ModelLoadError(f"{path}: no tensor names start with '{prefix}'")
         meta = {**meta, "prefix": prefix}

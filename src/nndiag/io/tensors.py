@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -115,44 +115,35 @@ class DictSource(TensorSource):
 
 
 class RenamedSource(TensorSource):
-    """Another source's tensors under other names (e.g. without a checkpoint's wrapper prefix).
+    """Another source's tensors under other names: without a checkpoint's wrapper prefix, or
+    (``only=True``) just one model out of a checkpoint that holds several (``FILE#model_ema.``).
 
     Parameters
     ----------
     source : TensorSource
         The tensors.
     names : dict of str to str
-        The source's name → the name shown; names not in it are kept.
+        The source's name → the name shown.
+    only : bool
+        Keep only the tensors ``names`` maps (else the others keep their names).
     """
 
-    def __init__(self, source: TensorSource, names: Mapping[str, str]) -> None:
-        self.source, self.names = source, dict(names)
+    def __init__(self, source: TensorSource, names: Mapping[str, str], only: bool = False) -> None:
+        self.source, self.names, self.only = source, dict(names), only
         self._back = {v: k for k, v in self.names.items()}
 
-    def infos(self) -> list[TensorInfo]:
-        from dataclasses import replace
+    @classmethod
+    def under(cls, source: TensorSource, prefix: str) -> RenamedSource:
+        """The tensors of ``source`` whose names start with ``prefix``, without it."""
+        n = len(prefix)
+        return cls(source, {i.name: i.name[n:] for i in source.infos() if i.name.startswith(prefix)}, only=True)
 
-        return [replace(i, name=self.names.get(i.name, i.name)) for i in self.source.infos()]
+    def infos(self) -> list[TensorInfo]:
+        return [replace(i, name=self.names.get(i.name, i.name)) for i in self.source.infos()
+                if not self.only or i.name in self.names]
 
     def get(self, name: str) -> torch.Tensor:
         return self.source.get(self._back.get(name, name))
-
-
-class PrefixSource(TensorSource):
-    """The tensors of another source whose names start with ``prefix``, without it (one model
-    out of a checkpoint that holds several: ``FILE#model_ema.``)."""
-
-    def __init__(self, source: TensorSource, prefix: str) -> None:
-        self.source, self.prefix = source, prefix
-
-    def infos(self) -> list[TensorInfo]:
-        from dataclasses import replace
-
-        n = len(self.prefix)
-        return [replace(i, name=i.name[n:]) for i in self.source.infos() if i.name.startswith(self.prefix)]
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.source.get(self.prefix + name)
 
 
 _ST_DTYPES = {

@@ -27,7 +27,6 @@ Anything else (convolutions, attention, parameters read directly, ...) makes
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -318,16 +317,17 @@ class Stacked:
             return -logp.gather(1, y.view(1, 1, -1).expand(zt.shape[0], 1, -1)).squeeze(1).mean(1)
         return torch.stack([torch.as_tensor(self.loss_fn(logits_of(z[i]), y)) for i in range(z.shape[0])])
 
-    def points_per_pass(self, batch: int) -> int:
-        """Points stacked per pass so that no stacked activation exceeds :data:`STACK_BYTES`."""
-        per = max(self.point_bytes, 1)
-        return int(max(1, min(MAX_POINTS, STACK_BYTES // per)))
+    @property
+    def points_per_pass(self) -> int:
+        """Points stacked per pass so that no stacked activation exceeds :data:`STACK_BYTES`
+        (from the largest activation per point, measured by :func:`build_stacked`'s first pass)."""
+        return int(max(1, min(MAX_POINTS, STACK_BYTES // max(self.point_bytes, 1))))
 
     def __call__(self, c: torch.Tensor, data: Batches) -> torch.Tensor:
         """Losses at the rows of ``c`` (weighted over ``data``'s batches), ``(len(c),)``."""
         total = torch.zeros(c.shape[0], dtype=torch.float64)
         for (xb, yb), w in zip(data.batches, data.weights, strict=True):
-            k = self.points_per_pass(len(yb)) if self.point_bytes else 1
+            k = self.points_per_pass
             parts = [self.losses(xb, yb, c[s:s + k]) for s in range(0, c.shape[0], k)]
             total += w * torch.cat(parts).double()
         return total
@@ -373,11 +373,7 @@ def build_stacked(bound: BoundCopy, loss_fn: LossFn, batches: Batches) -> Stacke
             stacked.losses(xb, yb, zero)  # measures the activations per point
             # a full pass at the origin: first calls at new shapes run slower, which would
             # mislead the strategy trial that follows
-            stacked.losses(xb, yb, zero.expand(stacked.points_per_pass(len(yb)), -1))
-    except (Unsupported, RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError):
-        return None
-    except Exception:  # noqa: BLE001 - fx tracing raises its own errors for untraceable code
-        return None
-    if not math.isfinite(float(stacked.point_bytes)):
+            stacked.losses(xb, yb, zero.expand(stacked.points_per_pass, -1))
+    except Exception:  # noqa: BLE001 - Unsupported, or any error of fx tracing or of the trial pass
         return None
     return stacked

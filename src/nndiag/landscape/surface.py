@@ -830,7 +830,7 @@ def surface(
     settings["pools_rewritten"] = pools
     settings["bound_copy"] = bound
     settings["first_layer_precomputed"] = first
-    settings["points_stacked"] = (grid.stacker.points_per_pass(batches.batch_size)
+    settings["points_stacked"] = (grid.stacker.points_per_pass
                                   if grid.stacker is not None and settings["strategy"] == "stacked" else None)
     settings["batch_size"] = batches.batch_size
     settings["batch_size_requested"] = batch_size

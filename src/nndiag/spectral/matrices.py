@@ -329,8 +329,7 @@ def plan_layers(
             for p, letter in enumerate("qkv"):
                 candidates.append(LayerSpec(f"{base}.{letter}", info.name, kind, info.shape, info.dtype,
                                             max(a, b), min(a, b), 1, min(a, b), part=p, split_dim=dim))
-        elif kind == "recurrent" and recurrent_gates(info, by_name):
-            gates = recurrent_gates(info, by_name)
+        elif kind == "recurrent" and (gates := recurrent_gates(info, by_name)):
             a, b = int(info.shape[0]) // len(gates), int(info.shape[1])
             for p, letter in enumerate(gates):
                 candidates.append(LayerSpec(f"{info.name}.{letter}", info.name, kind, info.shape, info.dtype,
