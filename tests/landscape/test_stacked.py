@@ -206,3 +206,42 @@ def test_tied_weights_move_together_in_every_strategy(strategy):
     for i in range(5):
         shift = {k: s.alphas[i] * d[k] for k in w}
         assert s.losses[i] == pytest.approx(_loss_at(model, x, y, shift), rel=1e-10)
+
+
+def test_passes_reuse_their_buffers_without_stale_values(monkeypatch):
+    """Many short passes (3 points, then 1 at the end of each 16-point chunk) write into the
+    same buffers; every point must still equal the loop's value."""
+    import nndiag.landscape.stacked as stacked_mod
+
+    monkeypatch.setattr(stacked_mod, "MAX_POINTS", 3)
+    model = _mixed(seed=2)
+    x, y = _data(seed=4)
+    kw = dict(dim=2, steps=7, seed=5, dtype=torch.float64, one_d="keep")
+    st = surface(model, (x, y), strategy="stacked", **kw)
+    assert st.params["points_stacked"] == 3
+    lp = surface(model, (x, y), strategy="loop", **kw)
+    np.testing.assert_allclose(st.losses, lp.losses, rtol=1e-12, atol=0)
+
+
+def test_points_per_pass_is_bounded_by_the_moving_weights():
+    """A wide layer on a few examples: the activations are tiny, but each point's copy of the
+    256×256 weight is 256 KiB, so a pass holds at most STACK_BYTES of them (it used to stack
+    MAX_POINTS = 64 such copies, 16 MiB, sized by the activations alone)."""
+    from nndiag.landscape.stacked import STACK_BYTES
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 3)).eval()
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    st = surface(model, (x, y), dim=1, steps=9, seed=0, strategy="stacked")
+    assert st.params["points_stacked"] == STACK_BYTES // (256 * 256 * 4)
+    lp = surface(model, (x, y), dim=1, steps=9, seed=0, strategy="loop")
+    np.testing.assert_allclose(st.losses, lp.losses, rtol=2e-5)
+
+
+def test_auto_picks_stacked_for_a_fully_connected_model():
+    model = _mixed(seed=1)
+    x, y = _data(seed=2)
+    s = surface(model, (x, y), dim=1, steps=21, seed=0, threads=2)
+    assert s.params["strategy"] == "stacked"
+    ref = surface(model, (x, y), dim=1, steps=21, seed=0, strategy="loop", threads=2)
+    np.testing.assert_allclose(s.losses, ref.losses, rtol=2e-5)

@@ -4,15 +4,18 @@ A grid point of a small fully connected network (the digits MLP: 64→64→64→
 examples) is three small matrix products, a few element-wise operations and a
 cross-entropy: ~0.3 ms, of which PyTorch's per-operation dispatch is a large share.
 Evaluating ``k`` points together makes every operation ``k`` times larger and removes
-that share: activations carry a leading *point* axis ``(k, examples, features)``; a
-linear layer whose weight moves on the grid becomes one batched product with the ``k``
-points' weights ``W₀ + Σ_j c_j D_j`` (``torch.baddbmm``); element-wise activations are
-applied as they are; a precomputed first layer (:mod:`~nndiag.landscape.first_layer`)
-gives ``Y₀ + Σ_j c_j Y_j`` for all ``k`` points in one product; and the default
-cross-entropy normalises along the class axis of ``(k, classes, examples)`` logits (the
-fast layout of :func:`~nndiag.landscape._setup.cpu_cross_entropy`). Measured on the
-2-core development VM, one thread, 441 points of the digits MLP: 148 ms as a loop of
-forwards, 45 ms stacked by 8 (same losses to 5e-7 in float32).
+that share: activations carry a leading *point* axis, features first
+``(k, features, examples)`` after a moving linear layer; such a layer becomes one batched
+product ``W·H`` with the ``k`` points' weights ``W₀ + Σ_j c_j D_j`` (``torch.baddbmm``);
+element-wise activations are applied as they are; a precomputed first layer
+(:mod:`~nndiag.landscape.first_layer`) gives ``Y₀ + Σ_j c_j Y_j`` for all ``k`` points in one
+product; the default cross-entropy normalises along the class axis of the last layer's
+``(k, classes, examples)`` logits (the fast layout of
+:func:`~nndiag.landscape._setup.cpu_cross_entropy`); and every pass writes into the same
+buffers. Measured on the 2-core development VMs, one thread, 441 points of the digits MLP:
+148 ms as a loop of forwards, 45 ms stacked by 8 (AMD EPYC, first version); per 16 points
+2.4 ms before the buffers and the features-first layout, 1.7 ms after (Intel Xeon); the
+same losses to 5e-7 in float32.
 
 :class:`Stacked` interprets the ``torch.fx`` graph of the grid's bound copy
 (:class:`~nndiag.landscape.bound.BoundCopy`) on such stacked tensors. It accepts a graph
@@ -38,10 +41,11 @@ from nndiag.landscape._setup import Batches, LossFn, default_loss, logits_of
 from nndiag.landscape.bound import BoundCopy, input_key
 from nndiag.landscape.first_layer import RESHAPE_FUNCTIONS, RESHAPE_METHODS, is_shape_query
 
-#: Largest stacked activation (all ``k`` points of one batch), in bytes. The digits MLP's
-#: 441 points (512 examples, 64 features: 128 KiB per point), one thread, medians of 6:
-#: 256 KiB 69 ms, 512 KiB 51 ms, 1 MiB 40 ms, 2 MiB 62 ms (33–84 ms from run to run).
-STACK_BYTES = 1 << 20
+#: Largest stacked activation or parameter (all ``k`` points of one batch), in bytes. The
+#: digits MLP (512 examples, 64 features: 128 KiB per point), one thread, 64 points, medians
+#: of 400 calls: 512 KiB passes 10.5 ms, 1 MiB 8.2 ms, 2 MiB 7.2 ms, 4 MiB 7.2–7.8 ms (with
+#: the buffers of :meth:`Stacked._out`; without them 2 MiB passes ranged over 2× between runs).
+STACK_BYTES = 2 << 20
 #: Most points per stacked pass.
 MAX_POINTS = 64
 #: Moving parameters copied as ``(1 + dim, numel)`` stacks at most this many bytes.
@@ -80,12 +84,13 @@ class _Moving:
         self.base = base.reshape(1, -1).clone()
         self.dirs = torch.stack([d.reshape(-1) for d in dirs]) if dirs else None
 
-    def at(self, c: torch.Tensor) -> torch.Tensor:
-        """``(k, *shape)`` values at the rows of ``c`` (k × dim coefficients)."""
+    def at(self, c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(k, *shape)`` values at the rows of ``c`` (k × dim coefficients), written into
+        ``out`` (``(k, numel)``) when given."""
         k = c.shape[0]
         if self.dirs is None:
             return self.base.expand(k, -1).reshape((k, *self.shape))
-        return torch.addmm(self.base, c, self.dirs).view((k, *self.shape))
+        return torch.addmm(self.base, c, self.dirs, out=out).view((k, *self.shape))
 
     @property
     def nbytes(self) -> int:
@@ -114,8 +119,12 @@ class Stacked:
         self.loss_fn = loss_fn
         self.dim = len(bound.dir_views)
         self.moving: dict[str, _Moving] = {}
-        self._first: dict[Any, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.point_bytes = 0  # largest stacked activation per point, measured by a first pass
+        #: input key -> ([Y₀; Y₁; …] flattened, output shape, features first)
+        self._first: dict[Any, tuple[torch.Tensor, tuple[int, ...], bool]] = {}
+        self.point_bytes = 0  # largest stacked activation or parameter per point (see points_per_pass)
+        #: output buffers reused from pass to pass (see :meth:`_out`)
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._reuse = False
         self._check()
 
     # -- building ---------------------------------------------------------------------------------
@@ -156,57 +165,91 @@ class Stacked:
                     raise Unsupported(f"method {node.target}")
         if size > MAX_BYTES:
             raise Unsupported("the moving linear parameters are too large to stack")
+        # a pass holds every moving parameter at its k points too
+        self.point_bytes = max((mv.base.numel() * mv.base.element_size() for mv in self.moving.values()), default=0)
 
-    def _first_layer(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """The precomputed first layer's output at ``k`` points, ``(k, *Y₀.shape)``."""
+    def _first_layer(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The precomputed first layer's output at ``k`` points and whether it is features
+        first: ``(k, features, examples)`` for a 2-D output ``Y₀`` (see :meth:`forward`),
+        else ``(k, *Y₀.shape)``.
+
+        Computed as ``[1, c]·[Y₀; Y₁; …]``, one product without a copy of ``Y₀`` first (16
+        digits-MLP points: 0.14 ms against 0.25 ms for ``addmm(Y₀, c, [Y₁; …])``, one thread).
+        """
         key = input_key(x)
         if key not in self._first:
             assert self.bound.first_layer is not None
             _, y0, ys = self.bound.first_layer[1][key]
-            stack = torch.stack([y.reshape(-1) for y in ys]) if ys else None
-            self._first[key] = (y0.reshape(1, -1), stack)
-        y0, stack = self._first[key]
-        shape = (c.shape[0], *self.bound.first_layer[1][key][1].shape)  # type: ignore[index]
-        if stack is None:
-            return y0.expand(c.shape[0], -1).reshape(shape)
-        return torch.addmm(y0, c, stack).view(shape)
+            fm = y0.ndim == 2 and bool(ys)
+            lay = (lambda y: y.t().reshape(-1)) if fm else (lambda y: y.reshape(-1))
+            self._first[key] = (torch.stack([lay(y) for y in (y0, *ys)]), tuple(y0.t().shape if fm else y0.shape), fm)
+        stack, shape, fm = self._first[key]
+        k = c.shape[0]
+        if stack.shape[0] == 1:  # the first layer does not move
+            return stack.expand(k, -1).reshape((k, *shape)), False
+        coef = torch.cat([c.new_ones(k, 1), c], 1)
+        return torch.mm(coef, stack, out=self._out("first", (k, stack.shape[1]), stack)).view((k, *shape)), fm
 
     # -- evaluating -------------------------------------------------------------------------------
+    def _out(self, tag: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+        """The buffer a pass writes ``tag``'s value into (None outside :meth:`losses`).
+
+        Every pass reuses the same memory: fresh ~1 MiB activations each pass were returned
+        to the system by the allocator and faulted back in on the next (a pass of 8 digits-MLP
+        points: 1.8 ms with fresh tensors, 0.95 ms with buffers, one thread).
+        """
+        if not self._reuse:
+            return None
+        key = (tag, shape, like.dtype, torch.is_inference_mode_enabled())
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = like.new_empty(shape)
+        return buf
+
     def _param(self, key: str, fallback: torch.Tensor | None, c: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
         """A parameter at the ``k`` points (stacked) or its fixed value (not stacked)."""
         if key in self.moving:
-            return self.moving[key].at(c), True
+            mv = self.moving[key]
+            return mv.at(c, self._out(key, (c.shape[0], mv.base.shape[1]), mv.base)), True
         return fallback, False
 
-    def _linear(self, name: str, m: nn.Linear, h: torch.Tensor, stacked: bool, c: torch.Tensor,
-                classes_first: bool = False) -> torch.Tensor:
-        """``m`` at the ``k`` points; ``classes_first`` (a moving weight, 3-D ``h``):
-        (k, examples, in) → (k, out, examples)."""
+    def _linear(self, name: str, m: nn.Linear, h: torch.Tensor, stacked: bool, fm: bool,
+                c: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``m`` at the ``k`` points and whether the result is features first.
+
+        With a moving weight and 3-D (stacked) ``h`` in either layout, the result is
+        ``(k, out, examples)``: one ``W·H`` product per point. Otherwise ``(k, *lead, out)``.
+        """
         k = c.shape[0]
         w, w_moves = self._param(f"{name}.weight", m.weight, c)
         b, b_moves = self._param(f"{name}.bias", m.bias, c)
         if not stacked:
             h = h.unsqueeze(0).expand(k, *h.shape)
+        if w_moves and h.ndim == 3:
+            assert w is not None
+            hf = h if fm else h.transpose(1, 2)  # (k, in, examples)
+            buf = self._out(name, (k, w.shape[1], hf.shape[2]), hf)
+            if b is None:
+                return torch.bmm(w, hf, out=buf), True
+            bias = b.unsqueeze(2) if b_moves else b.view(1, -1, 1).expand(k, -1, 1)
+            return torch.baddbmm(bias, w, hf, out=buf), True
+        if fm:
+            h = h.transpose(1, 2)
         lead = h.shape[1:-1]
         flat = h.reshape(k, -1, h.shape[-1])
-        if classes_first:
-            assert w is not None and w_moves and h.ndim == 3
-            if b is None:
-                return torch.bmm(w, h.transpose(1, 2))
-            bias = b.unsqueeze(2) if b_moves else b.view(1, -1, 1).expand(k, -1, 1)
-            return torch.baddbmm(bias, w, h.transpose(1, 2))
         if w_moves:
             assert w is not None
+            buf = self._out(name, (k, flat.shape[1], w.shape[1]), flat)
             if b is None:
-                out = torch.bmm(flat, w.transpose(1, 2))
+                out = torch.bmm(flat, w.transpose(1, 2), out=buf)
             else:
                 bias = b.unsqueeze(1) if b_moves else b.view(1, 1, -1).expand(k, 1, -1)
-                out = torch.baddbmm(bias, flat, w.transpose(1, 2))
+                out = torch.baddbmm(bias, flat, w.transpose(1, 2), out=buf)
         else:
             out = F.linear(flat, w, None)
             if b is not None:
                 out = out + (b.unsqueeze(1) if b_moves else b)
-        return out.reshape(k, *lead, out.shape[-1])
+        return out.reshape(k, *lead, out.shape[-1]), False
 
     def _norm(self, name: str, m: nn.Module, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         k = c.shape[0]
@@ -231,96 +274,107 @@ class Stacked:
     def forward(self, x: torch.Tensor, c: torch.Tensor, classes_first: bool = False) -> tuple[torch.Tensor, bool]:
         """Outputs at the ``k`` points of ``c`` for input batch ``x``: ``(k, *output shape)``.
 
-        With ``classes_first``, a last linear layer on ``(examples, in)`` features gives its
-        output as ``(k, classes, examples)`` directly; the flag returned says whether it did.
+        Activations of ``(examples, features)`` layers are held features first,
+        ``(k, features, examples)``, from a moving linear layer on: each point is then one
+        ``W·H`` product with the points' weights as stored (a digits-MLP pass of 8 points: 64×64
+        layer 0.34 ms against 0.42 ms as ``H·Wᵀ`` with ``H`` examples first, 64→10 layer 0.08
+        against 0.13 ms, one thread), element-wise operations do not care, and layers that
+        need features last (normalisations, softmax) get a transposed view. With
+        ``classes_first`` a features-first output ``(k, classes, examples)`` is returned as it
+        is; the flag returned says whether it was. Otherwise the output has the model's layout.
         """
         first = self.bound.first_layer[0] if self.bound.first_layer is not None else None
-        last = next(n for n in self.nodes if n.op == "output").args[0]
-        transposed = False
-        env: dict[Any, tuple[Any, bool]] = {}  # node -> (value, has a point axis)
+        env: dict[Any, tuple[Any, bool, bool]] = {}  # node -> (value, has a point axis, features first)
 
         def arg(a: Any) -> Any:
             return env[a][0] if isinstance(a, torch.fx.Node) else a
 
         out: Any = None
+        fm_out = False
         for node in self.nodes:
             if node.op == "placeholder":
-                env[node] = (x, False)
+                env[node] = (x, False, False)
                 continue
             if node.op == "output":
-                out, stacked = env[node.args[0]]
+                out, stacked, fm_out = env[node.args[0]]
                 if not stacked:
                     raise Unsupported("the output does not depend on the parameters")
                 break
             src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-            h, stacked = env[src] if src is not None else (None, False)
+            h, stacked, fm = env[src] if src is not None else (None, False, False)
             if is_shape_query(node) or not stacked and node.op != "call_module":
                 # point-independent (reshapes of the input, shape queries): computed as written
-                value = _run(node, self.modules, arg)
-                env[node] = (value, False)
+                env[node] = (_run(node, self.modules, arg), False, False)
                 continue
             if node.op == "call_module":
                 target = str(node.target)
                 m = self.modules[target]
                 moves = any(f"{target}.{a}" in self.moving for a in ("weight", "bias"))
                 if target != first and not stacked and not moves:
-                    env[node] = (_run(node, self.modules, arg), False)  # point-independent
+                    env[node] = (_run(node, self.modules, arg), False, False)  # point-independent
                 elif target == first:
-                    env[node] = (self._first_layer(x, c), True)
+                    value, fm = self._first_layer(x, c)
+                    env[node] = (value, True, fm)
                 elif isinstance(m, nn.Linear):
-                    # the last layer writes (k, classes, examples) when its weight moves
-                    flip = (classes_first and node is last and stacked and h.ndim == 3
-                            and f"{target}.weight" in self.moving)
-                    env[node] = (self._linear(target, m, h, stacked, c, classes_first=flip), True)
-                    transposed = flip
-                elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
-                    if not stacked:
-                        h = h.unsqueeze(0).expand(c.shape[0], *h.shape)
-                    env[node] = (self._norm(target, m, h, c), True)
-                elif isinstance(m, _PASS_MODULES):
-                    env[node] = (h, True)
-                elif isinstance(m, _RESHAPE_MODULES):
-                    raise Unsupported("a reshape after the first moving layer")
-                elif isinstance(m, _AXIS_MODULES):
-                    fn = F.softmax if isinstance(m, nn.Softmax) else F.log_softmax
-                    env[node] = (fn(h, dim=_point_axis(m.dim)), True)
+                    value, fm = self._linear(target, m, h, stacked, fm, c)
+                    env[node] = (value, True, fm)
+                elif isinstance(m, _PASS_MODULES) or (fm and isinstance(m, _ELEMENTWISE_MODULES)):
+                    env[node] = (h if isinstance(m, _PASS_MODULES) else m(h), True, fm)
                 else:
-                    env[node] = (m(h), True)
+                    h = h.transpose(1, 2) if fm else h  # features last from here
+                    if isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
+                        if not stacked:
+                            h = h.unsqueeze(0).expand(c.shape[0], *h.shape)
+                        env[node] = (self._norm(target, m, h, c), True, False)
+                    elif isinstance(m, _RESHAPE_MODULES):
+                        raise Unsupported("a reshape after the first moving layer")
+                    elif isinstance(m, _AXIS_MODULES):
+                        fn = F.softmax if isinstance(m, nn.Softmax) else F.log_softmax
+                        env[node] = (fn(h, dim=_point_axis(m.dim)), True, False)
+                    else:
+                        env[node] = (m(h), True, False)
                 continue
             if node.target in _AXIS_FUNCTIONS or node.target in _AXIS_METHODS:
                 dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
                 fn = F.softmax if node.target in (F.softmax, torch.softmax, "softmax") else F.log_softmax
                 if isinstance(dim, torch.fx.Node) or node.kwargs.get("dtype") is not None or len(node.args) > 2:
                     raise Unsupported("a softmax with arguments other than its axis")
-                env[node] = (fn(h, dim=_point_axis(dim)), True)
+                env[node] = (fn(h.transpose(1, 2) if fm else h, dim=_point_axis(dim)), True, False)
                 continue
             if node.target in _RESHAPE_METHODS or node.target in _RESHAPE_FUNCTIONS:
                 raise Unsupported("a reshape after the first moving layer")
             extra = [a for a in [*node.args[1:], *node.kwargs.values()] if isinstance(a, torch.fx.Node)]
             if extra:
                 raise Unsupported("an element-wise operation with a second tensor")
-            env[node] = (_run(node, self.modules, arg), True)
+            env[node] = (_run(node, self.modules, arg), True, fm)  # element-wise: any layout
         self.point_bytes = max(self.point_bytes, out.numel() * out.element_size() // c.shape[0],
                                *(v.numel() * v.element_size() // c.shape[0]
-                                 for v, s in env.values() if s and isinstance(v, torch.Tensor)))
-        return out, transposed
+                                 for v, s, _ in env.values() if s and isinstance(v, torch.Tensor)))
+        if fm_out and not classes_first:
+            return out.transpose(1, 2), False
+        return out, fm_out
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The loss at each of the ``k`` points of ``c`` on batch ``(x, y)``: ``(k,)``."""
         fused = self.loss_fn is default_loss and y.ndim == 1 and not y.is_floating_point()
-        z, transposed = self.forward(x, c, classes_first=fused)
-        if fused and (transposed or z.ndim == 3):
-            # (k, classes, examples): log-softmax along classes, 27 µs for 8×10×512 logits against
-            # 65 µs for logsumexp there and 132 µs along a last axis of 10 (one thread)
-            zt = z if transposed else z.transpose(1, 2).contiguous()
-            logp = torch.log_softmax(zt, 1)
-            return -logp.gather(1, y.view(1, 1, -1).expand(zt.shape[0], 1, -1)).squeeze(1).mean(1)
-        return torch.stack([torch.as_tensor(self.loss_fn(logits_of(z[i]), y)) for i in range(z.shape[0])])
+        self._reuse = True  # (the buffers' values are spent before this returns)
+        try:
+            z, transposed = self.forward(x, c, classes_first=fused)
+            if fused and (transposed or z.ndim == 3):
+                # (k, classes, examples): log-softmax along classes, 27 µs for 8×10×512 logits
+                # against 65 µs for logsumexp there and 132 µs along a last axis of 10 (one thread)
+                zt = z if transposed else z.transpose(1, 2).contiguous()
+                logp = torch.log_softmax(zt, 1, out=self._out("log_softmax", tuple(zt.shape), zt))
+                return -logp.gather(1, y.view(1, 1, -1).expand(zt.shape[0], 1, -1)).squeeze(1).mean(1)
+            return torch.stack([torch.as_tensor(self.loss_fn(logits_of(z[i]), y)) for i in range(z.shape[0])])
+        finally:
+            self._reuse = False
 
     @property
     def points_per_pass(self) -> int:
-        """Points stacked per pass so that no stacked activation exceeds :data:`STACK_BYTES`
-        (from the largest activation per point, measured by :func:`build_stacked`'s first pass)."""
+        """Points stacked per pass so that no stacked activation or parameter exceeds
+        :data:`STACK_BYTES` (from the largest per point, the activations measured by
+        :func:`build_stacked`'s first pass)."""
         return int(max(1, min(MAX_POINTS, STACK_BYTES // max(self.point_bytes, 1))))
 
     def __call__(self, c: torch.Tensor, data: Batches) -> torch.Tensor:
@@ -352,11 +406,13 @@ def _run(node: Any, modules: dict[str, nn.Module], arg: Callable[[Any], Any]) ->
     return node.target(*args, **kwargs)
 
 
-def build_stacked(bound: BoundCopy, loss_fn: LossFn, batches: Batches) -> Stacked | None:
-    """A :class:`Stacked` evaluator for ``bound`` when its graph is supported, else None.
+def build_stacked(bound: BoundCopy, loss_fn: LossFn, batches: Batches) -> tuple[Stacked, float] | None:
+    """A :class:`Stacked` evaluator for ``bound`` and its loss at the origin, or None when the
+    graph is not supported.
 
-    One pass at a single point (the origin) checks the graph end to end and measures the
-    largest activation per point (which sets how many points a pass stacks).
+    The pass at the origin checks the graph end to end (the caller compares its loss with the
+    model's) and measures the largest activation per point, which sets how many points a pass
+    stacks.
     """
     import torch.fx
 
@@ -367,13 +423,9 @@ def build_stacked(bound: BoundCopy, loss_fn: LossFn, batches: Batches) -> Stacke
         if len(placeholders) != 1:
             return None
         stacked = Stacked(bound, graph, loss_fn)
-        xb, yb = batches.batches[0]
         zero = next(iter(bound.base_views.values())).new_zeros(1, stacked.dim)
         with torch.inference_mode():
-            stacked.losses(xb, yb, zero)  # measures the activations per point
-            # a full pass at the origin: first calls at new shapes run slower, which would
-            # mislead the strategy trial that follows
-            stacked.losses(xb, yb, zero.expand(stacked.points_per_pass, -1))
+            origin = float(stacked(zero, batches)[0])
     except Exception:  # noqa: BLE001 - Unsupported, or any error of fx tracing or of the trial pass
         return None
-    return stacked
+    return stacked, origin
