@@ -96,7 +96,7 @@ def main() -> None:
             print(f"run {r}: loss-landscapes {ll_t[-1]:.3f} s | nndiag {nd_t[-1]:.3f} s, grid {s.timing['grid']:.3f} s "
                   f"({s.params['strategy']}, batches of {s.params['batch_size']})")
     a, b = statistics.median(ll_t), statistics.median(nd_t)
-    print(f"median: loss-landscapes {a:.2f} s, nndiag {b:.2f} s, speed-up {a / b:.2f}× "
+    print(f"median: loss-landscapes {a:.3f} s, nndiag {b:.3f} s, speed-up {a / b:.2f}× "
           f"(grid ranges: loss-landscapes {np.nanmin(grid_ll):.3f}..{np.nanmax(grid_ll):.3f}, "
           f"nndiag {np.nanmin(s.losses):.3f}..{np.nanmax(s.losses):.3f}, origin {s.origin_loss:.4f})")
 

@@ -119,13 +119,16 @@ def inference_copy(model: nn.Module, *, in_place: bool = True, rewrite_pools: bo
     """
     import torch.fx
 
+    root = copy.deepcopy(model)
+    tracer = torch.fx.Tracer()
     try:
-        gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+        graph = tracer.trace(root)
     except Exception:  # noqa: BLE001 - any tracing failure: fx cannot handle this model
         return None
-    modules = dict(gm.named_modules())
+    # the graph is rewritten before its module is made: the module's code is generated once
+    modules = dict(root.named_modules())
     pairs: list[tuple[str, str, float]] = []
-    for node in list(gm.graph.nodes):
+    for node in list(graph.nodes):
         if node.op != "call_module" or not node.args or not hasattr(node.args[0], "op"):
             continue
         src = node.args[0]
@@ -140,25 +143,27 @@ def inference_copy(model: nn.Module, *, in_place: bool = True, rewrite_pools: bo
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype,
                                                  device=conv.weight.device), requires_grad=False)
         node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
+        graph.erase_node(node)
         pairs.append((str(src.target), str(node.target), float(bn.eps)))
-    _drop_identities(gm, modules)
-    n_in_place = _in_place(gm, modules) if in_place else 0
-    pools = _pools(gm, modules) if rewrite_pools else 0
+    _drop_identities(graph, modules)
+    n_in_place = _in_place(graph, modules) if in_place else 0
+    pools = _pools(graph, modules) if rewrite_pools else 0
     if not pairs and not n_in_place and not pools:
         return None
-    gm.recompile()
+    gm = torch.fx.GraphModule(tracer.root, graph, type(root).__name__)
+    for _, bn_name, _ in pairs:  # folded away, but its statistics are still read and bound by name
+        gm.add_submodule(bn_name, modules[bn_name])
     return Folded(gm, pairs, n_in_place, pools)
 
 
-def _drop_identities(gm: nn.Module, modules: dict[str, nn.Module]) -> None:
+def _drop_identities(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
     """Bypass ``nn.Identity`` and (eval-mode: the copy only serves eval grids) dropout nodes, so a
     ReLU after ``conv → Identity`` (an optional normalisation left out) sees the fresh tensor."""
-    for node in list(gm.graph.nodes):
+    for node in list(graph.nodes):
         if (node.op == "call_module" and isinstance(modules.get(node.target), _PASS_THROUGH)
                 and len(node.args) == 1 and not node.kwargs and hasattr(node.args[0], "op")):
             node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
+            graph.erase_node(node)
 
 
 def pool2x2(x: torch.Tensor) -> torch.Tensor:
@@ -198,16 +203,16 @@ def _is_pool2x2(node: object, modules: dict[str, nn.Module]) -> bool:
             and given.get("ceil_mode", False) is False and given.get("return_indices", False) is False)
 
 
-def _pools(gm: nn.Module, modules: dict[str, nn.Module]) -> int:
+def _pools(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> int:
     """Replace 2×2 max-poolings by :func:`pool2x2`; returns how many."""
     count = 0
-    for node in list(gm.graph.nodes):
+    for node in list(graph.nodes):
         if not _is_pool2x2(node, modules):
             continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(pool2x2, (node.args[0],))
+        with graph.inserting_before(node):
+            new = graph.call_function(pool2x2, (node.args[0],))
         node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        graph.erase_node(node)
         count += 1
     return count
 
@@ -223,24 +228,24 @@ def _fresh(node: object, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_function" and node.target in _ADDS and not node.kwargs
 
 
-def _in_place(gm: nn.Module, modules: dict[str, nn.Module]) -> int:
+def _in_place(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> int:
     """Turn ReLUs and sums on fresh single-use tensors into ``relu_``/``add_``; returns how many."""
     count = 0
-    for node in list(gm.graph.nodes):
+    for node in list(graph.nodes):
         relu = ((node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU)
                 or (node.op == "call_function" and node.target in _RELUS
                     and dict(node.kwargs) in ({}, {"inplace": False}))
                 or (node.op == "call_method" and node.target == "relu"))
         if relu and len(node.args) == 1 and _fresh(node.args[0], modules):
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(torch.relu_, (node.args[0],))
+            with graph.inserting_before(node):
+                new = graph.call_function(torch.relu_, (node.args[0],))
         elif (node.op == "call_function" and node.target in _ADDS and len(node.args) == 2 and not node.kwargs
               and _fresh(node.args[0], modules) and hasattr(node.args[1], "op")):
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_method("add_", (node.args[0], node.args[1]))
+            with graph.inserting_before(node):
+                new = graph.call_method("add_", (node.args[0], node.args[1]))
         else:
             continue
         node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        graph.erase_node(node)
         count += 1
     return count
