@@ -243,5 +243,7 @@ def test_auto_picks_stacked_for_a_fully_connected_model():
     x, y = _data(seed=2)
     s = surface(model, (x, y), dim=1, steps=21, seed=0, threads=2)
     assert s.params["strategy"] == "stacked"
+    # whole passes per call: a small network stacks 64 points, more than the default chunk of 16
+    assert s.params["points_stacked"] == 64 and s.params["chunk"] == 64
     ref = surface(model, (x, y), dim=1, steps=21, seed=0, strategy="loop", threads=2)
     np.testing.assert_allclose(s.losses, ref.losses, rtol=2e-5)

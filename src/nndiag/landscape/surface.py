@@ -746,6 +746,8 @@ def surface(
         n_par = sum(w.numel() for w in weights.values())
         per_point = n_par * (dim + 1) * torch.finfo(dtype).bits // 8
         chunk_n = int(chunk or max(1, min(16, (256 << 20) // max(per_point, 1))))
+        if stackable and chunk is None:  # whole passes per call (a small network stacks up to 64 points)
+            chunk_n = max(chunk_n, grid.stacker.points_per_pass)
         settings = {
             "dim": dim, "steps": steps, "span": [lo, hi], "directions": dkind, "norm": used_norm,
             "toward": _model_names(directions, name) if dkind == "interpolation" else None,
