@@ -540,20 +540,25 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if df.empty:
         return {m: None for m in SUMMARY_METRICS if m != "mp_softrank"}
-    ok = df["status"] == "success"
+    # on arrays: pandas filtering per metric cost ~2.7 ms for ResNet56's 56 rows
+    ok = df["status"].to_numpy(dtype=object) == "success"
     for m in SUMMARY_METRICS:
         if m not in df.columns:
             continue
-        col = pd.to_numeric(df.loc[ok, m] if m in _ALPHA_BASED else df[m], errors="coerce")
+        col = _findings.numeric(df[m])
+        if m in _ALPHA_BASED:
+            col = col[ok]
         col = col[np.isfinite(col)]
-        out[m] = float(col.mean()) if len(col) else None
+        out[m] = float(col.mean()) if col.size else None
+    warning = df["warning"].to_numpy(dtype=object)
     out["num_fits_failed"] = int((~ok).sum())
-    out["num_under_trained"] = int((df["warning"] == "under-trained").sum())
-    out["num_over_trained"] = int((df["warning"] == "over-trained").sum())
-    a = pd.to_numeric(df["alpha"], errors="coerce")
+    out["num_under_trained"] = int((warning == "under-trained").sum())
+    out["num_over_trained"] = int((warning == "over-trained").sum())
+    a = _findings.numeric(df["alpha"])
     dist = np.maximum(a - 6.0, 2.0 - a)
-    if dist.notna().any():
-        i = int(dist.idxmax())
-        out["worst_alpha_layer"] = str(df.loc[i, "name"])
+    if np.isfinite(dist).any():
+        i = int(np.nanargmax(dist))
+        out["worst_alpha_layer"] = str(df["name"].iloc[i])
         out["worst_alpha"] = float(a[i])
     return out
+
