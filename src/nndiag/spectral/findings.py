@@ -26,6 +26,10 @@ def numeric(col: pd.Series) -> np.ndarray:
     return pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _int_or_none(v: Any) -> int | None:
     return int(v) if v is not None and np.isfinite(v) else None
 
@@ -168,7 +172,8 @@ def spectral_findings(df: pd.DataFrame, skipped: pd.DataFrame, summary: dict[str
         tails = num("num_pl_spikes")[vague_m]
         out.append(Finding(
             "SPEC-ALPHA-UNCERTAIN", "pass",
-            f"{int(vague_m.sum())} small layers (fewer than {JUDGED_EVALS} eigenvalues) have alpha outside "
+            f"{_count(int(vague_m.sum()), 'small layer')} (fewer than {JUDGED_EVALS} eigenvalues) "
+            f"{'has' if vague_m.sum() == 1 else 'have'} alpha outside "
             f"[{OVER_TRAINED_ALPHA:g}, {UNDER_TRAINED_ALPHA:g}] by less than {SIGNIFICANT_SE:g} standard "
             f"errors (power-law tails of {_count_range(tails)} eigenvalues): {_join(pick(vague_m))}; "
             "not counted as under- or over-trained.",
