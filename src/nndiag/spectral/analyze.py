@@ -561,4 +561,3 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
         out["worst_alpha_layer"] = str(df["name"].iloc[i])
         out["worst_alpha"] = float(a[i])
     return out
-
