@@ -117,3 +117,35 @@ def test_memory_cap_leaves_the_layer_live():
     assert "forward" in bound.module.get_submodule("1").__dict__
     uninstall(bound)
     assert bound.first_layer is None and "forward" not in bound.module.get_submodule("1").__dict__
+
+
+@pytest.mark.parametrize("row_bytes", [64 << 20, 0])
+def test_a_grid_row_shares_its_partial_sum_with_the_same_values(monkeypatch, row_bytes):
+    """Points in plane order (last coordinate fastest) on two batches: each point's output is
+    bit for bit ``(Y₀ + a·Y₁) + b·Y₂`` — from the row's kept partial sum, or, with no room for it
+    (``ROW_BYTES`` 0), computed whole."""
+    import nndiag.landscape.first_layer as fl
+    from nndiag.landscape.bound import input_key
+
+    monkeypatch.setattr(fl, "ROW_BYTES", row_bytes)
+    torch.manual_seed(1)
+    model = _mlp().eval()
+    g = torch.Generator().manual_seed(2)
+    base = {k: p.detach().clone() for k, p in model.named_parameters()}
+    dirs = [{k: torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    bound = BoundCopy(model, base, dirs, {})
+    xs = [torch.randn(9, 2, 5), torch.randn(7, 2, 5)]
+    assert install(bound, xs) == "1"
+    first = bound.module.get_submodule("1").forward
+    for a in (0.3, -0.2):
+        for b in (0.5, -1.25, 2.0):
+            bound.set_point(torch.tensor([a, b]))
+            for x in xs:
+                _, y0, (y1, y2) = bound.first_layer[1][input_key(x)]
+                bound.input_key = input_key(x)
+                got = first(x.flatten(1))
+                bound.input_key = None
+                expected = torch.add(y0, y1, alpha=a).add_(y2, alpha=b)
+                assert torch.equal(got, expected)
+                got.add_(1.0)  # the caller may write into what it got: the kept sum must not change
+    assert (len(first._rows) == 2) == (row_bytes > 0)

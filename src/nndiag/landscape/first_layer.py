@@ -33,6 +33,8 @@ from nndiag.landscape.bound import BoundCopy, input_key
 
 #: The precomputed outputs may take at most this many bytes (``(1 + dim)`` tensors per batch).
 MAX_BYTES = 256 << 20
+#: A bound copy keeps its grid rows' partial sums (one tensor per batch) up to this many bytes.
+ROW_BYTES = 64 << 20
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -64,6 +66,10 @@ class FirstLayer:
 
     def __init__(self, owner: BoundCopy, layer: nn.Module, cache: dict[Any, Any]) -> None:
         self.owner, self.layer, self.cache = owner, layer, cache
+        #: per batch: (all coordinates but the last, ``Y₀ + Σ_{j<last} c_j Y_j``) — a grid row's
+        #: points share it (see :meth:`__call__`)
+        self._rows: dict[Any, tuple[tuple[float, ...], torch.Tensor]] = {}
+        self._row_bytes = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         key = self.owner.input_key  # None: not called through the bound copy (e.g. functional_call)
@@ -73,10 +79,25 @@ class FirstLayer:
         _, y0, ys = hit
         if not ys:
             return y0.clone()  # a fresh tensor: later in-place operations must not touch Y₀
-        out = torch.add(y0, ys[0], alpha=self.owner.coeffs[0])
-        for y, a in zip(ys[1:], self.owner.coeffs[1:], strict=True):
-            out.add_(y, alpha=a)
-        return out
+        coeffs = self.owner.coeffs
+        if len(ys) == 1:
+            return torch.add(y0, ys[0], alpha=coeffs[0])
+        # A plane's points come row by row (the last coordinate fastest): the sum over the other
+        # directions is kept per batch and the point adds its last term — one pass over the
+        # output instead of two, the same operations in the same order (so the same values).
+        head = tuple(coeffs[:-1])
+        row = self._rows.get(key)
+        if row is None or row[0] != head:
+            part = torch.add(y0, ys[0], alpha=coeffs[0])
+            for y, a in zip(ys[1:-1], coeffs[1:-1], strict=True):
+                part.add_(y, alpha=a)
+            if row is None:
+                nbytes = part.numel() * part.element_size()
+                if self._row_bytes + nbytes > ROW_BYTES:
+                    return part.add_(ys[-1], alpha=coeffs[-1])
+                self._row_bytes += nbytes
+            self._rows[key] = row = (head, part)
+        return torch.add(row[1], ys[-1], alpha=coeffs[-1])
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FirstLayer:
         return self  # copies re-install their own (:func:`reinstall`), sharing the cache
