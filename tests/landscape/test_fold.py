@@ -203,3 +203,20 @@ def test_two_by_two_poolings_rewritten_exactly():
             t = torch.randn(shape)
             t = t.contiguous(memory_format=fmt) if t.ndim == 4 else t
             assert torch.equal(pool2x2(t), torch.nn.functional.max_pool2d(t, 2))
+
+
+def test_a_relu_used_only_by_a_pooling_runs_after_it():
+    """conv → ReLU → 2×2 max-pool: the copy pools first and applies the ReLU to a quarter of the
+    elements; the outputs are identical (NaN included)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 9, 3)).eval()
+    folded = inference_copy(model)
+    assert folded is not None and folded.pools == 1
+    code = folded.module.code
+    assert code.count("torch.relu_(") == 1 and code.index("fold_pool2x2(") < code.index("torch.relu_(")
+    x = torch.randn(5, 2, 7, 7)
+    x[0, 0, 2, 2] = float("nan")
+    with torch.inference_mode():
+        for t in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(folded.module(t), model(t), rtol=0, atol=0, equal_nan=True)
