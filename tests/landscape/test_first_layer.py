@@ -54,9 +54,14 @@ def _cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3, 3))
 
 
+def _cnn_flat() -> nn.Module:  # a (N, 3, 2, 2) activation flattened into the classifier: channels-last order
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 3))
+
+
 CASES = {  # model, input shape, the layer precomputed (None: must be refused)
     "mlp": (_mlp, (40, 2, 5), "1"),
     "cnn": (_cnn, (40, 1, 3, 3), "0"),
+    "cnn-flattened-channels-last": (_cnn_flat, (40, 2, 4, 4), "0"),
     "reshaped-conv1d-frozen-bias": (_Reshaped, (40, 10), "c"),
     "skip": (_Skip, (40, 6), None),
     "cnn-bn-folded": (_cnn_bn, (40, 1, 3, 3), None),

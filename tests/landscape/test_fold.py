@@ -220,3 +220,54 @@ def test_a_relu_used_only_by_a_pooling_runs_after_it():
     with torch.inference_mode():
         for t in (x, x.contiguous(memory_format=torch.channels_last)):
             torch.testing.assert_close(folded.module(t), model(t), rtol=0, atol=0, equal_nan=True)
+
+
+class _Flat(nn.Module):
+    """Three ways to flatten a (N, C, H, W) activation into a linear layer."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.c = nn.Conv2d(2, 4, 3, padding=1)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(4 * 5 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c(x))
+        if self.how == "module":
+            return self.fc(self.flat(h))
+        return self.fc(torch.flatten(h, 1) if self.how == "function" else h.flatten(1))
+
+
+@pytest.mark.parametrize("how", ["module", "function", "method"])
+def test_flatten_into_a_linear_layer_reads_channels_last_order(how):
+    torch.manual_seed(0)
+    model = _Flat(how).double().eval()
+    x = torch.randn(6, 2, 5, 6, dtype=torch.float64)
+    assert inference_copy(model) is None  # nothing to rewrite without an example (tanh, no pool)
+    folded = inference_copy(model, example=x[:2])
+    assert folded is not None and folded.flattened == [("fc", (4, 5, 6))]
+    assert ".permute(0, 2, 3, 1)" in folded.module.code
+    p = {k: v.detach() for k, v in model.named_parameters()}
+    with torch.inference_mode():
+        for t in (x, x.contiguous(memory_format=torch.channels_last)):
+            got = torch.func.functional_call(folded.module, folded.params(p, {}), (t,))
+            torch.testing.assert_close(got, model(t), rtol=1e-12, atol=1e-12)
+    # a flatten of the model's input, or of a single pixel per channel, is left alone
+    flat_in = nn.Sequential(nn.Flatten(), nn.Linear(2 * 5 * 6, 3)).eval()
+    assert inference_copy(flat_in, example=x[:2].float()) is None
+    pooled = nn.Sequential(nn.Conv2d(2, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    assert inference_copy(pooled, example=x[:2].float()) is None
+
+
+def test_grid_with_a_channels_last_flatten_equals_the_plain_model():
+    torch.manual_seed(0)
+    model = _Flat("module").double().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 2, 5, 6, dtype=torch.float64, generator=g), torch.randint(0, 3, (20,), generator=g)
+    kw = dict(dim=2, steps=5, seed=0, dtype=torch.float64, one_d="keep")
+    for strategy, threads in (("loop", 1), ("threads", 2), ("vmap", 1)):
+        fast = surface(model, (x, y), strategy=strategy, threads=threads, **kw)
+        assert fast.params["flattens_channels_last"] == 1
+        plain = surface(model, (x, y), fold=False, strategy="loop", threads=1, **kw)
+        np.testing.assert_allclose(fast.losses, plain.losses, rtol=1e-12)

@@ -96,6 +96,7 @@ class BoundCopy:
         self.base_views = self._views(self.base)
         self.dir_views = [self._views(d) for d in self.dirs]
         owners = {o for pair in (folded.pairs if folded is not None else []) for o in pair[:2]}
+        owners |= {lin for lin, _ in (folded.flattened if folded is not None else [])}
         self._fold_inputs = [n for n in self.names if n.rpartition(".")[0] in owners]
         #: the current point's coefficients (read by a precomputed first layer)
         self.coeffs: list[float] = [0.0] * len(dirs)
@@ -130,7 +131,8 @@ class BoundCopy:
         """Allocate this copy's flat buffer (and folded targets) and bind the module to them."""
         self.flat = torch.empty_like(self.base)
         self.views = self._views(self.flat)
-        # the folded convolutions' weights and biases: own tensors, rewritten per point
+        # the folded convolutions' weights and biases (and permuted linear weights): own tensors,
+        # rewritten per point
         self.targets: dict[str, torch.Tensor] = {}
         if self.folded is not None:
             sample = self.folded.params(self.views, self.buffers)
@@ -139,6 +141,8 @@ class BoundCopy:
                     v = sample[key]
                     fmt = torch.channels_last if _cl(v.shape, self.channels_last) else torch.contiguous_format
                     self.targets[key] = torch.empty_like(v, memory_format=fmt)
+            for lin, _ in self.folded.flattened:  # weight columns in channels-last order
+                self.targets[f"{lin}.weight"] = torch.empty_like(sample[f"{lin}.weight"])
         for source in (self.buffers, self.views, self.targets):  # later sources win
             for n, t in source.items():
                 if source is self.targets or n not in self.targets:

@@ -156,7 +156,8 @@ def _candidate(bound: BoundCopy) -> str | None:
         return None
     if any(n.op == "get_attr" and str(n.target).startswith(f"{target}.") for n in nodes):
         return None
-    folded = {conv for conv, _, _ in bound.folded.pairs} if bound.folded is not None else set()
+    folded = ({conv for conv, _, _ in bound.folded.pairs} | {lin for lin, _ in bound.folded.flattened}
+              if bound.folded is not None else set())
     if target in folded or f"{target}.weight" not in bound.base_views:
         return None
     return target

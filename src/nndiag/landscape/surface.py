@@ -419,22 +419,22 @@ def _reproduces_origin(loss_at: Any, grid: _Grid, origin: float, n_dirs: int) ->
     return reproduces(at_origin, origin)
 
 
-def _fold(grid: _Grid, origin: float, n_dirs: int) -> tuple[int, int, int]:
+def _fold(grid: _Grid, origin: float, n_dirs: int) -> tuple[int, int, int, int]:
     """Run the grid on a rewritten copy of the model (:mod:`~nndiag.landscape.fold`: BatchNorm
     folded, ReLUs and sums in place, 2×2 max-poolings as pairwise maxima) when it gives the
     model's own loss at the origin; returns the BatchNorm pairs folded, the operations made in
-    place and the poolings rewritten."""
+    place, the poolings rewritten and the flattens read in channels-last order."""
     from nndiag.landscape.fold import inference_copy
 
-    folded = inference_copy(grid.model)
+    folded = inference_copy(grid.model, example=grid.data.batches[0][0][:2])
     if folded is None:
-        return 0, 0, 0
+        return 0, 0, 0, 0
     grid.folded = folded
     # (an in-place sum that broadcasts, say, fails or differs here)
     if not _reproduces_origin(lambda c: grid._loss(grid._point(c)), grid, origin, n_dirs):
         grid.folded = None
-        return 0, 0, 0
-    return len(folded.pairs), folded.in_place, folded.pools
+        return 0, 0, 0, 0
+    return len(folded.pairs), folded.in_place, folded.pools, len(folded.flattened)
 
 
 def _bind(grid: _Grid, origin: float, n_dirs: int) -> bool:
@@ -675,9 +675,11 @@ def surface(
         direction and a plain forward, ``params["bound_copy"]``), in eval mode a traced copy
         with BatchNorm folded into the convolutions before it and ReLUs/residual sums in
         place (:mod:`~nndiag.landscape.fold`; the same function, fewer passes over memory),
-        and 2×2 max-poolings as two pairwise maxima, each used only after checking it
+        2×2 max-poolings as two pairwise maxima and flattened convolution outputs read in
+        channels-last order by the next linear layer, each used only after checking it
         reproduces the loss at the origin. The counts are in ``params["batchnorm_folded"]``,
-        ``params["in_place_ops"]`` and ``params["pools_rewritten"]``.
+        ``params["in_place_ops"]``, ``params["pools_rewritten"]`` and
+        ``params["flattens_channels_last"]``.
     name : str, optional
         What to call this model beside other models of an interpolation (its barriers,
         pictures); default "this model".
@@ -729,8 +731,8 @@ def surface(
                 origin += w * float(checked_loss(model, {**buffers, **weights}, xb, yb, loss_fn, check=True))
         buffers = buffer_copies(model, dev, dtype)  # running statistics as the model has them
         grid = _Grid(model, weights, dirs, buffers, batches, loss_fn, channels_last=dev.type == "cpu")
-        folded, in_place, pools = (_fold(grid, origin, n_dirs=dim) if mode == "eval" and dev.type == "cpu" and fold
-                                   else (0, 0, 0))
+        eval_cpu = mode == "eval" and dev.type == "cpu" and fold
+        folded, in_place, pools, flats = _fold(grid, origin, n_dirs=dim) if eval_cpu else (0, 0, 0, 0)
         bound = _bind(grid, origin, n_dirs=dim) if dev.type == "cpu" and fold else False
         first = _precompute_first_layer(grid, origin, n_dirs=dim) if bound else None
         stackable = _stack(grid, origin) if bound and mode == "eval" else False
@@ -831,6 +833,7 @@ def surface(
     settings["batchnorm_folded"] = folded
     settings["in_place_ops"] = in_place
     settings["pools_rewritten"] = pools
+    settings["flattens_channels_last"] = flats
     settings["bound_copy"] = bound
     settings["first_layer_precomputed"] = first
     settings["points_stacked"] = (grid.stacker.points_per_pass
