@@ -215,9 +215,11 @@ def _flatten_last(graph: torch.fx.Graph, root: nn.Module, modules: dict[str, nn.
             return value
 
     dtype = next((t.dtype for t in root.parameters()), example.dtype)
+    if example.is_floating_point():  # (token ids stay integers)
+        example = example.to(dtype)
     try:
         with torch.inference_mode():
-            _Shapes(root, graph=graph).run(example.to(dtype))
+            _Shapes(root, graph=graph).run(example)
     except Exception:  # noqa: BLE001 - the example does not run: leave the flattens as they are
         return []
     out = []
