@@ -219,7 +219,7 @@ def test_input_scale_check_on_a_cuda_model_equals_the_cpu():
     x, y = torch.rand(40, 3, 8, 8, generator=g), torch.randint(0, 5, (40,), generator=g)
     _, cpu = input_scale_finding(net, x, y, normalize=None)
     _, gpu = input_scale_finding(copy.deepcopy(net).cuda(), x, y, normalize=None)
-    assert set(gpu) == set(cpu) == {"as given", "imagenet", "cifar", "inception", "clip", "standard"}
+    assert set(gpu) == set(cpu) >= {"as given", "imagenet", "cifar", "inception", "clip", "standard", "bgr"}
     for k in cpu:
         assert gpu[k] == pytest.approx(cpu[k], rel=1e-4), k
 
@@ -246,3 +246,53 @@ def test_language_model_hessian_on_cuda_equals_the_cpu(dtype):
     r = hessian_spectrum(gpu_model, (x, x), loss=lm_loss, top_k=2, dtype=dtype, tol=1e-6)
     c = hessian_spectrum(model, (x, x), loss=lm_loss, top_k=2, dtype=torch.float64, tol=1e-6, device="cpu")
     np.testing.assert_allclose(r.eigenvalues, c.eigenvalues, rtol=1e-8 if dtype == torch.float64 else 1e-3)
+
+
+def _pooled_cnn() -> nn.Module:
+    # the digits CNN's pattern: ReLU read only by a 2×2 max-pooling, a (N, C, H, W) flatten into
+    # a linear layer (both rewritten by ``fold`` for CPU grids: the ReLU after the pooling, the
+    # flatten read in channels-last order with the layer's columns permuted per point)
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(8 * 2 * 2, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "graph"])
+def test_landscape_fold_rewrites_on_cuda_equal_the_plain_cpu_model(strategy):
+    from nndiag.landscape import surface
+
+    net, (x, y) = _pooled_cnn(), _xy(32)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    net = net.double().eval()
+    x = x.double()
+    with torch.no_grad():
+        plain = float(nn.functional.cross_entropy(net(x), y))
+    ref = surface(net, (x, y), dim=2, steps=5, seed=2, strategy="loop", dtype=torch.float64, device="cpu",
+                  threads=1)
+    gpu = surface(copy.deepcopy(net).cuda(), (x.cuda(), y.cuda()), dim=2, steps=5, seed=2, strategy=strategy,
+                  dtype=torch.float64)
+    # the CPU grid runs the rewritten copy; the GPU's whole forwards run the model as it is
+    assert ref.params["flattens_channels_last"] == 1 and ref.params["pools_rewritten"] == 2
+    assert ref.params["batchnorm_folded"] == 1
+    assert gpu.params["strategy"] == strategy
+    assert (gpu.params["flattens_channels_last"], gpu.params["pools_rewritten"], gpu.params["batchnorm_folded"]) \
+        == (0, 0, 0)
+    assert gpu.origin_loss == pytest.approx(plain, rel=1e-12)
+    torch.testing.assert_close(torch.as_tensor(gpu.losses), torch.as_tensor(ref.losses), rtol=1e-9, atol=1e-12)
+
+
+def test_fold_flatten_rewrite_takes_a_host_example_for_a_cuda_model():
+    from nndiag.landscape.fold import inference_copy
+
+    net, (x, _) = _pooled_cnn(), _xy(8)
+    net = net.eval().cuda()
+    folded = inference_copy(net, example=x[:2])  # the example on the host, the model on the GPU
+    assert folded is not None and [c for _, c in folded.flattened] == [(8, 2, 2)]
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    b = {k: v for k, v in net.named_buffers()}
+    with torch.no_grad():
+        got = torch.func.functional_call(folded.module, folded.params(p, b), (x.cuda(),))
+        torch.testing.assert_close(got, net(x.cuda()), rtol=1e-5, atol=1e-5)

@@ -61,6 +61,8 @@ def test_own_busy_threads_are_not_competitors_but_other_processes_are():
     if threads._running_elsewhere() is None:
         pytest.skip("/proc/loadavg is not readable here")
     idle_before = threads._running_elsewhere()
+    if idle_before > 2:  # (e.g. pytest -n 8 on a GPU machine: 55 runnable, then 69 — no stable baseline)
+        pytest.skip(f"{idle_before} threads run elsewhere: too busy to compare counts")
     stop = time.perf_counter() + 0.5
     a = torch.randn(400, 400)
 

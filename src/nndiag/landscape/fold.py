@@ -214,9 +214,10 @@ def _flatten_last(graph: torch.fx.Graph, root: nn.Module, modules: dict[str, nn.
                 shapes[n] = tuple(value.shape)
             return value
 
-    dtype = next((t.dtype for t in root.parameters()), example.dtype)
+    ref = next(root.parameters(), example)
+    example = example.to(ref.device)
     if example.is_floating_point():  # (token ids stay integers)
-        example = example.to(dtype)
+        example = example.to(ref.dtype)
     try:
         with torch.inference_mode():
             _Shapes(root, graph=graph).run(example)
