@@ -358,3 +358,35 @@ def test_one_or_two_threads_give_the_same_table():
         fit = fit_powerlaw(one.evals[row["name"]])
         assert (row["alpha"], row["D"], row["xmin"]) == (fit.alpha, fit.D, fit.xmin)
     np.testing.assert_allclose(one.evals["3"], _svd2(m[3].weight), rtol=1e-4, atol=1e-6 * one.evals["3"][-1])
+
+
+def test_chunked_stacks_give_the_same_table(monkeypatch):
+    # same-shaped layers are solved in chunks of whole layers (their fits overlap the next
+    # chunk's solve): the chunking may not change a number
+    import sys
+
+    mod = sys.modules[analyze.__module__]
+    torch.manual_seed(5)
+    m = nn.Sequential(*[nn.Conv2d(16, 16, 3, padding=1) for _ in range(6)], nn.Conv2d(16, 32, 3))
+    whole = analyze(m, threads=2, precision="float64", keep_evals=True)
+    sizes = []
+    real = mod._chunks
+
+    def spy(group, n, m_):
+        out = real(group, n, m_)
+        sizes.extend(len(c) for c in out)
+        return out
+
+    monkeypatch.setattr(mod, "_CHUNK_WORK", 2 * 9 * 16**3)  # two layers a chunk
+    monkeypatch.setattr(mod, "_chunks", spy)
+    parts = analyze(m, threads=2, precision="float64", keep_evals=True)
+    assert sizes == [2, 2, 2, 1]  # six 16×16 layers in three chunks, the 16→32 layer alone
+    cols = ["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank", "entropy"]
+    np.testing.assert_array_equal(whole.layers[cols].to_numpy(), parts.layers[cols].to_numpy())
+    layers = dict(m.named_modules())
+    for name, ev in whole.evals.items():
+        np.testing.assert_array_equal(ev, parts.evals[name])
+        w = layers[name].weight
+        slices = w.permute(2, 3, 0, 1).reshape(9, w.shape[0], w.shape[1])  # one matrix per kernel position
+        ref = np.sort(np.concatenate([_svd2(s) for s in slices]))
+        np.testing.assert_allclose(ev, ref, rtol=1e-9, atol=1e-12)

@@ -159,6 +159,37 @@ def test_eigvals_stacks_same_values_with_one_or_two_threads(monkeypatch):
             np.testing.assert_allclose(ev, _ref(w.astype(np.float64)), rtol=1e-4, atol=1e-6 * ev[-1])
 
 
+def test_auto_solves_later_stacks_of_a_mostly_ill_conditioned_shape_in_float64():
+    from nndiag.spectral import esd as esd_mod
+
+    rng = np.random.default_rng(4)
+    u, _, vt = np.linalg.svd(rng.normal(size=(40, 32)), full_matrices=False)
+    ill = [((u * np.geomspace(1, 1e-3, 32) * s) @ vt).astype(np.float32) for s in (1.0, 2.0, 0.5)]
+    well = [rng.normal(size=(40, 32)).astype(np.float32) for _ in range(3)]
+    direct: dict = {}
+    first = esd_mod._eig_gram_torch(torch.from_numpy(np.stack(ill[:2] + well[:1])), "auto", direct)
+    assert direct == {(40, 32): True}  # 2 of 3 recomputed > AUTO_DIRECT
+    calls = []
+    real = torch.linalg.eigvalsh
+
+    def spy(g):
+        calls.append(g.dtype)
+        return real(g)
+
+    esd_mod.torch.linalg.eigvalsh = spy
+    try:
+        second = esd_mod._eig_gram_torch(torch.from_numpy(np.stack(ill[2:] + well[1:])), "auto", direct)
+    finally:
+        esd_mod.torch.linalg.eigvalsh = real
+    assert calls == [torch.float64]  # one float64 solve, no float32 pass
+    for ev, w in zip(np.r_[first.numpy(), second.numpy()], ill[:2] + well[:1] + ill[2:] + well[1:], strict=True):
+        np.testing.assert_allclose(ev, _ref(w.astype(np.float64)), rtol=1e-5, atol=1e-9 * ev[-1])
+    # a shape with few poorly resolved matrices keeps float32 first
+    direct2: dict = {}
+    esd_mod._eig_gram_torch(torch.from_numpy(np.stack(ill[:1] + well)), "auto", direct2)
+    assert direct2 == {(40, 32): False}
+
+
 def test_float64_gram_in_row_blocks_matches_svd(monkeypatch):
     # tall matrices get their float64 Gram matrix block by block (bounded extra memory)
     from nndiag.spectral import esd as esd_mod

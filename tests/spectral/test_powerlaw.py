@@ -108,6 +108,32 @@ def test_pruned_ks_argmin_equals_full_on_varied_spectra(kind):
     assert np.isinf(pruned).sum() > x.size // 2  # the pruning did skip most candidates
 
 
+@pytest.mark.parametrize("kind", ["pareto2", "mp", "random-conv"])
+def test_tail_bounds_are_lower_bounds_and_keep_the_argmin(kind):
+    # the first pruning pass samples each candidate's own tail: never above the exact D
+    from nndiag.spectral.powerlaw import _tail_bounds
+
+    rng = np.random.default_rng(11)
+    if kind == "pareto2":
+        x = pareto(2.0, 3000, seed=5)
+    elif kind == "mp":
+        w = rng.standard_normal((1500, 600))
+        x = np.linalg.eigvalsh(w.T @ w / 1500)
+    else:  # nine 256×256 slices of a random-init 3×3 convolution: the best xmin near the top
+        w = rng.uniform(-1, 1, (9, 256, 256)) / math.sqrt(256 * 9)
+        x = np.concatenate([np.linalg.eigvalsh(s.T @ s) for s in w])
+    x = np.sort(x)
+    a, _ = candidate_alphas(x)
+    cand = np.flatnonzero(np.isfinite(a[:-1]) & (a[:-1] > 1.0))
+    full = ks_distances(x, a, cand)
+    lb = _tail_bounds(x, a, cand)
+    assert np.all(lb <= full[cand] * (1 + 1e-12) + 1e-15)
+    assert lb.max() > 0.5 * full[cand].max()  # not vacuous
+    pruned = ks_distances_pruned(x, a, cand)
+    i = int(np.argmin(full))
+    assert int(np.argmin(pruned)) == i and pruned[i] == full[i]
+
+
 @pytest.mark.parametrize("shape", [(1000, 250), (2000, 400)])
 def test_marchenko_pastur_matrices_report_no_heavy_tail(shape):
     n, m = shape

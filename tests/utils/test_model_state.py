@@ -30,6 +30,19 @@ def test_preserved_restores_mode_flags_grads_hooks_and_values():
     assert same_snapshot(before, snapshot(m))
 
 
+def test_preserved_restores_hooks_added_to_empty_modules_and_removed_ones():
+    m = build_model("digits-mlp")
+    kept = m.register_forward_pre_hook(lambda *a: None)
+    sub = next(c for c in m.modules() if c is not m and not c._forward_hooks)
+    before = snapshot(m)
+    with preserved(m, values=False):
+        kept.remove()  # an existing hook taken away ...
+        sub.register_forward_hook(lambda *a: None)  # ... and one added where there was none
+        sub.register_full_backward_hook(lambda *a: None)
+    assert len(m._forward_pre_hooks) == 1 and not sub._forward_hooks and not sub._backward_hooks
+    assert same_snapshot(before, snapshot(m))
+
+
 def test_snapshot_detects_changes():
     m = build_model("digits-mlp")
     before = snapshot(m)

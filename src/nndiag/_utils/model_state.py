@@ -16,7 +16,8 @@ from torch import nn
 
 
 def _hook_dicts(module: nn.Module) -> dict[str, dict[Any, Any]]:
-    return {n: dict(v) for n, v in vars(module).items() if n.endswith("_hooks") and isinstance(v, dict)}
+    """Copies of the module's non-empty hook dictionaries (``_forward_hooks`` etc.)."""
+    return {n: dict(v) for n, v in vars(module).items() if v and n.endswith("_hooks") and isinstance(v, dict)}
 
 
 @contextlib.contextmanager
@@ -62,11 +63,12 @@ def preserved(model: nn.Module, *, values: bool = True) -> Iterator[nn.Module]:
                 p.grad = g
         for m, t, h in zip(modules, training, hooks, strict=True):
             m.training = t
-            for name, saved in h.items():
-                live = getattr(m, name)
-                if live != saved:  # (most are still empty: nothing to restore)
+            now = _hook_dicts(m)
+            if now != h:  # (mostly both empty: nothing to restore)
+                for name in now.keys() | h.keys():
+                    live = getattr(m, name)
                     live.clear()
-                    live.update(saved)
+                    live.update(h.get(name, {}))
 
 
 def snapshot(model: nn.Module) -> dict[str, Any]:

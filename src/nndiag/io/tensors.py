@@ -83,10 +83,11 @@ class ModuleSource(TensorSource):
         self.module = module
         owner: dict[str, str] = {}
         for mname, mod in module.named_modules():
-            for pname, _ in list(mod.named_parameters(recurse=False)) + list(
-                mod.named_buffers(recurse=False)
-            ):
-                owner[f"{mname}.{pname}" if mname else pname] = type(mod).__name__
+            kind = type(mod).__name__
+            for table in (mod._parameters, mod._buffers):  # (what named_parameters/buffers walk)
+                for pname, t in table.items():
+                    if t is not None:
+                        owner[f"{mname}.{pname}" if mname else pname] = kind
         self._owner = owner
         self._tensors = dict(module.state_dict(keep_vars=True))
 

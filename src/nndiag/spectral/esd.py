@@ -17,7 +17,9 @@ Precision
     float32 first; a matrix is recomputed in float64 when more than
     :data:`AUTO_FRACTION` of its eigenvalues lie below :data:`AUTO_COND` ``· λmax``,
     where float32 rounding (about ``1e-5·λmax`` absolute at worst) can reach ~1% of
-    their value; the other eigenvalues keep ~1e-4 relative accuracy or better.
+    their value; the other eigenvalues keep ~1e-4 relative accuracy or better. On
+    PyTorch's batched route, a shape whose stack needed that for more than
+    :data:`AUTO_DIRECT` of its matrices has its later stacks solved in float64 directly.
     A random square matrix (a few eigenvalues near 0) stays in float32; a
     rank-deficient or strongly ill-conditioned one goes to float64. On a CUDA device
     ``auto`` means float64: GPU eigen-solvers on these sizes are bound by latency, not
@@ -171,9 +173,24 @@ def _lapack_stacks(stacks: list[np.ndarray], precision: str,
     return outs
 
 
-def _eig_gram_torch(mats: torch.Tensor, precision: str) -> torch.Tensor:
-    """PyTorch's batched route: one ``bmm`` and one batched ``eigvalsh`` per stack."""
-    if precision == "float64" or mats.dtype == torch.float64 or (precision == "auto" and mats.is_cuda):
+#: In ``auto`` mode, once a stack of one shape had more than this fraction of its matrices
+#: recomputed in float64, later stacks of that shape are solved in float64 directly: float32
+#: plus the recomputations then cost more than float64 alone (pretrained ResNet56's 153 pooled
+#: 64×64 slices: 45 % recomputed, 31 ms against 22 ms in float64, one thread, this machine).
+AUTO_DIRECT = 0.3
+
+
+def _eig_gram_torch(mats: torch.Tensor, precision: str,
+                    direct: dict[tuple[int, ...], bool] | None = None) -> torch.Tensor:
+    """PyTorch's batched route: one ``bmm`` and one batched ``eigvalsh`` per stack.
+
+    ``direct`` (``auto`` only) records, per matrix shape, whether earlier stacks of that
+    shape were mostly recomputed in float64 (:data:`AUTO_DIRECT`); this stack then skips
+    the float32 pass. Stacks of one shape must be solved in order (one thread).
+    """
+    shape = tuple(mats.shape[1:])
+    if (precision == "float64" or mats.dtype == torch.float64 or (precision == "auto" and mats.is_cuda)
+            or (direct is not None and direct.get(shape, False))):
         x = mats.to(torch.float64)
         return torch.linalg.eigvalsh(x.mT @ x)
     x = mats.to(torch.float32)
@@ -182,9 +199,12 @@ def _eig_gram_torch(mats: torch.Tensor, precision: str) -> torch.Tensor:
         lmax = ev[:, -1].clamp_min(0)
         k = min(ev.shape[1] - 1, int(AUTO_FRACTION * ev.shape[1]))
         bad = ev[:, k] < AUTO_COND * lmax  # ev ascending: more than k values below the bar
-        if bool(bad.any()):
+        n_bad = int(bad.sum())
+        if n_bad:
             x64 = mats[bad].to(torch.float64)
             ev[bad] = torch.linalg.eigvalsh(x64.mT @ x64)
+        if direct is not None:
+            direct[shape] = n_bad > AUTO_DIRECT * ev.shape[0]
     return ev
 
 
@@ -231,22 +251,26 @@ def eigvals_stacks(stacks: list[torch.Tensor], precision: str = "auto",
     out: list[torch.Tensor | None] = [None] * len(oriented)
     lapack = [i for i, m in enumerate(oriented) if uses_lapack(m)]
     if lapack:
+        # (PyTorch's batched route beside the LAPACK workers, in this thread, was measured
+        # 10× slower: the two libraries' threads fight over the cores)
         arrays = [_as_numpy(oriented[i]) for i in lapack]
         on = None if done is None else (lambda j, ev: done(lapack[j], torch.from_numpy(ev)))
         for i, ev in zip(lapack, _lapack_stacks(arrays, precision, on), strict=True):
             out[i] = torch.from_numpy(ev)
     rest = [i for i in range(len(oriented)) if out[i] is None]
-    if done is not None and len(rest) > 1 and torch.get_num_threads() > 1:
+    threads = torch.get_num_threads()
+    direct: dict[tuple[int, ...], bool] = {}  # (stacks of a shape run in order, in one thread)
+    if done is not None and len(rest) > 1 and threads > 1:
         # a pipeline: one worker solves the next stack while this thread runs ``done`` on the last
         from nndiag._utils.threads import worker_pool
 
-        pending = [worker_pool(1).submit(_eig_gram_torch, oriented[i], precision) for i in rest]
+        pending = [worker_pool(1).submit(_eig_gram_torch, oriented[i], precision, direct) for i in rest]
         for i, fut in zip(rest, pending, strict=True):
             out[i] = fut.result().clamp_min_(0.0)
             done(i, out[i])
     for i in rest:
         if out[i] is None:
-            out[i] = _eig_gram_torch(oriented[i], precision).clamp_min_(0.0)
+            out[i] = _eig_gram_torch(oriented[i], precision, direct).clamp_min_(0.0)
             if done is not None:
                 done(i, out[i])
     return [ev.clamp_min_(0.0) for ev in out if ev is not None]
