@@ -101,6 +101,36 @@ def test_folded_resnet_surface_equals_unfolded(one_d):
     assert same_snapshot(before, snapshot(model))
 
 
+def test_a_rewrite_that_misses_the_origin_is_dropped_and_the_copy_still_bound(monkeypatch):
+    # the rewrite and the bound copy share one origin check; when it fails, the rewrite is
+    # checked alone and dropped, and the copy of the plain model is bound
+    from nndiag.landscape import fold as fold_mod
+    from nndiag.models import build_model
+
+    real = fold_mod.inference_copy
+
+    def broken(model, **kw):
+        out = real(model, **kw)
+        for node in out.module.graph.nodes:  # a ReLU that becomes a tanh: a wrong function
+            if node.target is torch.relu_:
+                node.target = torch.tanh_
+        out.module.recompile()
+        return out
+
+    monkeypatch.setattr(fold_mod, "inference_copy", broken)
+    torch.manual_seed(0)
+    model = _randomise_bn(build_model("digits-cnn", batchnorm=True)).eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    kw = dict(dim=2, steps=3, seed=1, dtype=F64, strategy="loop")
+    s = surface(model, (x, y), **kw)
+    plain = surface(model, (x, y), fold=False, **kw)
+    assert s.params["batchnorm_folded"] == 0 and s.params["in_place_ops"] == 0 and s.params["bound_copy"]
+    np.testing.assert_allclose(s.losses, plain.losses, rtol=1e-10)
+    monkeypatch.setattr(fold_mod, "inference_copy", real)
+    assert surface(model, (x, y), **kw).params["batchnorm_folded"] == 2
+
+
 def test_train_mode_is_never_folded():
     from nndiag.models import build_model
 

@@ -51,6 +51,19 @@ def _loss_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor, shift: dict[str
         return float(loss(m(x.double()), y))
 
 
+def _check_cells(s, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int, one_d: str,
+                 cells: list[tuple[int, int]]) -> None:
+    """Grid cells of ``s`` against a deep copy with the weights shifted in place (no nndiag code
+    on that side but the directions' draw)."""
+    w = {k: p.detach().double() for k, p in model.named_parameters() if p.requires_grad}
+    gen = torch.Generator().manual_seed(seed)
+    d1, d2 = (normalize_direction(random_direction(w, generator=gen), w, one_d=one_d) for _ in range(2))
+    for i, j in cells:
+        a, b = s.alphas[i], s.betas[j]
+        shift = {k: a * d1[k] + b * d2[k] for k in w}
+        assert s.losses[i, j] == pytest.approx(_loss_at(model, x, y, shift), rel=1e-10)
+
+
 def test_stacked_equals_one_forward_per_point_on_a_mixed_network():
     model = _mixed()
     x, y = _data()
@@ -63,14 +76,7 @@ def test_stacked_equals_one_forward_per_point_on_a_mixed_network():
     assert stacked.params["points_stacked"] > 1 and loop.params["points_stacked"] is None
     np.testing.assert_allclose(stacked.losses, loop.losses, rtol=1e-12, atol=0)
     assert float(np.ptp(stacked.losses)) > 0.05  # the plane is not flat: the layers do move
-    # against a deep copy with the weights shifted in place (no nndiag code on that side)
-    w = {k: p.detach().double() for k, p in model.named_parameters() if p.requires_grad}
-    gen = torch.Generator().manual_seed(3)
-    d1, d2 = (normalize_direction(random_direction(w, generator=gen), w, one_d="keep") for _ in range(2))
-    for i, j in [(0, 6), (3, 3), (5, 1)]:
-        a, b = stacked.alphas[i], stacked.betas[j]
-        shift = {k: a * d1[k] + b * d2[k] for k in w}
-        assert stacked.losses[i, j] == pytest.approx(_loss_at(model, x, y, shift), rel=1e-10)
+    _check_cells(stacked, model, x, y, seed=3, one_d="keep", cells=[(0, 6), (3, 3), (5, 1)])
     assert same_snapshot(before, snapshot(model))
 
 
@@ -246,4 +252,60 @@ def test_auto_picks_stacked_for_a_fully_connected_model():
     # whole passes per call: a small network stacks 64 points, more than the default chunk of 16
     assert s.params["points_stacked"] == 64 and s.params["chunk"] == 64
     ref = surface(model, (x, y), dim=1, steps=21, seed=0, strategy="loop", threads=2)
+    np.testing.assert_allclose(s.losses, ref.losses, rtol=2e-5)
+
+
+def _relu_chain(seed: int = 0) -> nn.Module:
+    """Linear layers joined by activations that map 1 to 1: biases ride in the products."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 16, bias=False),
+        nn.LeakyReLU(0.1), nn.Linear(16, 12), nn.ELU(), nn.Identity(), nn.Linear(12, 12), nn.ReLU6(),
+        nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 5),
+    )
+    m[9].bias.requires_grad_(False)  # a fixed bias beside a moving weight
+    return m.eval()
+
+
+@pytest.mark.parametrize("one_d", ["zero", "keep"])
+def test_biases_as_a_ones_row_equal_one_forward_per_point(monkeypatch, one_d):
+    import sys
+
+    surface_mod = sys.modules[surface.__module__]
+    built = []
+    real = surface_mod.build_stacked
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        built.append(out[0] if out is not None else None)
+        return out
+
+    monkeypatch.setattr(surface_mod, "build_stacked", spy)
+    model = _relu_chain()
+    x, y = _data(seed=4)
+    before = snapshot(model)
+    kw = dict(dim=2, steps=5, seed=2, dtype=torch.float64, one_d=one_d)
+    stacked = surface(model, (x, y), strategy="stacked", **kw)
+    loop = surface(model, (x, y), strategy="loop", **kw)
+    st = built[0]
+    # the first layer and the 16→16, 16→12 and 12→12 layers write a ones row; the 12→10 layer
+    # reads one (ReLU6 keeps it), the 10→5 layer after the tanh does not
+    assert st._aug_first and st._aug_in == {"4", "6", "9", "11"} and st._aug_out == {"4", "6", "9"}
+    np.testing.assert_allclose(stacked.losses, loop.losses, rtol=1e-12)
+    assert float(np.ptp(stacked.losses)) > 0.05
+    _check_cells(stacked, model, x, y, seed=2, one_d=one_d, cells=[(0, 4), (2, 2), (4, 1)])
+    assert same_snapshot(before, snapshot(model))
+
+
+def test_a_fully_connected_model_is_not_rewritten_and_its_activations_run_in_place():
+    # the stacked evaluator reads the plain copy's graph (fold skipped); nn.ReLU modules there
+    # overwrite the pass's own buffers, never a cached first layer
+    model = _relu_chain(seed=1)
+    x, y = _data(seed=5)
+    s = surface(model, (x, y), dim=2, steps=5, seed=0, threads=1)
+    assert s.params["strategy"] == "stacked" and s.params["in_place_ops"] == 0
+    assert s.params["first_layer_precomputed"] == "1"
+    again = surface(model, (x, y), dim=2, steps=5, seed=0, threads=1)
+    np.testing.assert_array_equal(s.losses, again.losses)  # the cached first layer was not overwritten
+    ref = surface(model, (x, y), dim=2, steps=5, seed=0, strategy="loop", fold=False, threads=1)
     np.testing.assert_allclose(s.losses, ref.losses, rtol=2e-5)

@@ -111,7 +111,21 @@ class BoundCopy:
         self.first_layer: tuple[str, Any] | None = None
         #: :func:`input_key` of the input during a call of this copy, else None
         self.input_key: Any = None
+        self._graph: Any = None
         self._bind()
+
+    @property
+    def graph(self) -> Any:
+        """The copy's ``torch.fx`` graph: a rewritten copy's own, else traced once (the first
+        layer's precomputation and the stacked evaluator both read it). Raises what tracing
+        raises."""
+        import torch.fx
+
+        if isinstance(self.module, torch.fx.GraphModule):
+            return self.module.graph
+        if self._graph is None:
+            self._graph = torch.fx.Tracer().trace(self.module)
+        return self._graph
 
     def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameter-shaped views of a flat vector in the buffer's layout."""

@@ -126,7 +126,7 @@ def _candidate(bound: BoundCopy) -> str | None:
 
     module = bound.module
     try:
-        graph = module.graph if isinstance(module, torch.fx.GraphModule) else torch.fx.symbolic_trace(module).graph
+        graph = bound.graph
     except Exception:  # noqa: BLE001 - any tracing failure: leave the copy as it is
         return None
     nodes = list(graph.nodes)

@@ -45,7 +45,10 @@ from nndiag.landscape.first_layer import RESHAPE_FUNCTIONS, RESHAPE_METHODS, is_
 #: digits MLP (512 examples, 64 features: 128 KiB per point), one thread, 64 points, medians
 #: of 400 calls: 512 KiB passes 10.5 ms, 1 MiB 8.2 ms, 2 MiB 7.2 ms, 4 MiB 7.2–7.8 ms (with
 #: the buffers of :meth:`Stacked._out`; without them 2 MiB passes ranged over 2× between runs).
-STACK_BYTES = 2 << 20
+#: Whole 21×21 digits-MLP planes on the 2-core Intel Xeon (1 MiB L2 per core, 36 MiB L3),
+#: one thread, interleaved, medians of 22: 16 points a pass 68.0–68.7 ms, 20 points 62.8–65.5,
+#: 22 points 63.4, 24 points 63.3–66.2, 32 points 68.2–68.9 (fewer passes, still in L3).
+STACK_BYTES = 3 << 20
 #: Most points per stacked pass.
 MAX_POINTS = 64
 #: Moving parameters copied as ``(1 + dim, numel)`` stacks at most this many bytes.
@@ -70,6 +73,19 @@ _AXIS_METHODS = {"softmax", "log_softmax"}
 _RESHAPE_MODULES = (nn.Flatten,)
 _RESHAPE_METHODS = set(RESHAPE_METHODS)
 _RESHAPE_FUNCTIONS = set(RESHAPE_FUNCTIONS)
+
+
+#: Element-wise modules applied in place on a pass's own buffers (see :meth:`Stacked._activation`).
+_IN_PLACE: dict[type, Callable[[Any, torch.Tensor], torch.Tensor]] = {
+    nn.ReLU: lambda m, h: torch.relu_(h),
+    nn.ReLU6: lambda m, h: F.relu6(h, inplace=True),
+    nn.LeakyReLU: lambda m, h: F.leaky_relu(h, m.negative_slope, inplace=True),
+    nn.ELU: lambda m, h: F.elu(h, m.alpha, inplace=True),
+    nn.Hardtanh: lambda m, h: F.hardtanh(h, m.min_val, m.max_val, inplace=True),
+}
+_RELU_CALLS = {torch.relu, F.relu, "relu"}
+#: Modules that map 1 to 1, so a ones row passes through them (see :meth:`Stacked._plan_ones`).
+_KEEP_ONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.Identity, nn.Dropout, nn.AlphaDropout)
 
 
 class Unsupported(Exception):
@@ -126,6 +142,10 @@ class Stacked:
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
         self._reuse = False
         self._check()
+        #: ones rows (see :meth:`_plan_ones`): the first layer's, the linear layers that read one
+        #: and those that write one, and the element-wise nodes that carry one between them
+        self._aug_first, self._aug_in, self._aug_out, self._chain = self._plan_ones()
+        self._aug: dict[tuple[str, bool], _Moving] = {}
 
     # -- building ---------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -168,6 +188,72 @@ class Stacked:
         # a pass holds every moving parameter at its k points too
         self.point_bytes = max((mv.base.numel() * mv.base.element_size() for mv in self.moving.values()), default=0)
 
+    def _plan_ones(self) -> tuple[bool, set[str], set[str], set[Any]]:
+        """Which moving linear layers take their bias as one more input feature.
+
+        A linear layer whose input comes, through activations that map 1 to 1 (ReLU and kin,
+        identities) and nodes with one user each, from the precomputed first layer or from
+        another moving linear layer reads a features-first input with one more row, all ones,
+        and multiplies it by ``[W | b]``: the bias is part of the product (``baddbmm`` copied
+        the bias into its whole output first: 0.33 ms of a 2.4 ms pass of 24 digits-MLP
+        points). The layer before writes that row with one more weight row ``[0 … 0 1]``.
+        Whether a row is there is also checked as the pass runs (a layout that differs from
+        the plan drops it, a view, before any other use).
+        """
+        first = self.bound.first_layer[0] if self.bound.first_layer is not None else None
+
+        def moving_linear(n: Any) -> bool:
+            return (n.op == "call_module" and isinstance(self.modules.get(str(n.target)), nn.Linear)
+                    and f"{n.target}.weight" in self.moving)
+
+        def keeps_one(n: Any) -> bool:
+            if n.op == "call_module":
+                return type(self.modules[str(n.target)]) in _KEEP_ONE
+            return (n.op in ("call_function", "call_method") and n.target in _RELU_CALLS | {torch.relu_, "relu_"}
+                    and len(n.args) == 1 and not n.kwargs)
+
+        aug_first, aug_in, aug_out, chain = False, set(), set(), set()
+        for n in self.nodes:
+            if not moving_linear(n) or not n.args or not isinstance(n.args[0], torch.fx.Node):
+                continue
+            p, between = n.args[0], []
+            while isinstance(p, torch.fx.Node) and keeps_one(p) and len(p.users) == 1 and p.args:
+                between.append(p)
+                p = p.args[0]
+            if not isinstance(p, torch.fx.Node) or len(p.users) != 1:
+                continue
+            if p.op == "call_module" and str(p.target) == first:
+                aug_first = True
+            elif moving_linear(p):
+                aug_out.add(str(p.target))
+            else:
+                continue
+            aug_in.add(str(n.target))
+            chain.update(between)
+        return aug_first, aug_in, aug_out, chain
+
+    def _aug_moving(self, name: str, m: nn.Linear, out_row: bool) -> _Moving:
+        """``[W | b]`` (with the row ``[0 … 0 1]`` when ``out_row``) of linear layer ``name`` as
+        one moving parameter (its directions: ``[D_W | D_b]``, zeros in that row)."""
+        key = (name, out_row)
+        if key not in self._aug:
+            def aug(w: torch.Tensor, b: torch.Tensor | None, one: float) -> torch.Tensor:
+                o, i = w.shape
+                t = w.new_zeros(o + int(out_row), i + 1)
+                t[:o, :i] = w
+                if b is not None:
+                    t[:o, i] = b
+                if out_row:
+                    t[o, i] = one
+                return t
+
+            views, wk, bk = self.bound.base_views, f"{name}.weight", f"{name}.bias"
+            bias = views.get(bk, m.bias.detach() if m.bias is not None else None)
+            base = aug(views[wk], bias, 1.0)
+            dirs = [aug(d[wk], d.get(bk), 0.0) for d in self.bound.dir_views]
+            self._aug[key] = _Moving(base, dirs)
+        return self._aug[key]
+
     def _first_layer(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The precomputed first layer's output at ``k`` points and whether it is features
         first: ``(k, features, examples)`` for a 2-D output ``Y₀`` (see :meth:`forward`),
@@ -182,7 +268,13 @@ class Stacked:
             _, y0, ys = self.bound.first_layer[1][key]
             fm = y0.ndim == 2 and bool(ys)
             lay = (lambda y: y.t().reshape(-1)) if fm else (lambda y: y.reshape(-1))
-            self._first[key] = (torch.stack([lay(y) for y in (y0, *ys)]), tuple(y0.t().shape if fm else y0.shape), fm)
+            rows = [lay(y) for y in (y0, *ys)]
+            shape = tuple(y0.t().shape if fm else y0.shape)
+            if fm and self._aug_first:  # a ones row after the features (see _plan_ones): 1·1 + c·0
+                n = shape[1]
+                rows = [torch.cat([r, r.new_full((n,), 1.0 if i == 0 else 0.0)]) for i, r in enumerate(rows)]
+                shape = (shape[0] + 1, n)
+            self._first[key] = (torch.stack(rows), shape, fm)
         stack, shape, fm = self._first[key]
         k = c.shape[0]
         if stack.shape[0] == 1:  # the first layer does not move
@@ -207,6 +299,22 @@ class Stacked:
             buf = self._buffers[key] = like.new_empty(shape)
         return buf
 
+    def _owned(self, h: torch.Tensor) -> bool:
+        """Whether ``h`` lives in one of this pass's buffers (:meth:`_out`), so that an
+        activation may overwrite it (not a cached first layer or a point-independent value)."""
+        if not self._reuse:
+            return False
+        ptr = h.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == ptr for b in self._buffers.values())
+
+    def _activation(self, m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """Element-wise module ``m`` on ``h``, in place when ``h`` is this pass's own buffer
+        (a model not rewritten by :mod:`~nndiag.landscape.fold` keeps ``nn.ReLU`` modules: a
+        fresh 3 MiB result per activation and pass doubled a digits-MLP grid, 52 → 113 ms)."""
+        if type(m) in _IN_PLACE and self._owned(h):
+            return _IN_PLACE[type(m)](m, h)
+        return m(h)
+
     def _param(self, key: str, fallback: torch.Tensor | None, c: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
         """A parameter at the ``k`` points (stacked) or its fixed value (not stacked)."""
         if key in self.moving:
@@ -215,13 +323,22 @@ class Stacked:
         return fallback, False
 
     def _linear(self, name: str, m: nn.Linear, h: torch.Tensor, stacked: bool, fm: bool,
-                c: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """``m`` at the ``k`` points and whether the result is features first.
+                c: torch.Tensor, ones: bool = False) -> tuple[torch.Tensor, bool, bool]:
+        """``m`` at the ``k`` points, whether the result is features first and whether it
+        ends with a ones row.
 
         With a moving weight and 3-D (stacked) ``h`` in either layout, the result is
         ``(k, out, examples)``: one ``W·H`` product per point. Otherwise ``(k, *lead, out)``.
+        With ``ones`` (``h`` is ``(k, in + 1, examples)``, its last row all ones) the product
+        is ``[W | b]·h``, with one more output row of ones when the next linear layer reads it.
         """
         k = c.shape[0]
+        if ones:  # [W | b]·[H; 1] (see _plan_ones)
+            out_row = name in self._aug_out
+            mv = self._aug_moving(name, m, out_row)
+            w = mv.at(c, self._out(f"{name}.aug", (k, mv.base.shape[1]), mv.base))
+            hf = h if fm else h.transpose(1, 2)
+            return torch.bmm(w, hf, out=self._out(name, (k, w.shape[1], hf.shape[2]), hf)), True, out_row
         w, w_moves = self._param(f"{name}.weight", m.weight, c)
         b, b_moves = self._param(f"{name}.bias", m.bias, c)
         if not stacked:
@@ -231,9 +348,9 @@ class Stacked:
             hf = h if fm else h.transpose(1, 2)  # (k, in, examples)
             buf = self._out(name, (k, w.shape[1], hf.shape[2]), hf)
             if b is None:
-                return torch.bmm(w, hf, out=buf), True
+                return torch.bmm(w, hf, out=buf), True, False
             bias = b.unsqueeze(2) if b_moves else b.view(1, -1, 1).expand(k, -1, 1)
-            return torch.baddbmm(bias, w, hf, out=buf), True
+            return torch.baddbmm(bias, w, hf, out=buf), True, False
         if fm:
             h = h.transpose(1, 2)
         lead = h.shape[1:-1]
@@ -250,7 +367,7 @@ class Stacked:
             out = F.linear(flat, w, None)
             if b is not None:
                 out = out + (b.unsqueeze(1) if b_moves else b)
-        return out.reshape(k, *lead, out.shape[-1]), False
+        return out.reshape(k, *lead, out.shape[-1]), False, False
 
     def _norm(self, name: str, m: nn.Module, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         k = c.shape[0]
@@ -292,6 +409,7 @@ class Stacked:
 
         out: Any = None
         fm_out = False
+        ones: set[Any] = set()  # nodes whose (features-first) value ends with a ones row
         for node in self.nodes:
             if node.op == "placeholder":
                 env[node] = (x, False, False)
@@ -303,6 +421,14 @@ class Stacked:
                 break
             src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
             h, stacked, fm = env[src] if src is not None else (None, False, False)
+            h_ones = src in ones
+            planned = node in self._chain or (node.op == "call_module" and str(node.target) in self._aug_in)
+            if h_ones and not planned:
+                h = h[:, :-1]  # (not as planned: the row goes before any other use)
+                env[src], h_ones = (h, stacked, fm), False
+                ones.discard(src)
+            if node.op == "output" and h_ones:
+                raise AssertionError("a ones row reached the output")
             if is_shape_query(node) or not stacked and node.op != "call_module":
                 # point-independent (reshapes of the input, shape queries): computed as written
                 env[node] = (_run(node, self.modules, arg), False, False)
@@ -316,11 +442,17 @@ class Stacked:
                 elif target == first:
                     value, fm = self._first_layer(x, c)
                     env[node] = (value, True, fm)
+                    if fm and self._aug_first:
+                        ones.add(node)
                 elif isinstance(m, nn.Linear):
-                    value, fm = self._linear(target, m, h, stacked, fm, c)
+                    value, fm, ones_out = self._linear(target, m, h, stacked, fm, c, ones=h_ones and fm)
                     env[node] = (value, True, fm)
+                    if ones_out:
+                        ones.add(node)
                 elif isinstance(m, _PASS_MODULES) or (fm and isinstance(m, _ELEMENTWISE_MODULES)):
-                    env[node] = (h if isinstance(m, _PASS_MODULES) else m(h), True, fm)
+                    env[node] = (h if isinstance(m, _PASS_MODULES) else self._activation(m, h), True, fm)
+                    if h_ones:
+                        ones.add(node)
                 else:
                     h = h.transpose(1, 2) if fm else h  # features last from here
                     if isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
@@ -333,7 +465,7 @@ class Stacked:
                         fn = F.softmax if isinstance(m, nn.Softmax) else F.log_softmax
                         env[node] = (fn(h, dim=_point_axis(m.dim)), True, False)
                     else:
-                        env[node] = (m(h), True, False)
+                        env[node] = (self._activation(m, h), True, False)
                 continue
             if node.target in _AXIS_FUNCTIONS or node.target in _AXIS_METHODS:
                 dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
@@ -347,6 +479,11 @@ class Stacked:
             extra = [a for a in [*node.args[1:], *node.kwargs.values()] if isinstance(a, torch.fx.Node)]
             if extra:
                 raise Unsupported("an element-wise operation with a second tensor")
+            if h_ones:
+                ones.add(node)  # (a chain node: an activation that maps 1 to 1)
+            if node.target in _RELU_CALLS and len(node.args) == 1 and not node.kwargs and self._owned(h):
+                env[node] = (torch.relu_(h), True, fm)  # (fresh activations: no copy)
+                continue
             env[node] = (_run(node, self.modules, arg), True, fm)  # element-wise: any layout
         self.point_bytes = max(self.point_bytes, out.numel() * out.element_size() // c.shape[0],
                                *(v.numel() * v.element_size() // c.shape[0]
@@ -407,6 +544,16 @@ def _run(node: Any, modules: dict[str, nn.Module], arg: Callable[[Any], Any]) ->
     return node.target(*args, **kwargs)
 
 
+def fully_connected(model: nn.Module) -> bool:
+    """Whether every leaf module of ``model`` is one :class:`Stacked` evaluates (linear layers,
+    element-wise activations, normalisations over features, flattens, softmax), with at least
+    one linear layer: the grid of such a model skips :mod:`~nndiag.landscape.fold`'s rewrite."""
+    ok = (nn.Linear, nn.BatchNorm1d, nn.LayerNorm, *_ELEMENTWISE_MODULES, *_PASS_MODULES, *_RESHAPE_MODULES,
+          *_AXIS_MODULES)
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    return any(isinstance(m, nn.Linear) for m in leaves) and all(isinstance(m, ok) for m in leaves)
+
+
 def build_stacked(bound: BoundCopy, loss_fn: LossFn, batches: Batches) -> tuple[Stacked, float] | None:
     """A :class:`Stacked` evaluator for ``bound`` and its loss at the origin, or None when the
     graph is not supported.
@@ -415,11 +562,8 @@ def build_stacked(bound: BoundCopy, loss_fn: LossFn, batches: Batches) -> tuple[
     model's) and measures the largest activation per point, which sets how many points a pass
     stacks.
     """
-    import torch.fx
-
-    module = bound.module
     try:
-        graph = module.graph if isinstance(module, torch.fx.GraphModule) else torch.fx.symbolic_trace(module).graph
+        graph = bound.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             return None
