@@ -309,3 +309,29 @@ def test_a_fully_connected_model_is_not_rewritten_and_its_activations_run_in_pla
     np.testing.assert_array_equal(s.losses, again.losses)  # the cached first layer was not overwritten
     ref = surface(model, (x, y), dim=2, steps=5, seed=0, strategy="loop", fold=False, threads=1)
     np.testing.assert_allclose(s.losses, ref.losses, rtol=2e-5)
+
+
+def test_a_first_layer_that_misses_the_origin_is_dropped_and_the_grid_still_stacked(monkeypatch):
+    # when the grid is stacked, the stacked pass's origin check also stands for the precomputed
+    # first layer; when it fails, the precomputation is checked alone, dropped, and stacking retried
+    from nndiag.landscape import first_layer as fl
+
+    real = fl.install
+
+    def broken(bound, inputs, **kw):
+        name = real(bound, inputs, **kw)
+        with torch.inference_mode():
+            for _, y0, _ in bound.first_layer[1].values():
+                y0.add_(0.5)  # a wrong cached output
+        return name
+
+    monkeypatch.setattr(fl, "install", broken)
+    model = _relu_chain(seed=2)
+    x, y = _data(seed=6)
+    kw = dict(dim=2, steps=5, seed=1, dtype=torch.float64, threads=1)
+    s = surface(model, (x, y), **kw)
+    assert s.params["strategy"] == "stacked" and s.params["first_layer_precomputed"] is None
+    monkeypatch.setattr(fl, "install", real)
+    ref = surface(model, (x, y), strategy="loop", **kw)
+    assert ref.params["first_layer_precomputed"] == "1"
+    np.testing.assert_allclose(s.losses, ref.losses, rtol=1e-12)

@@ -472,14 +472,24 @@ def _bind(grid: _Grid, origin: float, n_dirs: int) -> bool:
     return True
 
 
-def _precompute_first_layer(grid: _Grid, origin: float, n_dirs: int) -> str | None:
+def _precompute_first_layer(grid: _Grid, origin: float, n_dirs: int, check: bool = True) -> str | None:
     """Compute the bound copy's first layer once per direction and batch
     (:mod:`~nndiag.landscape.first_layer`) when it applies and the copy still gives the
-    model's loss at the origin; returns the layer's name."""
-    from nndiag.landscape.first_layer import install, uninstall
+    model's loss at the origin; returns the layer's name. With ``check=False`` the caller
+    checks (:func:`_check_first_layer`)."""
+    from nndiag.landscape.first_layer import install
 
     assert grid.bound is not None
     name = install(grid.bound, [xb for xb, _ in grid.data.batches])
+    return _check_first_layer(grid, origin, n_dirs, name) if check else name
+
+
+def _check_first_layer(grid: _Grid, origin: float, n_dirs: int, name: str | None) -> str | None:
+    """``name`` when the bound copy with its precomputed first layer gives the model's loss at
+    the origin, else None (the precomputation removed)."""
+    from nndiag.landscape.first_layer import uninstall
+
+    assert grid.bound is not None
     if name is not None and not _reproduces_origin(grid._bound_loss, grid, origin, n_dirs):
         uninstall(grid.bound)
         return None
@@ -758,8 +768,15 @@ def surface(
             (folded, in_place, pools, flats), bound = _fold_and_bind(grid, origin, dim, fold=eval_cpu)
         else:
             (folded, in_place, pools, flats), bound = (0, 0, 0, 0), False
-        first = _precompute_first_layer(grid, origin, n_dirs=dim) if bound else None
+        # when the grid will be stacked, the stacked pass's origin check covers the precomputed
+        # first layer too (each check is a forward over all the data)
+        may_stack = bound and mode == "eval" and strategy in ("auto", "stacked")
+        first = _precompute_first_layer(grid, origin, dim, check=not may_stack) if bound else None
         stackable = _stack(grid, origin) if bound and mode == "eval" else False
+        if may_stack and not stackable and first is not None:
+            first = _check_first_layer(grid, origin, dim, first)
+            if first is None:  # the precomputation missed the origin: stack without it
+                stackable = _stack(grid, origin)
         weights, dirs = grid.base, grid.dirs  # (views into the bound copy's vectors when bound)
         alphas = np.linspace(lo, hi, steps)
         betas = np.linspace(lo, hi, steps) if dim == 2 else None
