@@ -368,7 +368,7 @@ def test_chunked_stacks_give_the_same_table(monkeypatch):
     mod = sys.modules[analyze.__module__]
     torch.manual_seed(5)
     m = nn.Sequential(*[nn.Conv2d(16, 16, 3, padding=1) for _ in range(6)], nn.Conv2d(16, 32, 3))
-    whole = analyze(m, threads=2, precision="float64", keep_evals=True)
+    whole = analyze(m, threads=2, precision="float64", keep_evals=True, device="cpu")  # (chunks: CPU only)
     sizes = []
     real = mod._chunks
 
@@ -379,7 +379,7 @@ def test_chunked_stacks_give_the_same_table(monkeypatch):
 
     monkeypatch.setattr(mod, "_CHUNK_WORK", 2 * 9 * 16**3)  # two layers a chunk
     monkeypatch.setattr(mod, "_chunks", spy)
-    parts = analyze(m, threads=2, precision="float64", keep_evals=True)
+    parts = analyze(m, threads=2, precision="float64", keep_evals=True, device="cpu")
     assert sizes == [2, 2, 2, 1]  # six 16×16 layers in three chunks, the 16→32 layer alone
     cols = ["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank", "entropy"]
     np.testing.assert_array_equal(whole.layers[cols].to_numpy(), parts.layers[cols].to_numpy())
