@@ -419,22 +419,17 @@ def _reproduces_origin(loss_at: Any, grid: _Grid, origin: float, n_dirs: int) ->
     return reproduces(at_origin, origin)
 
 
-def _fold(grid: _Grid, origin: float, n_dirs: int, check: bool = True) -> tuple[int, int, int, int]:
-    """Run the grid on a rewritten copy of the model (:mod:`~nndiag.landscape.fold`: BatchNorm
-    folded, ReLUs and sums in place, 2×2 max-poolings as pairwise maxima) when it gives the
-    model's own loss at the origin; returns the BatchNorm pairs folded, the operations made in
-    place, the poolings rewritten and the flattens read in channels-last order. With
-    ``check=False`` the caller checks the origin itself (:func:`_fold_and_bind`)."""
+def _fold(grid: _Grid) -> tuple[int, int, int, int]:
+    """Give the grid a rewritten copy of the model (:mod:`~nndiag.landscape.fold`: BatchNorm
+    folded, ReLUs and sums in place, 2×2 max-poolings as pairwise maxima; its origin checked by
+    :func:`_fold_and_bind`); returns the BatchNorm pairs folded, the operations made in place,
+    the poolings rewritten and the flattens read in channels-last order."""
     from nndiag.landscape.fold import inference_copy
 
     folded = inference_copy(grid.model, example=grid.data.batches[0][0][:2])
     if folded is None:
         return 0, 0, 0, 0
     grid.folded = folded
-    # (an in-place sum that broadcasts, say, fails or differs here)
-    if check and not _reproduces_origin(lambda c: grid._loss(grid._point(c)), grid, origin, n_dirs):
-        grid.folded = None
-        return 0, 0, 0, 0
     return len(folded.pairs), folded.in_place, folded.pools, len(folded.flattened)
 
 
@@ -443,11 +438,12 @@ def _fold_and_bind(grid: _Grid, origin: float, n_dirs: int, fold: bool) -> tuple
     work (each check is a forward pass over all the data: 0.7 ms of a 65 ms digits-MLP plane);
     when the bound copy of the rewritten model misses the origin, the rewrite is checked alone
     and dropped if it is the cause."""
-    counts = _fold(grid, origin, n_dirs, check=False) if fold else (0, 0, 0, 0)
+    counts = _fold(grid) if fold else (0, 0, 0, 0)
     if _bind(grid, origin, n_dirs):
         return counts, True
     if grid.folded is None:
         return counts, False
+    # (an in-place sum that broadcasts, say, fails or differs here)
     if not _reproduces_origin(lambda c: grid._loss(grid._point(c)), grid, origin, n_dirs):
         grid.folded = None
         return (0, 0, 0, 0), _bind(grid, origin, n_dirs)

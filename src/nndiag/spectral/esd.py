@@ -259,9 +259,8 @@ def eigvals_stacks(stacks: list[torch.Tensor], precision: str = "auto",
         for i, ev in zip(lapack, _lapack_stacks(arrays, precision, on), strict=True):
             out[i] = torch.from_numpy(ev)
     rest = [i for i in range(len(oriented)) if out[i] is None]
-    threads = torch.get_num_threads()
     direct: dict[tuple[int, ...], bool] = {}  # (stacks of a shape run in order, in one thread)
-    if done is not None and len(rest) > 1 and threads > 1:
+    if done is not None and len(rest) > 1 and torch.get_num_threads() > 1:
         # a pipeline: one worker solves the next stack while this thread runs ``done`` on the last
         from nndiag._utils.threads import worker_pool
 
