@@ -335,3 +335,32 @@ def test_a_first_layer_that_misses_the_origin_is_dropped_and_the_grid_still_stac
     ref = surface(model, (x, y), strategy="loop", **kw)
     assert ref.params["first_layer_precomputed"] == "1"
     np.testing.assert_allclose(s.losses, ref.losses, rtol=1e-12)
+
+
+class _SharedValues(nn.Module):
+    """Activations on values another node reads too: a ReLU whose result is dropped, and one
+    after a dropout that passes on a value the next layer also reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.act, self.l2 = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8)
+        self.drop, self.l3, self.l4 = nn.Dropout(0.1), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l1(x)
+        self.act(h)  # read, result unused
+        g = self.l2(h)
+        torch.relu(self.drop(g))  # the dropout passes g itself on
+        return self.l4(torch.relu(self.l3(g)))
+
+
+def test_activations_never_overwrite_a_value_another_node_reads():
+    torch.manual_seed(0)
+    model = _SharedValues().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 6, generator=g), torch.randint(0, 3, (30,), generator=g)
+    kw = dict(dim=2, steps=5, seed=0, dtype=torch.float64, threads=1)
+    s = surface(model, (x, y), **kw)
+    ref = surface(model, (x, y), strategy="loop", **kw)
+    assert s.params["strategy"] == "stacked"  # (an overwritten value would miss the origin: no stacking)
+    np.testing.assert_allclose(s.losses, ref.losses, rtol=1e-12)

@@ -146,6 +146,13 @@ class Stacked:
         #: and those that write one, and the element-wise nodes that carry one between them
         self._aug_first, self._aug_in, self._aug_out, self._chain = self._plan_ones()
         self._aug: dict[tuple[str, bool], _Moving] = {}
+        #: nodes whose value no other node reads: one user, and through identities and dropout
+        #: (which pass their input on as it is) the same for the node they pass on
+        self._sole: set[Any] = set()
+        for n in self.nodes:
+            passes = n.op == "call_module" and isinstance(self.modules.get(str(n.target)), _PASS_MODULES)
+            if len(n.users) == 1 and (not passes or (n.args and n.args[0] in self._sole)):
+                self._sole.add(n)
 
     # -- building ---------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -307,11 +314,12 @@ class Stacked:
         ptr = h.untyped_storage().data_ptr()
         return any(b.untyped_storage().data_ptr() == ptr for b in self._buffers.values())
 
-    def _activation(self, m: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        """Element-wise module ``m`` on ``h``, in place when ``h`` is this pass's own buffer
-        (a model not rewritten by :mod:`~nndiag.landscape.fold` keeps ``nn.ReLU`` modules: a
-        fresh 3 MiB result per activation and pass doubled a digits-MLP grid, 52 → 113 ms)."""
-        if type(m) in _IN_PLACE and self._owned(h):
+    def _activation(self, m: nn.Module, h: torch.Tensor, sole: bool) -> torch.Tensor:
+        """Element-wise module ``m`` on ``h``, in place when ``h`` is this pass's own buffer and
+        ``sole`` (this is the only node that reads it), as :mod:`~nndiag.landscape.fold` does
+        (a model not rewritten by it keeps ``nn.ReLU`` modules: a fresh 3 MiB result per
+        activation and pass doubled a digits-MLP grid, 52 → 113 ms)."""
+        if sole and type(m) in _IN_PLACE and self._owned(h):
             return _IN_PLACE[type(m)](m, h)
         return m(h)
 
@@ -421,6 +429,7 @@ class Stacked:
             src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
             h, stacked, fm = env[src] if src is not None else (None, False, False)
             h_ones = src in ones
+            sole = src in self._sole  # (may an activation overwrite h?)
             planned = node in self._chain or (node.op == "call_module" and str(node.target) in self._aug_in)
             if h_ones and not planned:
                 h = h[:, :-1]  # (not as planned: the row goes before any other use)
@@ -447,7 +456,7 @@ class Stacked:
                     if ones_out:
                         ones.add(node)
                 elif isinstance(m, _PASS_MODULES) or (fm and isinstance(m, _ELEMENTWISE_MODULES)):
-                    env[node] = (h if isinstance(m, _PASS_MODULES) else self._activation(m, h), True, fm)
+                    env[node] = (h if isinstance(m, _PASS_MODULES) else self._activation(m, h, sole), True, fm)
                     if h_ones:
                         ones.add(node)
                 else:
@@ -462,7 +471,7 @@ class Stacked:
                         fn = F.softmax if isinstance(m, nn.Softmax) else F.log_softmax
                         env[node] = (fn(h, dim=_point_axis(m.dim)), True, False)
                     else:
-                        env[node] = (self._activation(m, h), True, False)
+                        env[node] = (self._activation(m, h, sole), True, False)
                 continue
             if node.target in _AXIS_FUNCTIONS or node.target in _AXIS_METHODS:
                 dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
@@ -478,7 +487,7 @@ class Stacked:
                 raise Unsupported("an element-wise operation with a second tensor")
             if h_ones:
                 ones.add(node)  # (a chain node: an activation that maps 1 to 1)
-            if node.target in _RELU_CALLS and len(node.args) == 1 and not node.kwargs and self._owned(h):
+            if node.target in _RELU_CALLS and len(node.args) == 1 and not node.kwargs and sole and self._owned(h):
                 env[node] = (torch.relu_(h), True, fm)  # (fresh activations: no copy)
                 continue
             env[node] = (_run(node, self.modules, arg), True, fm)  # element-wise: any layout
