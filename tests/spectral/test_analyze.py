@@ -362,31 +362,76 @@ def test_one_or_two_threads_give_the_same_table():
 
 def test_chunked_stacks_give_the_same_table(monkeypatch):
     # same-shaped layers are solved in chunks of whole layers (their fits overlap the next
-    # chunk's solve): the chunking may not change a number
+    # chunk's solve; with two threads the chunks go to a worker while later layers are being
+    # prepared): the chunking may not change a number
     import sys
+
+    from nndiag.spectral import esd as esd_mod
 
     mod = sys.modules[analyze.__module__]
     torch.manual_seed(5)
     m = nn.Sequential(*[nn.Conv2d(16, 16, 3, padding=1) for _ in range(6)], nn.Conv2d(16, 32, 3))
     whole = analyze(m, threads=2, precision="float64", keep_evals=True, device="cpu")  # (chunks: CPU only)
     sizes = []
-    real = mod._chunks
+    real = esd_mod._eig_gram_torch
 
-    def spy(group, n, m_):
-        out = real(group, n, m_)
-        sizes.extend(len(c) for c in out)
-        return out
+    def spy(mats, *args):
+        sizes.append(mats.shape[0])
+        return real(mats, *args)
 
     monkeypatch.setattr(mod, "_CHUNK_WORK", 2 * 9 * 16**3)  # two layers a chunk
-    monkeypatch.setattr(mod, "_chunks", spy)
-    parts = analyze(m, threads=2, precision="float64", keep_evals=True, device="cpu")
-    assert sizes == [2, 2, 2, 1]  # six 16×16 layers in three chunks, the 16→32 layer alone
-    cols = ["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank", "entropy"]
-    np.testing.assert_array_equal(whole.layers[cols].to_numpy(), parts.layers[cols].to_numpy())
+    monkeypatch.setattr(esd_mod, "_eig_gram_torch", spy)
+    for threads in (2, 1):  # streamed as the layers come / chunked when flushed
+        sizes.clear()
+        parts = analyze(m, threads=threads, precision="float64", keep_evals=True, device="cpu")
+        assert sizes == [18, 18, 18, 9]  # six 16×16 layers in three chunks, the 16→32 layer alone
+        cols = ["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank", "entropy"]
+        np.testing.assert_array_equal(whole.layers[cols].to_numpy(), parts.layers[cols].to_numpy())
+        for name, ev in whole.evals.items():
+            np.testing.assert_array_equal(ev, parts.evals[name])
     layers = dict(m.named_modules())
     for name, ev in whole.evals.items():
-        np.testing.assert_array_equal(ev, parts.evals[name])
         w = layers[name].weight
         slices = w.permute(2, 3, 0, 1).reshape(9, w.shape[0], w.shape[1])  # one matrix per kernel position
         ref = np.sort(np.concatenate([_svd2(s) for s in slices]))
         np.testing.assert_allclose(ev, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_stacks_are_solved_while_later_layers_are_prepared(monkeypatch):
+    # with two threads a shape group goes to the worker when a layer of another shape follows
+    # it (and it holds enough work), not at the end: the first group's stack is submitted while
+    # the second group is being added, and fits run between layers; numbers unchanged
+    import sys
+
+    from nndiag.spectral import esd as esd_mod
+
+    mod = sys.modules[analyze.__module__]
+    torch.manual_seed(6)
+    m = nn.Sequential(*[nn.Conv2d(32, 32, 3) for _ in range(4)], *[nn.Conv2d(48, 48, 3) for _ in range(4)],
+                      nn.Conv2d(48, 8, 1))
+    events = []
+    real_add, real_submit = mod._Batcher.add, esd_mod.TorchStream.submit
+
+    def add(self, key, mats):
+        events.append(("add", key))
+        real_add(self, key, mats)
+
+    def submit(self, mats, tag):
+        events.append(("submit", tuple(k for k, _ in tag)))
+        real_submit(self, mats, tag)
+
+    monkeypatch.setattr(mod._Batcher, "add", add)
+    monkeypatch.setattr(esd_mod.TorchStream, "submit", submit)
+    two = analyze(m, threads=2, keep_evals=True, device="cpu")
+    assert events.index(("submit", ("0", "1", "2", "3"))) == events.index(("add", "4")) + 1
+    # the lone 48→8 layer (little work) waits for the flush
+    assert events[-3:] == [("add", "8"), ("submit", ("4", "5", "6", "7")), ("submit", ("8",))]
+    one = analyze(m, threads=1, keep_evals=True, device="cpu")
+    cols = ["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank", "entropy"]
+    np.testing.assert_array_equal(one.layers[cols].to_numpy(), two.layers[cols].to_numpy())
+    for name, ev in one.evals.items():
+        np.testing.assert_array_equal(ev, two.evals[name])
+        w = dict(m.named_modules())[name].weight
+        k = w.shape[2] * w.shape[3]
+        ref = np.sort(np.concatenate([_svd2(s) for s in w.permute(2, 3, 0, 1).reshape(k, *w.shape[:2])]))
+        np.testing.assert_allclose(ev, ref, rtol=1e-4, atol=1e-6 * ref[-1])

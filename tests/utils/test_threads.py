@@ -86,3 +86,22 @@ def test_own_busy_threads_are_not_competitors_but_other_processes_are():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_gil_switch_shortens_and_restores_the_interval():
+    old = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        with threads.gil_switch(1e-3):
+            assert abs(sys.getswitchinterval() - 1e-3) < 1e-5  # (kept in whole microseconds)
+        assert abs(sys.getswitchinterval() - 0.005) < 1e-5
+        sys.setswitchinterval(2e-4)  # a user's shorter interval is kept, and restored after an error
+        try:
+            with threads.gil_switch(1e-3):
+                assert abs(sys.getswitchinterval() - 2e-4) < 1e-5
+                raise RuntimeError("boom")
+        except RuntimeError:
+            pass
+        assert abs(sys.getswitchinterval() - 2e-4) < 1e-5
+    finally:
+        sys.setswitchinterval(old)

@@ -59,10 +59,14 @@ def preserved(model: nn.Module, *, values: bool = True) -> Iterator[nn.Module]:
                     if live is not None and live.shape == v.shape:
                         live.data.copy_(v)
             for p, flag, g in zip(params, flags, grads, strict=True):
-                p.requires_grad_(flag)
-                p.grad = g
+                # (set only what changed: ~0.5 ms of a 75 ms spectral analysis of ResNet56 otherwise)
+                if p.requires_grad != flag:
+                    p.requires_grad_(flag)
+                if g is not None or p.grad is not None:
+                    p.grad = g
         for m, t, h in zip(modules, training, hooks, strict=True):
-            m.training = t
+            if m.training != t:
+                m.training = t
             now = _hook_dicts(m)
             if now != h:  # (mostly both empty: nothing to restore)
                 for name in now.keys() | h.keys():

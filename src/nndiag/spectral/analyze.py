@@ -35,7 +35,7 @@ from nndiag._utils.precision import full_precision
 from nndiag.errors import InputError
 from nndiag.report.results import Result, jsonable, provenance, table_to_records
 from nndiag.spectral import findings as _findings
-from nndiag.spectral.esd import cpu_backend, eigvals_stacks, uses_lapack
+from nndiag.spectral.esd import TorchStream, cpu_backend, eigvals_stacks, uses_lapack
 from nndiag.spectral.matrices import (
     MAX_EVALS,
     MAX_N,
@@ -157,7 +157,16 @@ def _chunks(group: list[tuple[str, torch.Tensor]], n: int, m: int) -> list[list[
 
 
 class _Batcher:
-    """Collects same-shaped matrices and computes their eigenvalues in batches."""
+    """Collects same-shaped matrices and computes their eigenvalues in batches.
+
+    On the CPU with more than one thread, stacks for PyTorch's batched route are solved by a
+    worker (:class:`~nndiag.spectral.esd.TorchStream`) while later layers are still being
+    prepared: a shape group goes as soon as it holds :data:`_CHUNK_WORK`, or when a layer of
+    another shape follows it and it holds a sixteenth of that. Which matrices share a stack
+    depends on the layer order only, never on timing. Finished stacks' ``on_layer`` calls
+    run between layers; LAPACK-route matrices and what is left are solved in :meth:`flush`
+    (after the streamed stacks: the two routes never run side by side).
+    """
 
     def __init__(self, precision: str, device: torch.device, batch_bytes: int,
                  on_layer: Callable[[str, np.ndarray], None] | None = None) -> None:
@@ -165,48 +174,92 @@ class _Batcher:
         self.device = device
         self.batch_bytes = batch_bytes
         self.pending: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = defaultdict(list)
+        self.work: dict[tuple[int, int], int] = defaultdict(int)  # solver work pending per streamed shape
         self.bytes = 0
         self.out: dict[str, np.ndarray] = {}
         self.eig_seconds = 0.0
         #: ``on_layer(key, eigenvalues)`` when a layer's eigenvalues are complete, possibly in
         #: a worker thread while other layers are still being solved (see :meth:`flush`)
         self.on_layer = on_layer
+        self.stream = TorchStream(precision) if device.type == "cpu" else None
+        self.last_shape: tuple[int, int] | None = None
+        self.t_first: float | None = None  # first stream submission since the last flush
+
+    def _own_stack(self, mats: torch.Tensor) -> bool:
+        """Whether a layer's matrices are solved as a stack of their own (CPU: large or LAPACK)."""
+        return self.device.type == "cpu" and (mats.shape[1] * mats.shape[2] > _BATCH_MAX_ELEMS
+                                              or uses_lapack(mats))
 
     def add(self, key: str, mats: torch.Tensor) -> None:
-        self.pending[(mats.shape[1], mats.shape[2])].append((key, mats))
+        shape = (mats.shape[1], mats.shape[2])
+        streaming = self.stream is not None and self.stream.threaded and not self._own_stack(mats)
+        if streaming and shape != self.last_shape:
+            for other, w in list(self.work.items()):
+                if other != shape and w >= _CHUNK_WORK // 16:
+                    self._submit(other)
+        self.last_shape = shape
+        self.pending[shape].append((key, mats))
         self.bytes += mats.numel() * 4
+        if streaming:
+            self.work[shape] += mats.shape[0] * min(shape) ** 3
+            if self.work[shape] >= _CHUNK_WORK:
+                self._submit(shape)
+            self.stream.collect(self._finish, wait=False)  # fits of finished stacks, between layers
         if self.bytes >= self.batch_bytes:
             self.flush()
 
+    def _submit(self, shape: tuple[int, int]) -> None:
+        """Hand a shape group's pending layers to the stream as one stack (concatenated there)."""
+        group = self.pending.pop(shape)
+        del self.work[shape]
+        mats = [x for _, x in group]
+        self.stream.submit(mats[0] if len(mats) == 1 else (lambda: torch.cat(mats)),
+                           [(key, x.shape[0]) for key, x in group])
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+
+    def _finish(self, keys: list[tuple[str, int]], ev_t: torch.Tensor) -> None:
+        ev = ev_t.cpu().numpy()
+        pos = 0
+        for key, count in keys:
+            self.out[key] = ev[pos : pos + count].reshape(-1)
+            pos += count
+            if self.on_layer is not None:
+                self.on_layer(key, self.out[key])
+
     def flush(self) -> None:
-        t0 = time.perf_counter()
-        keys: list[list[tuple[str, int]]] = []  # per stack: (key, matrices of that key)
-        stacks: list[torch.Tensor] = []
+        t0 = time.perf_counter() if self.t_first is None else self.t_first
+        own: list[torch.Tensor] = []  # stacks of one layer each (CPU: large or LAPACK route)
+        own_keys: list[list[tuple[str, int]]] = []
         cpu = self.device.type == "cpu"
+        stacks: list[torch.Tensor] = []  # the other stacks (off the CPU: every stack)
+        keys: list[list[tuple[str, int]]] = []
         for (n, m), group in self.pending.items():
-            if cpu and (n * m > _BATCH_MAX_ELEMS or uses_lapack(group[0][1])):
-                # one stack per layer: large matrices are solved one at a time (batching them only
-                # thrashes the CPU caches) and the LAPACK route shares matrices out among threads
+            if self._own_stack(group[0][1]):
+                # large matrices are solved one at a time (batching them only thrashes the CPU
+                # caches) and the LAPACK route shares matrices out among threads
                 for key, mats in group:
-                    keys.append([(key, mats.shape[0])])
-                    stacks.append(mats)
+                    own_keys.append([(key, mats.shape[0])])
+                    own.append(mats)
                 continue
             for part in (_chunks(group, n, m) if cpu else [group]):
                 mats = [x for _, x in part]
-                stacks.append((mats[0] if len(mats) == 1 else torch.cat(mats)).to(self.device))
-                keys.append([(key, x.shape[0]) for key, x in part])
-        def done(i: int, ev_t: torch.Tensor) -> None:
-            ev = ev_t.cpu().numpy()
-            pos = 0
-            for key, count in keys[i]:
-                self.out[key] = ev[pos : pos + count].reshape(-1)
-                pos += count
-                if self.on_layer is not None:
-                    self.on_layer(key, self.out[key])
-
-        eigvals_stacks(stacks, self.precision, done)
+                tag = [(key, x.shape[0]) for key, x in part]
+                if self.stream is not None:
+                    # queued behind the streamed stacks: the worker goes on while this thread fits
+                    self.stream.submit(mats[0] if len(mats) == 1 else (lambda mats=mats: torch.cat(mats)), tag)
+                else:
+                    stacks.append((mats[0] if len(mats) == 1 else torch.cat(mats)).to(self.device))
+                    keys.append(tag)
+        if self.stream is not None:
+            self.stream.collect(self._finish, wait=True)  # all of PyTorch's route before any LAPACK solve
+        stacks, keys = stacks + own, keys + own_keys
+        eigvals_stacks(stacks, self.precision, lambda i, ev: self._finish(keys[i], ev), stream=self.stream)
         self.pending.clear()
+        self.work.clear()
         self.bytes = 0
+        self.last_shape = None
+        self.t_first = None
         self.eig_seconds += time.perf_counter() - t0
 
 
@@ -318,7 +371,7 @@ def analyze(
     ['0', '1']
     """
     from nndiag._utils.device import resolve_device
-    from nndiag._utils.threads import limit_threads
+    from nndiag._utils.threads import gil_switch, limit_threads
 
     if conventions not in CONVENTIONS:
         raise InputError(f"unknown conventions '{conventions}'; choose nndiag or ww")
@@ -333,7 +386,8 @@ def analyze(
     from nndiag.io.tensors import ModuleSource
 
     ctx = _preserve(module)
-    with ctx, limit_threads(threads), torch.no_grad():
+    # (a short GIL interval: the eigen-solver worker hands back after each of its native calls)
+    with ctx, limit_threads(threads), torch.no_grad(), gil_switch():
         infos = source.infos()
         specs, reasons = plan_layers(infos, conv_mode=conv_mode, min_evals=min_evals,
                                      max_evals=max_evals, max_N=max_N)

@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -219,7 +221,8 @@ def uses_lapack(mats: torch.Tensor) -> bool:
 
 
 def eigvals_stacks(stacks: list[torch.Tensor], precision: str = "auto",
-                   done: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+                   done: Callable[[int, torch.Tensor], None] | None = None,
+                   stream: TorchStream | None = None) -> list[torch.Tensor]:
     """Eigenvalues of ``XᵀX`` for several stacks of matrices in one call.
 
     Parameters
@@ -233,6 +236,9 @@ def eigvals_stacks(stacks: list[torch.Tensor], precision: str = "auto",
         returned), possibly from a worker thread while other stacks are still being solved:
         work on finished stacks (``analyze`` fits their power laws there) overlaps the
         eigen-solves of the others.
+    stream : TorchStream, optional
+        Solve the stacks of PyTorch's route through this stream (holding nothing yet; its
+        float64 decisions carry over from earlier stacks), instead of a new one.
 
     Returns
     -------
@@ -259,21 +265,80 @@ def eigvals_stacks(stacks: list[torch.Tensor], precision: str = "auto",
         for i, ev in zip(lapack, _lapack_stacks(arrays, precision, on), strict=True):
             out[i] = torch.from_numpy(ev)
     rest = [i for i in range(len(oriented)) if out[i] is None]
-    direct: dict[tuple[int, ...], bool] = {}  # (stacks of a shape run in order, in one thread)
-    if done is not None and len(rest) > 1 and torch.get_num_threads() > 1:
-        # a pipeline: one worker solves the next stack while this thread runs ``done`` on the last
-        from nndiag._utils.threads import worker_pool
-
-        pending = [worker_pool(1).submit(_eig_gram_torch, oriented[i], precision, direct) for i in rest]
-        for i, fut in zip(rest, pending, strict=True):
-            out[i] = fut.result().clamp_min_(0.0)
-            done(i, out[i])
+    # with ``done`` a worker solves the next stack while this thread runs ``done`` on the last
+    if stream is None:
+        stream = TorchStream(precision, threaded=done is not None and len(rest) > 1)
     for i in rest:
-        if out[i] is None:
-            out[i] = _eig_gram_torch(oriented[i], precision, direct).clamp_min_(0.0)
-            if done is not None:
-                done(i, out[i])
+        stream.submit(oriented[i], i)
+
+    def finish(i: int, ev: torch.Tensor) -> None:
+        out[i] = ev
+        if done is not None:
+            done(i, ev)
+
+    stream.collect(finish, wait=True)
     return [ev.clamp_min_(0.0) for ev in out if ev is not None]
+
+
+class TorchStream:
+    """PyTorch's batched route, stack by stack, in submission order, beside the caller.
+
+    :meth:`submit` hands a stack to one worker thread (when more than one thread is allowed)
+    and returns at once; :meth:`collect` passes the finished stacks' eigenvalues to a
+    callback in submission order, waiting or not. ``analyze`` submits stacks while it still
+    prepares later layers and fits the finished ones between layers. Stacks of one shape go
+    through one thread in order, so ``auto``'s float64 decision (:data:`AUTO_DIRECT`) depends
+    on the model only, never on timing. Never run beside the LAPACK route's workers
+    (:func:`eigvals_stacks`).
+
+    Parameters
+    ----------
+    precision : {"auto", "float32", "float64"}
+        See the module docstring.
+    threaded : bool
+        Solve in a worker thread when more than one thread is allowed; otherwise each stack
+        is solved here, in :meth:`collect` with ``wait=True``.
+    """
+
+    def __init__(self, precision: str, threaded: bool = True) -> None:
+        self.precision = precision
+        self.threaded = threaded and torch.get_num_threads() > 1
+        self.direct: dict[tuple[int, ...], bool] = {}
+        self.queue: deque[tuple[Future[torch.Tensor] | None, Callable[[], torch.Tensor], object]] = deque()
+
+    def submit(self, mats: torch.Tensor | Callable[[], torch.Tensor], tag: object) -> None:
+        """Queue a ``(B, n, m)`` stack, or a function that builds it (run in the worker, so
+        that a ``torch.cat`` of many layers does not start a second OpenMP team here)."""
+        def solve() -> torch.Tensor:
+            x = mats() if callable(mats) else mats
+            x = x.mT if x.shape[1] < x.shape[2] else x
+            return _eig_gram_torch(x, self.precision, self.direct).clamp_min_(0.0)
+
+        fut = None
+        if self.threaded:
+            from nndiag._utils.threads import worker_pool
+
+            fut = worker_pool(1).submit(solve)
+        self.queue.append((fut, solve, tag))
+
+    def collect(self, done: Callable[[object, torch.Tensor], None], wait: bool) -> None:
+        """``done(tag, eigenvalues)`` for each finished stack, in submission order.
+
+        ``wait=False`` stops at the first stack not finished yet; ``wait=True`` returns when
+        all are done.
+        """
+        while self.queue:
+            fut, solve, tag = self.queue[0]
+            if fut is None:
+                if not wait:
+                    return
+                ev = solve()
+            elif not wait and not fut.done():
+                return
+            else:
+                ev = fut.result()
+            self.queue.popleft()
+            done(tag, ev)
 
 
 def eigvals_batched(mats: torch.Tensor, precision: str = "auto") -> torch.Tensor:

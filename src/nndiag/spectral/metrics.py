@@ -35,36 +35,41 @@ def matrix_rank(evals: np.ndarray, N: int) -> int:
     return int(np.count_nonzero(ev > tol))
 
 
-def matrix_entropy(evals: np.ndarray, N: int) -> float:
-    """Rank-normalised spectral entropy ``−Σ p ln p / ln rank``, ``p = λ/Σλ`` (WeightWatcher's)."""
+def matrix_entropy(evals: np.ndarray, N: int, rank: int | None = None) -> float:
+    """Rank-normalised spectral entropy ``−Σ p ln p / ln rank``, ``p = λ/Σλ`` (WeightWatcher's).
+
+    ``rank`` is :func:`matrix_rank` of the same values when the caller has it already.
+    """
     ev = np.asarray(evals, dtype=np.float64)
     total = ev.sum()
     if ev.size == 0 or total <= 0:
         return math.nan
-    rank = matrix_rank(ev, N)
+    if rank is None:
+        rank = matrix_rank(ev, N)
     if rank <= 1:  # one direction: zero entropy (WeightWatcher's formula divides by ln(1 + 1e-10))
         return 0.0
-    rank += _EPS
-    p = ev / total + _EPS
+    p = ev / total
+    p += _EPS
     with np.errstate(divide="ignore", invalid="ignore"):
-        return float(-np.sum(p * np.log(p)) / np.log(rank))
+        return float(-np.dot(p, np.log(p)) / math.log(rank + _EPS))
 
 
-def detx(evals: np.ndarray) -> tuple[int, float]:
+def detx(evals: np.ndarray, presorted: bool = False) -> tuple[int, float]:
     """The det X = 1 condition: ``(detX_num, detX_val)``.
 
     After rescaling so that ``Σλ`` equals the number of eigenvalues, ``detX_num`` is the
     size of the smallest top set of eigenvalues whose product falls below 1, and
-    ``detX_val`` the smallest of them (in the original units).
+    ``detX_val`` the smallest of them (in the original units). ``presorted``: ``evals`` is
+    float64 and ascending already.
     """
-    ev = np.sort(np.asarray(evals, dtype=np.float64))
+    ev = evals if presorted else np.sort(np.asarray(evals, dtype=np.float64))
     n = ev.size
     if n < 2 or not ev[0] < ev[-1]:
         return 0, math.nan
     scale = n / ev.sum()
     with np.errstate(divide="ignore"):
-        logs = np.log(ev * scale)
-    top = np.cumsum(logs[::-1])  # top[j] = log prod of the j+1 largest
+        logs = np.log(ev[::-1] * scale)
+    top = np.cumsum(logs)  # top[j] = log prod of the j+1 largest
     below = np.flatnonzero(top[:-1] < 0)  # WeightWatcher stops at idx >= 1
     num = int(below[0]) + 1 if below.size else n
     idx = n - num
@@ -102,7 +107,9 @@ def layer_metrics(evals: np.ndarray, fit: PowerLawFit, N: int, M: int, rf: int) 
         sigma, num_pl_spikes, sv_max, sv_min, matrix_rank, rank_loss, weak_rank_loss,
         entropy, detX_num, detX_val, warning, status``.
     """
-    ev = np.sort(np.asarray(evals, dtype=np.float64))
+    ev = np.asarray(evals, dtype=np.float64)
+    if ev.size > 1 and not (ev[1:] >= ev[:-1]).all():
+        ev = np.sort(ev)
     lmax = float(ev[-1]) if ev.size else math.nan
     total = float(ev.sum())
     alpha = fit.alpha if fit.ok else math.nan
@@ -118,7 +125,7 @@ def layer_metrics(evals: np.ndarray, fit: PowerLawFit, N: int, M: int, rf: int) 
         else:
             log_alpha_norm = math.nan
     rank = matrix_rank(ev, N)
-    num, val = detx(ev)
+    num, val = detx(ev, presorted=True)
     return {
         "N": int(N),
         "M": int(M),
@@ -144,7 +151,7 @@ def layer_metrics(evals: np.ndarray, fit: PowerLawFit, N: int, M: int, rf: int) 
         "matrix_rank": rank,
         "rank_loss": int(ev.size - rank),
         "weak_rank_loss": int(np.count_nonzero(ev < WEAK_RANK_TOL)),
-        "entropy": matrix_entropy(ev, N),
+        "entropy": matrix_entropy(ev, N, rank),
         "detX_num": num,
         "detX_val": val,
         "warning": warning_for(alpha),
