@@ -192,8 +192,9 @@ class _Batcher:
 
     def add(self, key: str, mats: torch.Tensor) -> None:
         shape = (mats.shape[1], mats.shape[2])
-        streaming = self.stream is not None and self.stream.threaded and not self._own_stack(mats)
-        if streaming and shape != self.last_shape:
+        threaded = self.stream is not None and self.stream.threaded
+        streaming = threaded and not self._own_stack(mats)
+        if threaded and shape != self.last_shape:  # (also when this layer goes to LAPACK)
             for other, w in list(self.work.items()):
                 if other != shape and w >= _CHUNK_WORK // 16:
                     self._submit(other)
