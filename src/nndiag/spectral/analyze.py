@@ -531,7 +531,7 @@ def _fit_all(todo: dict[tuple[str, float], tuple[np.ndarray, LayerSpec]], fit_kw
     """:func:`_fit_layer` for the ESDs not fitted while the eigen-solves ran.
 
     Most fits run as soon as their layer's eigenvalues are in (``analyze``'s ``fit_early``,
-    called from :meth:`_Batcher.flush`): beside the LAPACK solves of other matrices in the
+    called from :class:`_Batcher`): beside the LAPACK solves of other matrices in the
     worker threads, or in this thread while a worker solves the next stack of small
     matrices. Only a shared matrix seen under another eigenvalue scale is left for here.
     (Fits in threads of their own after all eigen-solves gained nothing: small fits are
