@@ -435,3 +435,33 @@ def test_stacks_are_solved_while_later_layers_are_prepared(monkeypatch):
         k = w.shape[2] * w.shape[3]
         ref = np.sort(np.concatenate([_svd2(s) for s in w.permute(2, 3, 0, 1).reshape(k, *w.shape[:2])]))
         np.testing.assert_allclose(ev, ref, rtol=1e-4, atol=1e-6 * ref[-1])
+
+
+def test_a_stacks_fits_are_made_together_with_the_single_fits_numbers(monkeypatch):
+    # the layers of a stack are fitted by one fit_powerlaw_many call: the table equals fits of
+    # each layer's eigenvalues made one at a time (bit for bit), rank-deficient layers included
+    import sys
+
+    mod = sys.modules[analyze.__module__]
+    torch.manual_seed(8)
+    m = nn.Sequential(*[nn.Conv2d(24, 24, 3) for _ in range(6)])
+    with torch.no_grad():
+        for i in (1, 4):  # zero input channels: eigenvalues at zero, below the fit's threshold
+            m[i].weight[:, 10 + i :] = 0.0
+    sizes = []
+    real = mod.fit_powerlaw_many
+
+    def spy(evs, **kw):
+        sizes.append(len(evs))
+        return real(evs, **kw)
+
+    monkeypatch.setattr(mod, "fit_powerlaw_many", spy)
+    for threads in (1, 2):
+        sizes.clear()
+        res = analyze(m, threads=threads, keep_evals=True, device="cpu")
+        assert sizes == [6]
+        for _, row in res.layers.iterrows():
+            fit = fit_powerlaw(res.evals[row["name"]])
+            assert (row["alpha"], row["D"], row["xmin"], row["num_pl_spikes"]) == (
+                fit.alpha, fit.D, fit.xmin, fit.num_pl_spikes)
+    assert (res.evals["1"] <= 1e-5).sum() > 0

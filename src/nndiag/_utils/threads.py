@@ -143,14 +143,15 @@ def limit_threads(n: int | None = None) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def gil_switch(seconds: float = 1e-3) -> Iterator[None]:
+def gil_switch(seconds: float = 1e-4) -> Iterator[None]:
     """Shorten Python's GIL switch interval inside the block (never lengthen it), then restore it.
 
     A worker thread that runs many short native calls (PyTorch's batched eigen-solves of
     ``nndiag.spectral``) takes the GIL back after each; while this thread runs Python-level
-    work beside it, each hand-over can wait up to the interval (5 ms by default). Measured
-    on the 2-core VM: pretrained ResNet56's spectral analysis 77.4 → 72.7 ms with 1 ms, its
-    eigenvalues alone 50.3 ms (medians of 20 interleaved runs); no change on ResNet-18.
+    work beside it, each hand-over can wait up to the interval (5 ms by default). Pretrained
+    ResNet56's spectral analysis on the 2-core VM (medians of 15–20 interleaved runs, eigenvalues
+    alone ~50 ms): 77.4 → 72.7 ms with 1 ms; with the stacks' fits batched, 91.5 (1 ms), 80.6
+    (0.2 ms), 77.8 ms (0.05 ms) in a slower hour; no change on ResNet-18 (LAPACK route).
     """
     old = sys.getswitchinterval()
     sys.setswitchinterval(min(old, seconds))

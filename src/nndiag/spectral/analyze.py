@@ -46,7 +46,8 @@ from nndiag.spectral.matrices import (
     tensor_kind,
 )
 from nndiag.spectral.metrics import layer_metrics
-from nndiag.spectral.powerlaw import EVALS_THRESH, fit_powerlaw
+from nndiag.spectral.powerlaw import EVALS_THRESH, PowerLawFit
+from nndiag.spectral.powerlaw_many import fit_powerlaw_many
 
 CONVENTIONS = ("nndiag", "ww")
 #: Summary metrics (means over layers): alpha-based ones over valid fits only.
@@ -163,13 +164,13 @@ class _Batcher:
     worker (:class:`~nndiag.spectral.esd.TorchStream`) while later layers are still being
     prepared: a shape group goes as soon as it holds :data:`_CHUNK_WORK`, or when a layer of
     another shape follows it and it holds a sixteenth of that. Which matrices share a stack
-    depends on the layer order only, never on timing. Finished stacks' ``on_layer`` calls
+    depends on the layer order only, never on timing. Finished stacks' ``on_stack`` calls
     run between layers; LAPACK-route matrices and what is left are solved in :meth:`flush`
     (after the streamed stacks: the two routes never run side by side).
     """
 
     def __init__(self, precision: str, device: torch.device, batch_bytes: int,
-                 on_layer: Callable[[str, np.ndarray], None] | None = None) -> None:
+                 on_stack: Callable[[list[tuple[str, np.ndarray]]], None] | None = None) -> None:
         self.precision = precision
         self.device = device
         self.batch_bytes = batch_bytes
@@ -178,9 +179,9 @@ class _Batcher:
         self.bytes = 0
         self.out: dict[str, np.ndarray] = {}
         self.eig_seconds = 0.0
-        #: ``on_layer(key, eigenvalues)`` when a layer's eigenvalues are complete, possibly in
-        #: a worker thread while other layers are still being solved (see :meth:`flush`)
-        self.on_layer = on_layer
+        #: ``on_stack([(key, eigenvalues), ...])`` for the layers of a stack as soon as it is
+        #: solved, possibly in a worker thread while other stacks are still being solved
+        self.on_stack = on_stack
         self.stream = TorchStream(precision) if device.type == "cpu" else None
         self.last_shape: tuple[int, int] | None = None
         self.t_first: float | None = None  # first stream submission since the last flush
@@ -225,8 +226,8 @@ class _Batcher:
         for key, count in keys:
             self.out[key] = ev[pos : pos + count].reshape(-1)
             pos += count
-            if self.on_layer is not None:
-                self.on_layer(key, self.out[key])
+        if self.on_stack is not None:
+            self.on_stack([(key, self.out[key]) for key, _ in keys])
 
     def flush(self) -> None:
         t0 = time.perf_counter() if self.t_first is None else self.t_first
@@ -407,16 +408,20 @@ def analyze(
         memo: dict[tuple[str, float], dict[str, Any]] = {}
         hists: dict[tuple[str, float], tuple[str, np.ndarray, np.ndarray] | None] = {}
 
-        def fit_early(key: str, ev: np.ndarray) -> None:
-            # a layer's fit as soon as its eigenvalues are in, beside the eigen-solves still running
-            ready[key] = ev = np.sort(ev)
-            spec = spec_of[key]
-            scale = _ww_scale(ww, spec, conv_mode)
-            if ev.size and ev[-1] != 0.0:
-                memo[(key, scale)] = _fit_layer(ev * scale, spec, fit_kw, fit, mp_fit)
-                hists[(key, scale)] = _esd_hist(key, ev * scale, thresh)
+        def fit_early(stack: list[tuple[str, np.ndarray]]) -> None:
+            # a stack's fits as soon as its eigenvalues are in, beside the eigen-solves still running
+            todo_now = {}
+            for key, ev in stack:
+                ready[key] = ev = np.sort(ev)
+                spec = spec_of[key]
+                scale = _ww_scale(ww, spec, conv_mode)
+                if ev.size and ev[-1] != 0.0:
+                    todo_now[(key, scale)] = (ev * scale, spec)
+            memo.update(_fit_all(todo_now, fit_kw, fit, mp_fit))
+            for (key, scale), (ev, _) in todo_now.items():
+                hists[(key, scale)] = _esd_hist(key, ev, thresh)
 
-        batcher = _Batcher(precision, dev, batch_bytes, on_layer=fit_early)
+        batcher = _Batcher(precision, dev, batch_bytes, on_stack=fit_early)
         in_memory = isinstance(source, ModuleSource) or type(source).__name__ == "DictSource"
         seen: dict[tuple[Any, ...], list[tuple[torch.Tensor, str]]] = {}
         alias: dict[str, str] = {}
@@ -466,7 +471,8 @@ def analyze(
             spectra[spec.name] = ev = ready[key] * scale
             if ev.size and ev[-1] != 0.0 and (key, scale) not in memo:  # an identical matrix is fitted once
                 todo.setdefault((key, scale), (ev, spec))
-        memo.update(_fit_all(todo, fit_kw, fit, mp_fit))
+        if todo:
+            memo.update(_fit_all(todo, fit_kw, fit, mp_fit))
         n_early = len(memo) - len(todo)
         for spec in analysed:
             ev = spectra.pop(spec.name)
@@ -528,22 +534,23 @@ def _ww_scale(ww: bool, spec: LayerSpec, conv_mode: str) -> float:
 
 def _fit_all(todo: dict[tuple[str, float], tuple[np.ndarray, LayerSpec]], fit_kw: dict[str, Any],
              fit: str, mp_fit: bool) -> dict[tuple[str, float], dict[str, Any]]:
-    """:func:`_fit_layer` for the ESDs not fitted while the eigen-solves ran.
+    """Power-law fit, metrics and the optional TPL / MP columns of several ESDs.
 
-    Most fits run as soon as their layer's eigenvalues are in (``analyze``'s ``fit_early``,
-    called from :class:`_Batcher`): beside the LAPACK solves of other matrices in the
-    worker threads, or in this thread while a worker solves the next stack of small
-    matrices. Only a shared matrix seen under another eigenvalue scale is left for here.
-    (Fits in threads of their own after all eigen-solves gained nothing: small fits are
-    mostly Python-level work that threads fight over the GIL for.)
+    The power laws of same-length ESDs are fitted together (:func:`fit_powerlaw_many`, the
+    same numbers as one at a time). ``analyze`` calls this for each stack as soon as its
+    eigenvalues are in (``fit_early``): beside the LAPACK solves of other matrices in the
+    worker threads, or in this thread while a worker solves the next stack of small matrices;
+    and afterwards for a shared matrix seen under another eigenvalue scale. (Fits in threads
+    of their own after all eigen-solves gained nothing: small fits are mostly Python-level
+    work that threads fight over the GIL for.)
     """
-    return {k: _fit_layer(ev, spec, fit_kw, fit, mp_fit) for k, (ev, spec) in todo.items()}
+    keys = list(todo)
+    plfs = fit_powerlaw_many([todo[k][0] for k in keys], **fit_kw)
+    return {k: _layer_row(todo[k][0], todo[k][1], plf, fit, mp_fit) for k, plf in zip(keys, plfs, strict=True)}
 
 
-def _fit_layer(ev: np.ndarray, spec: LayerSpec, fit_kw: dict[str, Any], fit: str,
-               mp_fit: bool) -> dict[str, Any]:
-    """Power-law fit, metrics and the optional TPL / MP columns of one ESD."""
-    plf = fit_powerlaw(ev, **fit_kw)
+def _layer_row(ev: np.ndarray, spec: LayerSpec, plf: PowerLawFit, fit: str, mp_fit: bool) -> dict[str, Any]:
+    """Metrics and the optional TPL / MP columns of one ESD and its power-law fit."""
     row = layer_metrics(ev, plf, spec.N, spec.M, spec.rf)
     row["reason"] = plf.reason
     if plf.ok and plf.num_fingers:
