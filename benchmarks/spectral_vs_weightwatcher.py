@@ -1,8 +1,8 @@
 """nndiag.spectral.analyze vs WeightWatcher 0.7.7 analyze(): time, memory, quality signal.
 
 Runs both tools in one process on the same models and thread settings and prints each
-time (median of ``--repeats`` runs; nndiag's runs interleaved with its eigenvalue-only runs,
-at least 15 of each for a model analysed in under 0.2 s), the ratio, nndiag's time for the
+time (median of ``--repeats`` runs; nndiag's default runs interleaved with its eigenvalue-only
+runs, at least 15 of each for a model analysed in under 0.2 s), the ratio, nndiag's time for the
 eigenvalues alone, and the agreement of the parity metrics. Sections:
 
 * ``speed``: (a) a random 12-layer, 768-wide ``nn.TransformerEncoder`` (FFN 3072) as
@@ -211,25 +211,20 @@ def speed(threads: int, repeats: int, which: str = "a,a',b,c") -> None:
         with limit_threads(threads):
             t_ww, details = median_time(lambda m=model: run_ww(ww, m), repeats)
         same = list(details["longname"])  # the matrices WW analyses (it skips in_proj_weight)
-        # nndiag's four timings interleaved, so that the ratio total / eigenvalues compares runs
-        # made under the same load; a model analysed in under 0.2 s gets at least 15 runs (this
-        # VM's speed drifts by up to 40 % over minutes)
+        t_ndw, resw = median_time(lambda m=model: analyze(m, threads=threads, conventions="ww"), repeats)
+        t_same, _ = median_time(lambda m=model, s=same: analyze(m, threads=threads, layers=s), repeats)
+        # the default analysis interleaved with the eigenvalues alone, so that the ratio total /
+        # eigenvalues compares runs made under the same load; a model analysed in under 0.2 s gets
+        # at least 15 runs (this VM's speed drifts by up to 40 % over minutes)
         first = time.perf_counter()
         res = analyze(model, threads=threads)
         n_nd = repeats if time.perf_counter() - first > 0.2 else max(repeats, 15)
-        runs: dict[str, list[tuple[float, float]]] = {"nd": [], "ndw": [], "same": [], "eig": []}
+        nd, eig = [], []
         for _ in range(n_nd):
-            for key, fn in (("nd", lambda m=model: analyze(m, threads=threads)),
-                            ("ndw", lambda m=model: analyze(m, threads=threads, conventions="ww")),
-                            ("same", lambda m=model, s=same: analyze(m, threads=threads, layers=s)),
-                            ("eig", lambda m=model: eig_only(m, threads))):
-                t, out = median_time(fn, 1)
-                runs[key].append(t if key != "eig" else out)
-                if key == "ndw":
-                    resw = out
-        t_nd, t_ndw, t_same, t_eig = (
-            (statistics.median(r[0] for r in runs[k]), statistics.median(r[1] for r in runs[k]))
-            for k in ("nd", "ndw", "same", "eig"))
+            t, res = median_time(lambda m=model: analyze(m, threads=threads), 1)
+            nd.append(t)
+            eig.append(eig_only(model, threads))
+        t_nd, t_eig = ((statistics.median(r[0] for r in x), statistics.median(r[1] for r in x)) for x in (nd, eig))
 
         def fmt(t):
             return f"{t[0]:.2f} / {t[1]:.2f}"
