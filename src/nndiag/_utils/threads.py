@@ -143,7 +143,7 @@ def limit_threads(n: int | None = None) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def gil_switch(seconds: float = 1e-4) -> Iterator[None]:
+def gil_switch(seconds: float = 1e-5) -> Iterator[None]:
     """Shorten Python's GIL switch interval inside the block (never lengthen it), then restore it.
 
     A worker thread that runs many short native calls (PyTorch's batched eigen-solves of
@@ -151,7 +151,9 @@ def gil_switch(seconds: float = 1e-4) -> Iterator[None]:
     work beside it, each hand-over can wait up to the interval (5 ms by default). Pretrained
     ResNet56's spectral analysis on the 2-core VM (medians of 15–20 interleaved runs, eigenvalues
     alone ~50 ms): 77.4 → 72.7 ms with 1 ms; with the stacks' fits batched, 91.5 (1 ms), 80.6
-    (0.2 ms), 77.8 ms (0.05 ms) in a slower hour; no change on ResNet-18 (LAPACK route).
+    (0.2 ms), 77.8 ms (0.05 ms) in a slower hour, and 107.6 (0.1 ms), 98.5 (0.02 ms), 94.7 ms
+    (0.005 ms) slower still (eigenvalues alone 64.5 ms). ResNet-18 (LAPACK route) unchanged:
+    509.1 / 509.0 / 500.9 ms at 0.1 / 0.02 / 0.005 ms.
     """
     old = sys.getswitchinterval()
     sys.setswitchinterval(min(old, seconds))
