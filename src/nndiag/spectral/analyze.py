@@ -397,9 +397,7 @@ def analyze(
             wanted = set(layers)
             specs = [s for s in specs if s.name in wanted or s.tensor in wanted]
         info_by_name = {i.name: i for i in infos}
-        skipped_rows = [
-            _skip_row(info_by_name[t], r) for t, r in reasons.items()
-        ]
+        skipped_rows: list[dict[str, Any]] = []  # value checks' skips; the plan's are put first below
         fit_kw = dict(thresh=thresh, min_tail=min_tail, fix_fingers=fix_fingers, xmin_max=xmin_max,
                       max_fingers=max_fingers, finger_thresh=finger_thresh,
                       small_n="ww" if ww else None)
@@ -454,6 +452,9 @@ def analyze(
                 seen.setdefault(fp, []).append((mats, spec.name))
             spec_of[spec.name] = spec
             batcher.add(spec.name, mats)
+        # the plan's skips (ResNet56: ~280 BatchNorm tensors) listed while the worker solves, not
+        # before its first stack
+        skipped_rows[:0] = [_skip_row(info_by_name[t], r) for t, r in reasons.items()]
         batcher.flush()
         cache.clear()
         seen.clear()
