@@ -438,8 +438,9 @@ def test_stacks_are_solved_while_later_layers_are_prepared(monkeypatch):
 
 
 def test_a_stacks_fits_are_made_together_with_the_single_fits_numbers(monkeypatch):
-    # the layers of a stack are fitted by one fit_powerlaw_many call: the table equals fits of
-    # each layer's eigenvalues made one at a time (bit for bit), rank-deficient layers included
+    # with one thread the layers of a stack are fitted by one fit_powerlaw_many call: the table
+    # equals fits of each layer's eigenvalues made one at a time (bit for bit), rank-deficient
+    # layers included, and so does the two-thread table
     import sys
 
     mod = sys.modules[analyze.__module__]
@@ -456,10 +457,10 @@ def test_a_stacks_fits_are_made_together_with_the_single_fits_numbers(monkeypatc
         return real(evs, **kw)
 
     monkeypatch.setattr(mod, "fit_powerlaw_many", spy)
-    for threads in (1, 2):
+    for threads in (1, 2):  # (together with one thread; beside a solver worker one at a time)
         sizes.clear()
         res = analyze(m, threads=threads, keep_evals=True, device="cpu")
-        assert sizes == [6]
+        assert sizes == ([6] if threads == 1 else [])
         for _, row in res.layers.iterrows():
             fit = fit_powerlaw(res.evals[row["name"]])
             assert (row["alpha"], row["D"], row["xmin"], row["num_pl_spikes"]) == (
