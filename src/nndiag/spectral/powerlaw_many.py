@@ -22,7 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from nndiag.spectral.powerlaw import _EXACT_TOP, _TAIL_POINTS, EVALS_THRESH, PowerLawFit, fit_powerlaw
+from nndiag.spectral.powerlaw import (
+    _EXACT_TOP,
+    _TAIL_POINTS,
+    EVALS_THRESH,
+    PowerLawFit,
+    _failed,
+    _with,
+    fit_powerlaw,
+)
 
 #: Elements of one block of the exact-D computation (bounds the temporaries to ~16 MiB).
 _BLOCK = 1 << 21
@@ -149,11 +157,6 @@ def _fit_group(ev: np.ndarray, off: np.ndarray, min_tail: int) -> list[PowerLawF
     return fits
 
 
-def _failed(reason: str, n_fit: int) -> PowerLawFit:
-    nan = math.nan
-    return PowerLawFit(nan, nan, nan, nan, nan, 0, n_fit, "failed", reason)
-
-
 def fit_powerlaw_many(evals: list[np.ndarray], **kw: Any) -> list[PowerLawFit]:
     """:func:`~nndiag.spectral.powerlaw.fit_powerlaw` of each ESD, same-length ones together.
 
@@ -200,6 +203,6 @@ def fit_powerlaw_many(evals: list[np.ndarray], **kw: Any) -> list[PowerLawFit]:
             if f is None:
                 f = fit_powerlaw(ev, **kw)
             elif f.ok:
-                f = PowerLawFit(**{**f.__dict__, "num_pl_spikes": int(np.count_nonzero(ev >= f.xmin))})
+                f = _with(f, num_pl_spikes=int(np.count_nonzero(ev >= f.xmin)))
             out[j] = f
     return [f for f in out if f is not None]
