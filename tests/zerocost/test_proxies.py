@@ -254,3 +254,45 @@ def test_token_ids_stay_integers_and_integer_features_become_floats():
     as_int = compute_proxies(tiny_mlp(), feats, y, names)
     as_float = compute_proxies(tiny_mlp(), feats.float(), y, names)
     assert as_int["errors"] == {} and all(as_int[n] == as_float[n] for n in names)
+
+
+def _token_mlp(seed=0, vocab=11, length=3):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(vocab, 4), nn.Flatten(), nn.Linear(4 * length, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_synflow_jacob_cov_zen_start_at_the_embedding_of_token_ids():
+    # token ids have no input gradient and no all-ones or Gaussian input: the three proxies
+    # start at the embedding's output; references are the definitions written out in NumPy
+    from tests.landscape._dense import token_data
+
+    model = _token_mlp()
+    x, _ = token_data(n=8)
+    before = snapshot(model)
+    E, w1, b1, w2, b2 = (t.detach().double().numpy() for t in
+                         (model[0].weight, model[2].weight, model[2].bias, model[4].weight, model[4].bias))
+    # synflow: |θ|, the one-hot view's all-ones input gives 1ᵀ|E| at each of the 3 positions
+    h0 = np.tile(np.abs(E).sum(0), 3)
+    pre = np.abs(w1) @ h0 + np.abs(b1)
+    d_pre = (np.abs(w2).sum(0)) * (pre > 0)
+    ref = (np.abs(w1) * np.outer(d_pre, h0)).sum() + (np.abs(w2) * np.maximum(pre, 0)[None, :]).sum()
+    assert P.synflow(model, x) == pytest.approx(ref, rel=1e-12)
+    # jacob_cov: Jacobian of Σ f with respect to the embeddings E[x]
+    e = E[x.numpy()].reshape(len(x), -1)
+    mask = (e @ w1.T + b1) > 0
+    jac = (mask * w2.sum(0)) @ w1
+    lam = np.linalg.eigvalsh(np.corrcoef(jac))
+    ref_jc = -np.sum(np.log(lam + 1e-5) + 1 / (lam + 1e-5))
+    assert P.jacob_cov(model, x) == pytest.approx(ref_jc, rel=1e-4)
+    # zen: Gaussian weights (module order), then z and ε of the embedding's output shape
+    g = torch.Generator().manual_seed(0)
+    gw1 = torch.randn(w1.shape, generator=g).double().numpy()
+    torch.randn(w2.shape, generator=g)
+    z = torch.randn((8, 3, 4), generator=g).double().numpy().reshape(8, -1)
+    eps = torch.randn((8, 3, 4), generator=g).double().numpy().reshape(8, -1)
+    feat = lambda v: np.maximum(v @ gw1.T, 0)  # noqa: E731 - the last Linear's input
+    ref_zen = math.log(np.abs(feat(z) - feat(z + 0.01 * eps)).sum(1).mean())
+    assert P.zen(model, x) == pytest.approx(ref_zen, rel=1e-5)
+    assert same_snapshot(before, snapshot(model))
+    res = compute_proxies(model, x, torch.zeros(8, dtype=torch.long), ["synflow", "jacob_cov", "zen"])
+    assert res["errors"] == {} and res["synflow"] == pytest.approx(ref, rel=1e-12)

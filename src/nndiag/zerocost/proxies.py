@@ -20,6 +20,11 @@ cross-entropy over the batch.
 ``params``     number of parameters
 ``flops``      multiply-accumulates of Conv/Linear layers for one input
 =============  ===============================================================
+
+For a model that reads token ids through an embedding layer, ``synflow``, ``jacob_cov``
+and ``zen`` start at that layer's output, the network's first continuous tensor
+(:mod:`nndiag.zerocost._tokens`): the all-ones input is ``1ᵀ|E|`` at every position, the
+Jacobian is taken with respect to the embeddings, and Zen's Gaussian inputs replace them.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from nndiag.zerocost._common import (
     scored_weights,
     working_copy,
 )
+from nndiag.zerocost._tokens import GaussianEmbedding, LiftedEmbedding, id_reader, ones_embedding, replaced_output
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -153,6 +159,8 @@ def synflow(model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | N
     R = Σ f(1) on the all-ones input of one example's shape, with every parameter and
     buffer replaced by its absolute value, normalisation layers (BatchNorm, LayerNorm,
     GroupNorm) bypassed as identities and float64 arithmetic. ``x`` only gives the input shape; ``y`` is ignored.
+    For token ids read by an embedding ``E``, the all-ones input of their one-hot view: ``1ᵀ|E|``
+    at every position of one example.
     """
     if x is None or x.ndim < 2:
         raise AnalysisError("synflow needs an input batch to take the example shape from")
@@ -164,9 +172,13 @@ def synflow(model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | N
             if t.is_floating_point():
                 t.abs_()
     p = next(net.parameters())
-    ones = torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=p.device)
+    reader = id_reader(net, x)
     net.zero_grad(set_to_none=True)
-    torch.sum(net(ones)).backward()
+    if reader is None:
+        torch.sum(net(torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=p.device))).backward()
+    else:  # token ids: the all-ones one-hot input, 1ᵀ|E| at every position (:mod:`._tokens`)
+        with replaced_output(reader, ones_embedding(reader)):
+            torch.sum(net(x[:1].to(p.device))).backward()
     total = sum((m.weight.detach() * _grad(m)).abs().sum() for _, m in layers)
     return check_finite(float(total), "synflow")
 
@@ -184,12 +196,23 @@ def jacob_cov(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) 
     """Jacobian covariance (Mellor et al., 2020): −Σ_k [log(λ_k + ε) + 1/(λ_k + ε)].
 
     λ are the eigenvalues of the correlation matrix of the per-example input gradients of
-    Σ f(x) (train mode), ε = 1e-5. Labels are not used.
+    Σ f(x) (train mode), ε = 1e-5; for token ids, the gradients with respect to their
+    embeddings. Labels are not used.
     """
     net, _, x, _ = _prep(model, x, None, "jacob_cov")
-    xin = x.detach().clone().requires_grad_(True)
-    net(xin).sum().backward()
-    jac = xin.grad.reshape(x.shape[0], -1).double()
+    reader = id_reader(net, x)
+    if reader is None:
+        xin = x.detach().clone().requires_grad_(True)
+        net(xin).sum().backward()
+        grad = xin.grad
+    else:  # token ids: the Jacobian with respect to their embeddings (:mod:`._tokens`)
+        lifted = LiftedEmbedding()
+        with replaced_output(reader, lifted):
+            net(x).sum().backward()
+        grad = None if lifted.leaf is None else lifted.leaf.grad
+    if grad is None:
+        raise AnalysisError("jacob_cov: the output does not depend on the input")
+    jac = grad.reshape(x.shape[0], -1).double()
     if not torch.isfinite(jac).all():
         raise AnalysisError("jacob_cov: NaN gradients")
     corr = torch.corrcoef(jac)
@@ -296,7 +319,8 @@ def zen(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *,
     Weights re-drawn from N(0, 1) on a copy; Gaussian inputs of ``x``'s shape; Δ = mean
     over examples of ‖F(z) − F(z + mixup·ε)‖₁, with F the feature map before global
     pooling (the input of the last ``AdaptiveAvgPool``, else of the last Linear); score
-    = log Δ + Σ_BN log √mean(running variance) after the two train-mode passes.
+    = log Δ + Σ_BN log √mean(running variance) after the two train-mode passes. For token
+    ids the Gaussian inputs replace the output of the embedding layer that reads them.
     """
     check_batch(x, None, what="zen")
     net = working_copy(model, train=True)
@@ -315,14 +339,20 @@ def zen(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *,
     if not target:
         target = [m for m in net.modules() if isinstance(m, nn.Linear)]
     feats: list[torch.Tensor] = []
+    reader = id_reader(net, x)
     handle = target[-1].register_forward_hook(lambda _m, i, _o: feats.append(i[0].detach()))
     try:
         dev = next(net.parameters()).device  # drawn on the CPU generator: the same on any device
-        z = torch.randn(x.shape, generator=g).to(dev)
-        eps = torch.randn(x.shape, generator=g).to(dev)
-        with torch.no_grad():
-            net(z)
-            net(z + mixup * eps)
+        if reader is None:
+            z = torch.randn(x.shape, generator=g).to(dev)
+            eps = torch.randn(x.shape, generator=g).to(dev)
+            with torch.no_grad():
+                net(z)
+                net(z + mixup * eps)
+        else:  # token ids: Gaussian embeddings (:mod:`._tokens`)
+            with torch.no_grad(), replaced_output(reader, GaussianEmbedding(g, mixup)):
+                net(x.to(dev))
+                net(x.to(dev))
     finally:
         handle.remove()
     delta = (feats[-2] - feats[-1]).abs().reshape(x.shape[0], -1).sum(1).mean()
