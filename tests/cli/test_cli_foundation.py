@@ -73,6 +73,16 @@ def test_data_command_json():
         (["data", "{tmp}/mismatch.npz"], "examples but y has"),
         (["data", "whatever"], "names no data set"),
         (["layers", "resnet20", "--device", "cuda"], None),
+        # output paths are checked before any analysis runs
+        (["landscape", "digits-mlp", "--data", "digits", "--out", "{tmp}/a.xyz"], "--out picture must end in"),
+        (["landscape", "digits-mlp", "--data", "digits", "--out", "{tmp}/a.png", "--grid", "{tmp}/g.dat"],
+         "--grid file must end in .json, .npz"),
+        (["landscape", "digits-mlp", "--data", "digits", "--out", "{tmp}/adir.png"], "is a folder"),
+        (["hessian", "digits-mlp", "--data", "digits", "--density", "--plot", "{tmp}/x.xyz/d.png"], "cannot write"),
+        (["spectral", "digits-mlp", "--plots", "{tmp}/x.xyz"], "is a file"),
+        (["slices", "digits-mlp", "--data", "digits", "--gallery", "{tmp}/x.xyz"], "is a file"),
+        (["slices", "digits-mlp", "--data", "{tmp}/mismatch5.npz"], "data of shape (5,) does not fit MLP"),
+        (["slices", "digits-mlp", "--data", "{tmp}/labels12.npz"], "labels must lie in [0, 9]"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
@@ -81,6 +91,10 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     (tmp_path / "empty.pt").write_bytes(b"")
     np.savez(tmp_path / "noxy.npz", z=np.zeros(2))
     np.savez(tmp_path / "mismatch.npz", x=np.zeros((3, 2)), y=np.zeros(2))
+    np.savez(tmp_path / "mismatch5.npz", x=np.zeros((8, 5), np.float32), y=np.arange(8) % 3)
+    np.savez(tmp_path / "labels12.npz", x=np.zeros((24, 64), np.float32), y=np.arange(24) % 12)
+    (tmp_path / "adir.png").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
     if "--device" in args and torch.cuda.is_available():
         pytest.skip("CUDA present")
     r = _run(*[a.format(tmp=tmp_path) for a in args])
@@ -91,6 +105,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     if needle:
         assert needle in err[0]
     assert r.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, nothing left behind
 
 
 def test_import_is_light():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -251,6 +252,10 @@ def test_plots_and_result(tmp_path):
     s2.save(tmp_path / "g.json")
     with np.load(tmp_path / "g.npz") as f:
         np.testing.assert_array_equal(f["losses"], s2.losses)
+    assert json.loads((tmp_path / "g.json").read_text())["summary"]["points"] == 25
+    with pytest.raises(InputError, match=r"written as \.npz or \.json"):
+        s2.save(tmp_path / "g.dat")  # (np.savez would have written g.dat.npz)
+    assert not list(tmp_path.glob("g.dat*"))
 
 
 def test_cuda_graph_strategy_needs_cuda_and_eval_mode():

@@ -188,8 +188,8 @@ def register(app: typer.Typer) -> None:
         top: TopOpt = 10,
     ) -> int:
         """Run every analysis that applies and write one report: what is wrong, how sure, what to change."""
+        from nndiag._utils.files import check_writable
         from nndiag.report.diagnose import diagnose, parse_probes
-        from nndiag.report.report import check_writable
 
         parse_probes(probes)  # bad names fail before any work
         options = parse_options(option)
@@ -232,7 +232,8 @@ def register(app: typer.Typer) -> None:
         top: TopOpt = 10,
     ) -> int:
         """Re-render a saved report (HTML and/or JSON) without recomputing anything."""
-        from nndiag.report.report import Report, check_writable
+        from nndiag._utils.files import check_writable
+        from nndiag.report.report import Report
 
         for p in (html, json_out):
             if p is not None:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from nndiag._utils.files import check_figure_path, check_writable, save_figure
 from nndiag.cli.common import (
     ArchOpt,
     DataOpt,
@@ -143,6 +144,8 @@ def register(app: typer.Typer) -> None:
         from nndiag.landscape.spectrum import hessian_spectrum
         from nndiag.report.input_scale import check_bundle
 
+        if plot is not None:
+            check_figure_path(plot, "--plot picture")
         _, module, bundle, loss_fn = _load(model, arch, weights, data, n_samples, seed, loss)
         r = hessian_spectrum(module, bundle, loss=loss_fn, top_k=top_k, bottom_k=bottom_k, trace=trace, density=density,
                              batch_size=batch_size, seed=seed, tol=tol, slq_runs=slq_runs,
@@ -154,7 +157,7 @@ def register(app: typer.Typer) -> None:
             if r.density is None:
                 err("nndiag: --plot needs --density; no plot written")
             else:
-                r.plot().savefig(plot, dpi=120)
+                save_figure(r.plot(), plot, dpi=120)
         res = r.to_result()
         if scale is not None:
             res.findings.insert(0, scale)
@@ -210,11 +213,16 @@ def register(app: typer.Typer) -> None:
         """Loss landscape around the weights: a 1-D line or 2-D plane, as a picture and a grid."""
         from nndiag.errors import InputError
         from nndiag.io.models import load_model
-        from nndiag.landscape.surface import surface
+        from nndiag.landscape.surface import GRID_SUFFIXES, surface
         from nndiag.report.input_scale import check_bundle
 
         if out is None and grid is None and fmt is not Format.json:
             raise InputError("say where to write the result: --out FILE.png and/or --grid FILE.npz")
+        # every output checked before the grid is computed: a bad path costs a second, not the grid
+        if out is not None:
+            check_figure_path(out, "--out picture")
+        if grid is not None:
+            check_writable(grid, GRID_SUFFIXES, "--grid file")
         dirs: Any = directions.value
         if toward:
             if len(toward) > 2:
@@ -232,10 +240,10 @@ def register(app: typer.Typer) -> None:
                     norm=norm.value, one_d=one_d.value, mode=mode.value, batch_size=batch_size, seed=seed,
                     resume=resume, device=device.value, name=lm.name if toward else None)
         scale = check_bundle(module, bundle)
-        if out is not None:
-            s.plot("line" if dim == 1 else plot.value).savefig(out, dpi=120)
-        if grid is not None:
+        if grid is not None:  # the grid first: the picture is drawn from it and could fail
             s.save(grid)
+        if out is not None:
+            save_figure(s.plot("line" if dim == 1 else plot.value), out, dpi=120)
         res = s.to_result()
         if scale is not None:
             res.findings.insert(0, scale)

@@ -85,6 +85,10 @@ def register(app: typer.Typer) -> None:
         from nndiag._utils.threads import limit_threads
         from nndiag.errors import InputError
 
+        if gallery is not None:  # before the slices are searched: a bad folder costs a second
+            from nndiag._utils.files import check_folder
+
+            check_folder(gallery, "--gallery folder")
         options: dict[str, object] = {}
         if method is Method.spotlight:
             options = {"pca": pca, "steps": steps, "flip": flip}
@@ -118,13 +122,12 @@ def register(app: typer.Typer) -> None:
         if gallery is not None:
             from pathlib import Path
 
+            from nndiag._utils.files import save_figure
             from nndiag.slices.probe import figures
 
             out = Path(gallery)
-            out.mkdir(parents=True, exist_ok=True)
             for name, fig in figures(result).items():
-                fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
-                err(f"wrote {out / f'{name}.png'}")
+                err(f"wrote {save_figure(fig, out / f'{name}.png', dpi=120, bbox_inches='tight')}")
         code = fail_exit_code([f.severity for f in result.findings], fail_on)
         if fmt is Format.json:
             emit_json(result.to_dict())

@@ -124,6 +124,10 @@ def register(app: typer.Typer) -> None:
         )
         if other is not None:
             return _compare(lm, load_model(other), options, fmt)
+        if plots:
+            from nndiag._utils.files import check_folder
+
+            check_folder(plots, "--plots folder")
         res = analyze(lm, **options)
         if plots:
             from nndiag.spectral.probe import save_figures

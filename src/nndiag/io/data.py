@@ -510,6 +510,13 @@ def index_layer(model: nn.Module, x: torch.Tensor) -> tuple[str, nn.Embedding | 
     return next(n for n, m in model.named_modules() if m is first), first
 
 
+def misfit(model: nn.Module, x: torch.Tensor, exc: BaseException) -> DataError:
+    """The one-line error for a forward pass of ``model`` on ``x`` that raised ``exc``:
+    the examples' shape, the model's class and the first line of PyTorch's message."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return DataError(f"data of shape {tuple(x.shape[1:])} does not fit {type(model).__name__}: {first}")
+
+
 def model_inputs(
     model: nn.Module,
     x: torch.Tensor,

@@ -279,10 +279,9 @@ def checked_loss(
     try:
         out = functional_call(model, tensors, (xb,), strict=False)
     except (RuntimeError, ValueError, IndexError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(
-            f"data of shape {tuple(xb.shape[1:])} does not fit {type(model).__name__}: {first}"
-        ) from None
+        from nndiag.io.data import misfit
+
+        raise misfit(model, xb, exc) from None
     if loss_fn in (default_loss, lm_loss):
         out = logits_of(out)  # (a loss of the user's own gets the output as the model returns it)
     if loss_fn is lm_loss and (int(yb.max()) >= out.shape[-1] or int(yb.min()) < 0):

@@ -27,6 +27,7 @@ Examples
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -70,6 +71,8 @@ from nndiag.landscape.stacked import Stacked, build_stacked, fully_connected
 from nndiag.report.results import Finding, Result, provenance
 
 STRATEGIES = ("auto", "vmap", "loop", "threads", "graph", "stacked")
+#: File suffixes :meth:`Surface.save` writes a grid as.
+GRID_SUFFIXES = (".npz", ".json")
 #: Grids with more points than this are refused (override with ``max_points``).
 MAX_POINTS = 250_000
 
@@ -210,15 +213,20 @@ class Surface:
         return self.to_result().to_dict()
 
     def save(self, path: str | Path) -> Path:
-        """Write the grid as ``.npz`` (arrays + JSON settings) or ``.json`` (the result)."""
+        """Write the grid as ``.npz`` (arrays + JSON settings) or ``.json`` (the result),
+        through a temporary file and a rename; any other suffix is an :class:`InputError`."""
+        from nndiag._utils.files import atomic_write
+
         path = Path(path)
-        if path.suffix == ".json":
-            path.write_text(self.to_result().to_json())
-        else:
-            np.savez(path, alphas=self.alphas, betas=self.betas if self.betas is not None else np.zeros(0),
-                     losses=self.losses, origin_loss=self.origin_loss,
-                     params=json.dumps(self.to_result().to_dict()["params"]))
-        return path
+        if path.suffix.lower() not in GRID_SUFFIXES:
+            raise InputError(f"{path}: a landscape grid is written as {' or '.join(GRID_SUFFIXES)}")
+        if path.suffix.lower() == ".json":
+            return atomic_write(path, self.to_result().to_json())
+        buf = io.BytesIO()
+        np.savez(buf, alphas=self.alphas, betas=self.betas if self.betas is not None else np.zeros(0),
+                 losses=self.losses, origin_loss=self.origin_loss,
+                 params=json.dumps(self.to_result().to_dict()["params"]))
+        return atomic_write(path, buf.getvalue())
 
     def plot(self, kind: str = "contour", ax: Any = None) -> Any:
         """``line`` (1-D), ``contour`` or ``surface`` (2-D, 3-D view); returns the Figure."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from nndiag._utils.precision import full_precision
 from nndiag.errors import DataError, InputError
+from nndiag.io.data import misfit
 
 #: Keys accepted in a user ``.npz`` (first match wins).
 EMBEDDING_KEYS = ("embeddings", "z", "x", "features")
@@ -109,6 +110,8 @@ def _linear_in_execution_order(module: nn.Module, xb: torch.Tensor) -> list[str]
     try:
         with torch.no_grad():
             module(xb)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise misfit(module, xb, exc) from None
     finally:
         for h in handles:
             h.remove()
@@ -202,13 +205,19 @@ def extract_embeddings(
                 for i in range(0, len(bundle), batch_size):
                     xb, yb = x[i:i + batch_size], bundle.y[i:i + batch_size]
                     n_before = len(captured)
-                    logits = model(xb.to(dev))
+                    try:
+                        logits = model(xb.to(dev))
+                    except (RuntimeError, ValueError, IndexError) as exc:
+                        raise misfit(model, xb, exc) from None
                     if len(captured) != n_before + 1:
                         raise InputError(f"layer '{where}' ran {len(captured) - n_before} times in one "
                                          "forward pass; choose a layer that runs once")
                     if logits.ndim != 2 or logits.shape[0] != xb.shape[0]:
                         raise InputError(f"the model must return (batch, classes) logits, got shape "
                                          f"{tuple(logits.shape)}")
+                    if len(yb) and int(yb.max()) >= logits.shape[1]:
+                        raise DataError(f"labels must lie in [0, {logits.shape[1] - 1}] for a model with "
+                                        f"{logits.shape[1]} outputs (found {int(yb.max())})")
                     logits = logits.double().cpu()
                     zs.append(captured[-1])
                     losses.append(F.cross_entropy(logits, yb.cpu(), reduction="none"))

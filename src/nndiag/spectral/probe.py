@@ -41,11 +41,7 @@ def figures(result: Result) -> dict[str, Any]:
 
 def save_figures(result: Result, folder: str | Path) -> list[Path]:
     """Write :func:`figures` as PNG files into ``folder``; returns the paths."""
+    from nndiag._utils.files import save_figure
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for key, fig in figures(result).items():
-        p = folder / f"spectral_{key}.png"
-        fig.savefig(p, dpi=100)
-        paths.append(p)
-    return paths
+    return [save_figure(fig, folder / f"spectral_{key}.png", dpi=100) for key, fig in figures(result).items()]
