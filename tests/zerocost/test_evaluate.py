@@ -150,3 +150,32 @@ def test_parallel_workers_give_the_same_rows(tmp_path):
     pd.testing.assert_frame_equal(serial.drop(columns="seconds"), parallel.drop(columns="seconds"))
     with pytest.raises(InputError):
         score_archs([B], x, y, ["params"], workers=0)
+
+
+def test_rank_leaves_out_a_proxy_that_fails_on_every_candidate():
+    from torch import nn
+
+    from nndiag.zerocost.rank import rank_models
+
+    def tanh_net(width, seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, 3))
+
+    x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
+    models = [("w4", tanh_net(4, 0)), ("w32", tanh_net(32, 1)), ("w8", tanh_net(8, 2))]
+    df, summary = rank_models(models, x, y, ["params", "grad_norm", "nwot"], at_init=False)
+    # nwot needs ReLU-like codes: it fails on all three, which are still ranked on the other two
+    assert list(summary["left_out"]) == ["nwot"] and "ReLU" in summary["left_out"]["nwot"]
+    assert summary["vote_proxies"] == ["params", "grad_norm"]
+    assert (df["status"] == "ok").all() and df["rank"].notna().all()
+    by = df.set_index("name")
+    for name in by.index:  # the vote by hand: mean of the two proxies' rank fractions
+        frac = [(by[p] <= by.loc[name, p]).sum() / 3 for p in ("params", "grad_norm")]
+        assert by.loc[name, "vote"] == pytest.approx(sum(frac) / 2)
+    # one candidate alone: nothing to compare nwot with either, it is still left out
+    _, one = rank_models(models[:1], x, y, ["params", "nwot"], at_init=False)
+    assert one["best"] == "w4" and list(one["left_out"]) == ["nwot"]
+    # a proxy failing on some candidates only still makes those candidates unranked
+    relu = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    df, summary = rank_models([("relu", relu), ("w4", tanh_net(4, 0))], x, y, ["params", "nwot"], at_init=False)
+    assert summary["left_out"] == {} and list(df["status"]) == ["ok", "failed"]

@@ -113,6 +113,8 @@ def register(app: typer.Typer) -> None:
         human_table(df.drop(columns=["error"]).to_dict(orient="records"), title=f"candidates, {label}")
         for _, r in df[df["status"] != "ok"].iterrows():
             err(f"{r['name']}: {r['error']}")
+        for p, why in summary["left_out"].items():
+            err(f"{p}: left out of the vote, it failed on every candidate ({why})")
         agree = summary["proxy_agreement"]
         typer.echo(f"best: {summary['best']}; proxy agreement (mean Kendall τ): "
                    + (f"{agree:.2f}" if agree == agree else "n/a (needs two or more scored candidates)"))

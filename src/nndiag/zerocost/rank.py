@@ -97,8 +97,14 @@ def rank_models(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score each ``(name, module)`` and rank by the rank-aggregated vote (1 = best).
 
+    A proxy that fails on every candidate (NWOT on a network without ReLU-like
+    activations, say) is left out of the vote and named in the summary; a candidate on
+    which another proxy fails, or that cannot be scored at all, is listed unranked
+    (``status`` "failed").
+
     Returns the table (``name``, ``rank``, ``vote``, one column per proxy, ``status``,
-    ``error``) and a summary (``best``, ``proxy_agreement``).
+    ``error``) and a summary (``best``, ``proxy_agreement``, ``vote_proxies``,
+    ``left_out`` {proxy: first error}).
     """
     from nndiag._utils.threads import limit_threads
     from nndiag.zerocost.evaluate import rank_vote
@@ -107,6 +113,7 @@ def rank_models(
     if not models:
         raise InputError("no models to rank")
     rows = []
+    errors: list[dict[str, str]] = []
     for name, module in models:
         row: dict[str, Any] = {"name": name}
         try:
@@ -118,19 +125,25 @@ def rank_models(
             res["errors"] = {"model": str(exc)}
         for p in proxies:
             row[p] = res[p]
-        errs = res["errors"]
-        row["status"] = "failed" if errs else "ok"
-        row["error"] = "; ".join(f"{k}: {v}" for k, v in errs.items())
+        errors.append(res["errors"])
+        row["error"] = "; ".join(f"{k}: {v}" for k, v in res["errors"].items())
         rows.append(row)
+    # a proxy that failed on every candidate says nothing about any of them: out of the vote
+    left_out = {p: next(e[p] for e in errors) for p in proxies
+                if len(proxies) > 1 and all(p in e for e in errors)}
+    voting = [p for p in proxies if p not in left_out]
+    for row, errs in zip(rows, errors, strict=True):
+        row["status"] = "failed" if "model" in errs or any(p in errs for p in voting) else "ok"
     df = pd.DataFrame(rows)
     ok = df["status"] == "ok"  # a model with a failed proxy is listed, unranked
     df["vote"] = math.nan
-    if ok.any():
-        df.loc[ok, "vote"] = rank_vote(df.loc[ok], proxies)
+    if ok.any() and voting:
+        df.loc[ok, "vote"] = rank_vote(df.loc[ok], voting)
     df["rank"] = df["vote"].rank(ascending=False, method="min")
     df = df.sort_values(["rank", "name"], na_position="last").reset_index(drop=True)
     df = df[["name", "rank", "vote", *proxies, "status", "error"]]
     summary = {"models": len(df), "best": df["name"].iloc[0] if df["vote"].notna().any() else None,
-               "proxy_agreement": proxy_agreement(df[df["status"] == "ok"], proxies),
+               "proxy_agreement": proxy_agreement(df[df["status"] == "ok"], voting),
+               "vote_proxies": voting, "left_out": left_out,
                "failed": int((df["status"] != "ok").sum()), "at_init": at_init}
     return df, summary
