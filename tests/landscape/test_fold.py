@@ -301,3 +301,40 @@ def test_grid_with_a_channels_last_flatten_equals_the_plain_model():
         assert fast.params["flattens_channels_last"] == 1
         plain = surface(model, (x, y), fold=False, strategy="loop", threads=1, **kw)
         np.testing.assert_allclose(fast.losses, plain.losses, rtol=1e-12)
+
+
+class _MathScaled(nn.Module):
+    """Calls ``math.sqrt`` on a traced value: fx needs its ``math`` wrapping for this one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import math
+
+        return self.b(torch.relu(self.a(x)) / math.sqrt(x.shape[-1]))
+
+
+def test_traced_without_math_wrapping_unless_the_model_needs_it():
+    import math
+
+    import torch.fx
+
+    from nndiag.landscape.fold import trace_graph
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert str(trace_graph(plain)) == str(torch.fx.Tracer().trace(plain))
+    scaled = _MathScaled()
+    with pytest.raises(Exception):  # noqa: B017 - what fx raises for math on a Proxy varies
+        torch.fx.Tracer(autowrap_modules=(), autowrap_functions=()).trace(scaled)
+    graph = trace_graph(scaled)
+    assert any(n.op == "call_function" and n.target is math.sqrt for n in graph.nodes)
+    # the landscape of such a model is still exact at the origin, through the rewritten copy
+    x, y = torch.randn(20, 6, generator=torch.Generator().manual_seed(1)), torch.arange(20) % 3
+    s = surface(scaled, (x, y), dim=1, steps=3, dtype=torch.float64)
+    with torch.no_grad():
+        ref = float(nn.functional.cross_entropy(scaled.double()(x.double()), y))
+    scaled.float()
+    assert s.losses[1] == pytest.approx(ref, rel=1e-12) and s.params["bound_copy"]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nndiag.landscape.fold import Folded
+from nndiag.landscape.fold import Folded, trace_graph
 
 
 def _cl(shape: torch.Size | tuple[int, ...], channels_last: bool) -> bool:
@@ -124,7 +124,7 @@ class BoundCopy:
         if isinstance(self.module, torch.fx.GraphModule):
             return self.module.graph
         if self._graph is None:
-            self._graph = torch.fx.Tracer().trace(self.module)
+            self._graph = trace_graph(self.module)
         return self._graph
 
     def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
