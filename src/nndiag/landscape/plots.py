@@ -45,6 +45,9 @@ def plot_eigenvalues(values: np.ndarray, *, ax: Any = None, title: str = "Top He
     fig, ax = _fig_ax(ax)
     v = np.asarray(values, dtype=float)
     ax.bar(np.arange(1, len(v) + 1), v, color="C1")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # ranks 1, 2, 3, not 0.5, 1.0, 1.5
     ax.set_xlabel("rank")
     ax.set_ylabel("eigenvalue")
     ax.set_title(title)

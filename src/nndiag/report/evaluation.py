@@ -226,6 +226,14 @@ def _evaluate_tokens(module: torch.nn.Module, data: Any, *, seed: int, batch_siz
                   seed=seed, timing={"total": time.perf_counter() - t0}, meta=provenance(str(dev)))
 
 
+def _tick_style(names: list[str], axis_chars: int) -> dict[str, Any]:
+    """Class names under an axis about ``axis_chars`` characters wide: slanted when the
+    longest would not fit its slot (CIFAR-10's "automobile" under ten bars), else level."""
+    if max(map(len, names), default=0) * len(names) > axis_chars:
+        return {"rotation": 45, "ha": "right", "rotation_mode": "anchor"}
+    return {"rotation": 0}
+
+
 def figures(result: Result) -> dict[str, Any]:
     """Per-class accuracy bars and the confusion matrix, from the result's tables."""
     from matplotlib.figure import Figure
@@ -241,8 +249,8 @@ def figures(result: Result) -> dict[str, Any]:
         if mean is not None:
             ax.axhline(mean, color="#c44e52", lw=1, ls="--", label=f"overall {mean:.3f}")
             ax.legend(loc="lower right", fontsize=8)
-        ax.set_xticks(range(len(pc)), [str(n) for n in pc["name"]], fontsize=8,
-                      rotation=45 if len(pc) > 10 else 0)
+        names = [str(n) for n in pc["name"]]
+        ax.set_xticks(range(len(pc)), names, fontsize=8, **_tick_style(names, 70))
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("true class")
         ax.set_ylabel("accuracy")
@@ -265,9 +273,9 @@ def figures(result: Result) -> dict[str, Any]:
         ax = fig.add_subplot()
         im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
-        ticks = range(len(cm))
-        ax.set_xticks(ticks, [str(n) for n in cm["name"]], fontsize=7)
-        ax.set_yticks(ticks, [str(n) for n in cm["name"]], fontsize=7)
+        ticks, names = range(len(cm)), [str(n) for n in cm["name"]]
+        ax.set_xticks(ticks, names, fontsize=7, **_tick_style(names, 45))
+        ax.set_yticks(ticks, names, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title("Confusion matrix")

@@ -45,11 +45,15 @@ def _pca_figure(result: Result) -> Any:
     ax = fig.add_subplot(1, 1, 1)
     base = pts[pts["slice"] == 0]
     vmax = float(np.nanmax(pts["loss"])) if len(pts) else 1.0
-    # grey for low loss (visible), black for high loss
-    sc = ax.scatter(base["pc1"], base["pc2"], c=base["loss"], cmap="Greys", s=8, alpha=0.7,
-                    vmin=-0.4 * vmax, vmax=vmax)
-    fig.colorbar(sc, ax=ax, label="loss (outside slices)")
     import matplotlib
+    from matplotlib.colors import LinearSegmentedColormap
+
+    # grey for zero loss (still visible on white), black for the highest; the colour bar
+    # starts at 0 (a loss is never negative)
+    greys = LinearSegmentedColormap.from_list("greys_visible", matplotlib.colormaps["Greys"](np.linspace(0.3, 1, 256)))
+    sc = ax.scatter(base["pc1"], base["pc2"], c=base["loss"], cmap=greys, s=8, alpha=0.7,
+                    vmin=0.0, vmax=max(vmax, 1e-12))
+    fig.colorbar(sc, ax=ax, label="loss (outside slices)")
 
     cmap = matplotlib.colormaps["tab10"]
     for j in sorted(int(s) for s in pts["slice"].unique() if s > 0):
