@@ -68,3 +68,18 @@ def test_a_first_convolution_of_nine_eigenvalues_is_not_called_under_trained():
     assert got["SPEC-ALPHA-UNCERTAIN"].evidence["layers"] == ["0"]
     assert layers.loc["2", "alpha"] > 6  # a random 576→256 layer: 256 eigenvalues, alpha ~10
     assert got["SPEC-UNDERTRAINED"].evidence["layers"] == ["2"]
+
+
+def test_large_layers_flagged_on_short_tails_are_named_as_weak_evidence():
+    # pretrained ResNet20's layer3.0.conv1: 576 eigenvalues, alpha 9.23 on a tail of 6 (σ ≈ 3.4)
+    df = _table([("short_tail", 576, 9.23, 6), ("long_tail", 576, 9.0, 400), ("low", 576, 1.9, 9),
+                 ("fine", 300, 3.0, 50)])
+    got = _by_code(spectral_findings(df, pd.DataFrame(columns=["reason"]), {"alpha": 5.0}))
+    under, over = got["SPEC-UNDERTRAINED"], got["SPEC-OVERTRAINED"]
+    assert under.evidence["layers"] == ["short_tail", "long_tail"]  # still counted (WW's rule)
+    assert under.evidence["weak"] == ["short_tail"]  # 9.23 − 2·(8.23/√6) = 2.5 < 6; 9 − 2·0.4 > 6
+    assert "1 of them lies within 2 standard errors of 6, on power-law tails of 6 eigenvalues" in under.message
+    assert over.evidence["weak"] == ["low"] and "(it lies within 2 standard errors of 2" in over.message
+    df = _table([("long_tail", 576, 9.0, 400)])
+    under = _by_code(spectral_findings(df, pd.DataFrame(columns=["reason"]), {"alpha": 9.0}))["SPEC-UNDERTRAINED"]
+    assert under.evidence["weak"] == [] and "weak" not in under.message

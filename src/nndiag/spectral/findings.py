@@ -151,34 +151,50 @@ def spectral_findings(df: pd.DataFrame, skipped: pd.DataFrame, summary: dict[str
     large = num("num_evals") >= JUDGED_EVALS
     under_m = under_all & (large | (alpha - SIGNIFICANT_SE * sigma > UNDER_TRAINED_ALPHA))
     over_m = over_all & (large | (alpha + SIGNIFICANT_SE * sigma < OVER_TRAINED_ALPHA))
+    tails = num("num_pl_spikes")
+
+    def weak_note(flagged: np.ndarray, bound: float) -> tuple[str, list[str]]:
+        # large layers are judged by alpha alone (WeightWatcher's rule), but say which of them
+        # lie within SIGNIFICANT_SE standard errors of the bound: a short tail, weak evidence
+        weak = flagged & (np.abs(alpha - bound) < SIGNIFICANT_SE * sigma)
+        if not weak.any():
+            return "", []
+        who = ("it lies" if flagged.sum() == 1 else
+               f"{int(weak.sum())} of them {'lies' if weak.sum() == 1 else 'lie'}")
+        return (f" ({who} within "
+                f"{SIGNIFICANT_SE:g} standard errors of {bound:g}, on power-law tails of "
+                f"{_count_range(tails[weak])} eigenvalues: weak evidence)"), pick(weak)
+
     if under_m.any():
+        note, weak = weak_note(under_m, UNDER_TRAINED_ALPHA)
         out.append(Finding(
             "SPEC-UNDERTRAINED", "warn",
             f"{int(under_m.sum())} of {len(df)} layers have alpha > {UNDER_TRAINED_ALPHA:g} "
-            f"(little learned correlation): {_join(pick(under_m))}.",
+            f"(little learned correlation): {_join(pick(under_m))}{note}.",
             {"metric": "alpha", "threshold": UNDER_TRAINED_ALPHA, "layers": pick(under_m),
-             "values": alpha[under_m].tolist(), "stderr": sigma[under_m].tolist()},
+             "values": alpha[under_m].tolist(), "stderr": sigma[under_m].tolist(), "weak": weak},
             "Train longer or with a larger learning rate; consider a smaller layer."))
     if over_m.any():
+        note, weak = weak_note(over_m, OVER_TRAINED_ALPHA)
         out.append(Finding(
             "SPEC-OVERTRAINED", "warn",
             f"{int(over_m.sum())} of {len(df)} layers have alpha < {OVER_TRAINED_ALPHA:g} "
-            f"(very heavy tail, possible over-fitting): {_join(pick(over_m))}.",
+            f"(very heavy tail, possible over-fitting): {_join(pick(over_m))}{note}.",
             {"metric": "alpha", "threshold": OVER_TRAINED_ALPHA, "layers": pick(over_m),
-             "values": alpha[over_m].tolist(), "stderr": sigma[over_m].tolist()},
+             "values": alpha[over_m].tolist(), "stderr": sigma[over_m].tolist(), "weak": weak},
             "Add regularisation (weight decay, dropout), lower the learning rate or stop earlier."))
     vague_m = (under_all & ~under_m) | (over_all & ~over_m)
     if vague_m.any():
-        tails = num("num_pl_spikes")[vague_m]
+        vague_tails = tails[vague_m]
         out.append(Finding(
             "SPEC-ALPHA-UNCERTAIN", "pass",
             f"{_count(int(vague_m.sum()), 'small layer')} (fewer than {JUDGED_EVALS} eigenvalues) "
             f"{'has' if vague_m.sum() == 1 else 'have'} alpha outside "
             f"[{OVER_TRAINED_ALPHA:g}, {UNDER_TRAINED_ALPHA:g}] by less than {SIGNIFICANT_SE:g} standard "
-            f"errors (power-law tails of {_count_range(tails)} eigenvalues): {_join(pick(vague_m))}; "
+            f"errors (power-law tails of {_count_range(vague_tails)} eigenvalues): {_join(pick(vague_m))}; "
             "not counted as under- or over-trained.",
             {"metric": "alpha", "layers": pick(vague_m), "values": alpha[vague_m].tolist(),
-             "stderr": sigma[vague_m].tolist(), "tail": [_int_or_none(v) for v in tails]},
+             "stderr": sigma[vague_m].tolist(), "tail": [_int_or_none(v) for v in vague_tails]},
             "Their spectra are too short to judge from alpha; read the other metrics (stable rank, "
             "spectral norm) or compare with the same layer in a reference model."))
     if "num_traps" in df.columns:
