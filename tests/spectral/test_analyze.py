@@ -80,6 +80,15 @@ def test_selection_covers_attention_conv_hf_and_lora():
     ev_k = analyze({"h.0.attn.c_attn.weight": net.c_attn.weight.detach()}, keep_evals=True,
                    precision="float64").evals["h.0.attn.c_attn.k"]
     np.testing.assert_allclose(ev_k, _svd2(net.c_attn.weight[:, 16:32]), rtol=1e-8)
+    # row-block fused projections (MPT/Phi-2 Wqkv, Baichuan W_pack, Phi-3 qkv_proj, Qwen-1's
+    # Linear c_attn) split along dim 0; one with grouped K/V heads (not 3d × d) stays whole
+    w = torch.randn(48, 16, generator=torch.Generator().manual_seed(3))
+    for name in ("b.0.attn.Wqkv", "b.0.self_attn.W_pack", "b.0.self_attn.qkv_proj", "h.0.attn.c_attn"):
+        r = analyze({f"{name}.weight": w}, keep_evals=True, precision="float64")
+        assert list(r.layers["name"]) == [f"{name}.q", f"{name}.k", f"{name}.v"], name
+        np.testing.assert_allclose(r.evals[f"{name}.v"], _svd2(w[32:]), rtol=1e-8)
+    gqa = analyze({"b.0.self_attn.qkv_proj.weight": w[:32]})  # 16 Q rows + 2 × 8 K/V rows
+    assert list(gqa.layers["name"]) == ["b.0.self_attn.qkv_proj"]
     # LoRA: B·A analysed as one matrix
     r = analyze({k: v for k, v in sd.items() if "adapter" in k}, keep_evals=True, precision="float64",
                 min_evals=4)

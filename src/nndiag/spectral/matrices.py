@@ -14,8 +14,9 @@ Matrices
     position; their eigenvalues are pooled, so a 64×32×3×3 kernel gives 9 matrices
     and ``num_evals = 32·9 = 288``; ``rf`` = number of kernel positions.
   - ``conv_mode="unfold"``: one ``out × (in·k…)`` matrix.
-* Fused attention projections: ``nn.MultiheadAttention.in_proj_weight`` (``3d × d``)
-  and timm-style ``qkv.weight`` are split into Q, K, V along dim 0; GPT-2
+* Fused attention projections: ``nn.MultiheadAttention.in_proj_weight`` (``3d × d``),
+  timm-style ``qkv.weight``, ``Wqkv``, ``W_pack``, ``qkv_proj`` and Qwen-1's ``c_attn``
+  (:data:`_QKV_ROW_BLOCKS`) are split into Q, K, V along dim 0; GPT-2
   ``c_attn.weight`` (``d × 3d``, HF ``Conv1D``) along dim 1. Each part is its own layer
   named ``<module>.q`` / ``.k`` / ``.v``.
 * LoRA / PEFT adapters: a ``lora_B`` weight (``out × r``) is multiplied with its
@@ -146,17 +147,24 @@ def squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(s) for s in shape if int(s) != 1)
 
 
+#: Fused Q/K/V weights stored as ``[Q; K; V]`` row blocks of an ``nn.Linear(d, 3d)`` weight
+#: (``3d × d``): PyTorch's ``MultiheadAttention``, timm's ``qkv``, MPT's and Phi-2's ``Wqkv``,
+#: Baichuan's ``W_pack``, Phi-3's ``qkv_proj`` (without grouped K/V heads), Qwen-1's ``c_attn``.
+#: Not GPT-NeoX's or BLOOM's ``query_key_value``: their rows interleave Q, K, V per head, and the
+#: head count is not in the weights.
+_QKV_ROW_BLOCKS = ("in_proj_weight", ".qkv.weight", ".Wqkv.weight", ".W_pack.weight", ".qkv_proj.weight",
+                   "c_attn.weight")
+
+
 def _fused_qkv_dim(info: TensorInfo) -> int | None:
     """The dim along which a fused Q/K/V weight of known layout splits, else None."""
     if len(info.shape) != 2:
         return None
     a, b = info.shape
-    if info.name.endswith("in_proj_weight") and a == 3 * b:
-        return 0
-    if info.name.endswith(".qkv.weight") and a == 3 * b:
+    if a == 3 * b and info.name.endswith(_QKV_ROW_BLOCKS):
         return 0
     if info.name.endswith("c_attn.weight") and b == 3 * a:
-        return 1
+        return 1  # GPT-2's Conv1D stores the transpose: d × 3d, Q/K/V as column blocks
     return None
 
 
