@@ -179,3 +179,11 @@ def test_rank_leaves_out_a_proxy_that_fails_on_every_candidate():
     relu = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     df, summary = rank_models([("relu", relu), ("w4", tanh_net(4, 0))], x, y, ["params", "nwot"], at_init=False)
     assert summary["left_out"] == {} and list(df["status"]) == ["ok", "failed"]
+    # a candidate that cannot run on the data at all: one line for the cause, not one per proxy
+    wrong = nn.Sequential(nn.Linear(7, 3))
+    df, summary = rank_models([("relu", relu), ("wrong", wrong)], x, y, ["grad_norm", "synflow"], at_init=False)
+    row = df.set_index("name").loc["wrong"]
+    assert row["status"] == "failed" and row["error"].startswith("every proxy failed, e.g. grad_norm: RuntimeError")
+    assert summary["left_out"] == {} and summary["best"] == "relu"
+    df, summary = rank_models([("wrong", wrong)], x, y, ["grad_norm", "synflow"], at_init=False)
+    assert list(df["status"]) == ["failed"] and summary["best"] is None and summary["left_out"] == {}

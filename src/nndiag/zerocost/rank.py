@@ -126,14 +126,22 @@ def rank_models(
         for p in proxies:
             row[p] = res[p]
         errors.append(res["errors"])
-        row["error"] = "; ".join(f"{k}: {v}" for k, v in res["errors"].items())
+        errs = res["errors"]
+        if len(proxies) > 1 and all(p in errs for p in proxies):  # one cause, not one line per proxy
+            first = next(iter(errs))
+            row["error"] = f"every proxy failed, e.g. {first}: {errs[first]}"
+        else:
+            row["error"] = "; ".join(f"{k}: {v}" for k, v in errs.items())
         rows.append(row)
-    # a proxy that failed on every candidate says nothing about any of them: out of the vote
-    left_out = {p: next(e[p] for e in errors) for p in proxies
-                if len(proxies) > 1 and all(p in e for e in errors)}
+    # a proxy that failed on every candidate that runs at all says nothing about any of them:
+    # it is left out of the vote (a candidate on which every proxy fails is simply failed)
+    runs = [e for e in errors if "model" not in e and not all(p in e for p in proxies)]
+    left_out = {p: next(e[p] for e in runs) for p in proxies
+                if len(proxies) > 1 and runs and all(p in e for e in runs)}
     voting = [p for p in proxies if p not in left_out]
     for row, errs in zip(rows, errors, strict=True):
-        row["status"] = "failed" if "model" in errs or any(p in errs for p in voting) else "ok"
+        ran = "model" not in errs and not all(p in errs for p in proxies)
+        row["status"] = "ok" if ran and not any(p in errs for p in voting) else "failed"
     df = pd.DataFrame(rows)
     ok = df["status"] == "ok"  # a model with a failed proxy is listed, unranked
     df["vote"] = math.nan
