@@ -296,3 +296,26 @@ def test_synflow_jacob_cov_zen_start_at_the_embedding_of_token_ids():
     assert same_snapshot(before, snapshot(model))
     res = compute_proxies(model, x, torch.zeros(8, dtype=torch.long), ["synflow", "jacob_cov", "zen"])
     assert res["errors"] == {} and res["synflow"] == pytest.approx(ref, rel=1e-12)
+
+
+def test_models_returning_dicts_or_tuples_score_as_their_logits():
+    class Wrapped(nn.Module):
+        def __init__(self, inner, kind):
+            super().__init__()
+            self.inner, self.kind = inner, kind
+
+        def forward(self, x):
+            z = self.inner(x)
+            return {"logits": z, "hidden": x} if self.kind == "dict" else (z, x)
+
+    x, y = _xy(n=12)
+    names = list(PROXY_NAMES)
+    plain = compute_proxies(_mlp(), x, y, names)
+    for kind in ("dict", "tuple"):
+        model = Wrapped(_mlp(), kind)
+        before = snapshot(model)
+        got = compute_proxies(model, x, y, names)
+        assert got["errors"] == plain["errors"] == {}, kind
+        for n in names:
+            assert got[n] == pytest.approx(plain[n], rel=1e-6, abs=1e-12), (kind, n)
+        assert same_snapshot(before, snapshot(model)) and isinstance(model(x), dict if kind == "dict" else tuple)

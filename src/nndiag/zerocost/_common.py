@@ -46,7 +46,8 @@ def scored_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def working_copy(model: nn.Module, *, train: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
-    """A deep copy of ``model`` with gradients enabled and no grads, in train or eval mode.
+    """A deep copy of ``model`` with gradients enabled and no grads, in train or eval mode,
+    whose output is the tensor of logits (:func:`nndiag.landscape._setup.logits_of`).
 
     The user's model is never touched: every proxy works on such a copy.
     """
@@ -62,6 +63,11 @@ def working_copy(model: nn.Module, *, train: bool = True, dtype: torch.dtype | N
             d = getattr(m, attr, None)
             if isinstance(d, dict):
                 d.clear()
+    # outputs as a classifier's logits: a dict's or ModelOutput's ``logits``, a tuple's first
+    # element (the rule of every nndiag analysis; the copy's own hook, not the user's model)
+    from nndiag.landscape._setup import logits_of
+
+    net.register_forward_hook(lambda _m, _i, out: logits_of(out))
     if dtype is not None:
         net = net.to(dtype)
     for p in net.parameters():

@@ -81,7 +81,7 @@ def compute_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         except NNDiagError as exc:
             out[name] = math.nan
             out["errors"][name] = str(exc)
-        except (RuntimeError, ValueError) as exc:  # numerical failures inside torch
+        except (RuntimeError, ValueError, TypeError) as exc:  # failures inside torch
             out[name] = math.nan
             out["errors"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         out[f"{name}_seconds"] = time.perf_counter() - t0
