@@ -217,3 +217,27 @@ def test_report_says_which_checkpoint_tensors_were_not_loaded(monkeypatch, tmp_p
     plain = tmp_path / "plain.pt"
     torch.save(sd, plain)
     assert "keys_left_out" not in nndiag.diagnose(str(plain), arch="digits-mlp").models[0].info
+
+
+def test_a_model_returning_a_dict_is_read_by_its_logits(digits_test):
+    from nndiag._utils.training import evaluate
+
+    class DictOut(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return {"logits": self.inner(x), "features": x}
+
+    plain = _mlp(3)
+    wrapped = DictOut(_mlp(3))
+    probes = ["evaluation", "slices"]
+    got = {r.probe: r for r in nndiag.diagnose(wrapped, data=digits_test, probes=probes).models[0].runs}
+    ref = {r.probe: r for r in nndiag.diagnose(plain, data=digits_test, probes=probes).models[0].runs}
+    for name in probes:
+        assert got[name].status == ref[name].status == "ok", (name, got[name].message)
+    a, b = got["evaluation"].result.summary, ref["evaluation"].result.summary
+    assert a["accuracy"] == b["accuracy"] and a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+    assert evaluate(wrapped, digits_test) == evaluate(plain, digits_test)
+    assert got["slices"].result.summary["mean_loss"] == pytest.approx(ref["slices"].result.summary["mean_loss"])

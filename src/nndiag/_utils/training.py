@@ -10,6 +10,7 @@ from torch import nn
 
 from nndiag._utils.progress import progress_bar
 from nndiag.io.data import DataBundle, model_inputs
+from nndiag.landscape._setup import logits_of
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def train_classifier(
                 idx = perm[i:i + batch_size]
                 xb, yb = x[idx], data.y[idx]
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(xb), yb)
+                loss = F.cross_entropy(logits_of(model(xb)), yb)
                 loss.backward()
                 opt.step()
                 running += loss.item() * len(idx)
@@ -110,7 +111,7 @@ def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 512) -> tuple
     x, total, correct = model_inputs(model, data.x, name=data.name), 0.0, 0
     for i in range(0, len(data), batch_size):
         xb, yb = x[i:i + batch_size], data.y[i:i + batch_size]
-        out = model(xb)
+        out = logits_of(model(xb))
         total += float(F.cross_entropy(out, yb, reduction="sum"))
         correct += int((out.argmax(1) == yb).sum())
     n = max(1, len(data))

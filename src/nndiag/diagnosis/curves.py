@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nndiag.errors import InputError
+from nndiag.landscape._setup import logits_of
 
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
@@ -142,7 +143,7 @@ def _evaluate_at(work: nn.Module, weights: dict[str, torch.Tensor], x: torch.Ten
     work.eval()
     total, wrong = 0.0, 0
     for xb, yb in _batches(x, y, bs):
-        out = work(xb)
+        out = logits_of(work(xb))
         total += float(F.cross_entropy(out, yb, reduction="sum"))
         wrong += int((out.argmax(1) != yb).sum())
     return 100.0 * wrong / len(x), total / len(x)
@@ -214,7 +215,7 @@ def connect(
                 idx = perm[i:i + batch_size]
                 t = float(torch.rand(1, generator=g))
                 w = {k: _bezier(pa[k], ctrl[k], pb[k], t) for k in pa}
-                loss = F.cross_entropy(functional_call(work, w, (x[idx],)), y[idx])
+                loss = F.cross_entropy(logits_of(functional_call(work, w, (x[idx],))), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -34,6 +34,7 @@ from torch import nn
 from nndiag._utils.model_state import preserved
 from nndiag._utils.precision import full_precision
 from nndiag.errors import AnalysisError, DataError, InputError
+from nndiag.landscape._setup import logits_of
 
 
 def linear_cka(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> float:
@@ -122,7 +123,7 @@ def train_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 
         model.eval()
         wrong, total = 0, 0.0
         for i in range(0, len(x), bs):
-            out = model(x[i:i + bs])
+            out = logits_of(model(x[i:i + bs]))
             if out.ndim != 2 or int(y[i:i + bs].max()) >= out.shape[1]:
                 raise DataError(f"the model's output shape {tuple(out.shape)} does not fit labels up to "
                                 f"{int(y.max())}")

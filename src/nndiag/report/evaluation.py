@@ -119,12 +119,14 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
     module = model.require_module("evaluation")
     if (data.meta or {}).get("tokens"):
         return _evaluate_tokens(module, data, seed=seed, batch_size=batch_size)
+    from nndiag.landscape._setup import logits_of
+
     t0 = time.perf_counter()
     preds, losses = [], []
     with _evaluating(module, data) as (x, dev):
         for i in range(0, len(data), batch_size):
             xb, yb = x[i:i + batch_size], data.y[i:i + batch_size]
-            out = module(xb.to(dev))
+            out = logits_of(module(xb.to(dev)))  # (a dict's or ModelOutput's logits)
             if out.ndim != 2:
                 raise DataError(f"{data.name}: the model's output has shape {tuple(out.shape)}; "
                                 "evaluation needs class logits (batch, classes)")

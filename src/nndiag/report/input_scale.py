@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nndiag.io.data import NORMALIZATIONS, normalize_inputs, reverse_channels
+from nndiag.landscape._setup import logits_of
 from nndiag.report.results import Finding
 
 #: Examples (the first ones, so that the check is deterministic) evaluated each way.
@@ -46,7 +47,7 @@ def _scores(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     loss, correct = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(y), batch_size):
-            out = module(x[i:i + batch_size].to(dev))
+            out = logits_of(module(x[i:i + batch_size].to(dev)))
             yb = y[i:i + batch_size].to(dev)
             loss += float(F.cross_entropy(out.float(), yb, reduction="sum"))
             correct += int((out.argmax(1) == yb).sum())

@@ -169,6 +169,7 @@ def extract_embeddings(
     from nndiag._utils.device import model_device, resolve_device
     from nndiag._utils.model_state import preserved
     from nndiag.io.data import as_data, model_inputs
+    from nndiag.landscape._setup import logits_of
 
     bundle = as_data(data)
     dev = model_device(model) if device is None else resolve_device(device)
@@ -206,7 +207,7 @@ def extract_embeddings(
                     xb, yb = x[i:i + batch_size], bundle.y[i:i + batch_size]
                     n_before = len(captured)
                     try:
-                        logits = model(xb.to(dev))
+                        logits = logits_of(model(xb.to(dev)))  # (a dict's or ModelOutput's logits)
                     except (RuntimeError, ValueError, IndexError) as exc:
                         raise misfit(model, xb, exc) from None
                     if len(captured) != n_before + 1:
