@@ -241,3 +241,16 @@ def test_a_model_returning_a_dict_is_read_by_its_logits(digits_test):
     assert a["accuracy"] == b["accuracy"] and a["loss"] == pytest.approx(b["loss"], rel=1e-12)
     assert evaluate(wrapped, digits_test) == evaluate(plain, digits_test)
     assert got["slices"].result.summary["mean_loss"] == pytest.approx(ref["slices"].result.summary["mean_loss"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_models_in_other_float_dtypes_get_inputs_of_their_dtype(digits_test, dtype):
+    model = _mlp(4).to(dtype)
+    rep = nndiag.diagnose(model, data=digits_test, probes=["evaluation", "slices"])
+    runs = {r.probe: r for r in rep.models[0].runs}
+    assert runs["evaluation"].status == runs["slices"].status == "ok", runs["evaluation"].message
+    with torch.no_grad():
+        pred = model.eval()(digits_test.x.to(dtype)).argmax(1)
+    accuracy = float((pred == digits_test.y).double().mean())
+    assert runs["evaluation"].result.summary["accuracy"] == pytest.approx(accuracy)
+    assert all(p.dtype == dtype for p in model.parameters())  # the model is left in its dtype

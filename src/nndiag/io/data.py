@@ -522,7 +522,7 @@ def model_inputs(
     x: torch.Tensor,
     *,
     device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     name: str = "data",
 ) -> torch.Tensor:
     """``x`` as ``model`` takes it: the one rule for input dtypes in nndiag.
@@ -542,8 +542,10 @@ def model_inputs(
         Inputs (e.g. ``DataBundle.x``), first axis = examples.
     device : torch.device or str, optional
         Move the result there (default: where ``x`` is).
-    dtype : torch.dtype
-        Floating dtype of numeric inputs (float32 by default).
+    dtype : torch.dtype, optional
+        Floating dtype of numeric inputs; by default the model's own (that of its first
+        floating parameter: a bfloat16 or float64 model gets inputs of its dtype), float32
+        for a model without floating parameters.
     name : str
         The data's name, for error messages.
 
@@ -566,7 +568,11 @@ def model_inputs(
     torch.int64
     >>> model_inputs(nn.Linear(3, 2), torch.tensor([[1, 2, 3]]), dtype=torch.float64).dtype
     torch.float64
+    >>> model_inputs(nn.Linear(3, 2).to(torch.bfloat16), torch.ones(1, 3)).dtype
+    torch.bfloat16
     """
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if not dtype.is_floating_point:
         raise InputError(f"the analysis dtype must be a floating dtype, got {dtype}")
     found = index_layer(model, x)
