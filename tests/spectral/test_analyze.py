@@ -264,6 +264,26 @@ def test_bad_inputs_give_statuses_and_findings_not_crashes():
     json.loads(res.to_json())
 
 
+def test_torch_quantised_modules_are_analysed_from_their_packed_weights():
+    # quantize_dynamic's Linear keeps its qint8 weight in packed params, not in the state dict:
+    # those layers used to vanish from the analysis (and the hook check crashed on them)
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Conv1d(4, 8, 3), nn.Linear(96, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao quantisation is deprecated in torch 2.13 but still exists
+        q = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    res = analyze(q, keep_evals=True, precision="float64")
+    layers = res.layers.set_index("name")
+    assert list(layers.index) == ["0", "2", "3"]  # in module order, the float conv between them
+    assert list(layers["dtype"]) == ["qint8", "float32", "qint8"]
+    for name in ("0", "3"):
+        w = q.get_submodule(name).weight().dequantize().double().numpy()
+        np.testing.assert_allclose(res.evals[name], np.sort(np.linalg.svd(w, compute_uv=False) ** 2), rtol=1e-8)
+    assert not any(n.endswith("_packed_params") for n in res.skipped["name"])
+
+
 def test_summary_excludes_failed_fits_and_json_shape():
     torch.manual_seed(1)
     res = analyze({"a.weight": torch.randn(80, 40), "b.weight": torch.outer(torch.randn(80), torch.randn(40)),

@@ -17,7 +17,7 @@ from torch import nn
 
 def _hook_dicts(module: nn.Module) -> dict[str, dict[Any, Any]]:
     """Copies of the module's non-empty hook dictionaries (``_forward_hooks`` etc.)."""
-    return {n: dict(v) for n, v in vars(module).items() if v and n.endswith("_hooks") and isinstance(v, dict)}
+    return {n: dict(v) for n, v in vars(module).items() if n.endswith("_hooks") and isinstance(v, dict) and v}
 
 
 @contextlib.contextmanager

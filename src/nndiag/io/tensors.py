@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,7 +90,20 @@ class ModuleSource(TensorSource):
                     if t is not None:
                         owner[f"{mname}.{pname}" if mname else pname] = kind
         self._owner = owner
-        self._tensors = dict(module.state_dict(keep_vars=True))
+        state = module.state_dict(keep_vars=True)
+        # torch.ao quantised Linear/Conv keep their weight packed (not a tensor in the state
+        # dict): the quantised weight itself, placed where the module's entries start
+        packed = _packed_weights(module)
+        self._tensors: dict[str, Any] = {}
+        for key, value in state.items():
+            owner_name = key.rpartition(".")[0]
+            for mname in [m for m in packed if m == owner_name or owner_name.startswith(f"{m}.")]:
+                wkey = f"{mname}.weight" if mname else "weight"
+                self._tensors[wkey], owner[wkey] = packed.pop(mname)
+            self._tensors[key] = value
+        for mname, (w, kind) in packed.items():  # (a packed module without state entries)
+            wkey = f"{mname}.weight" if mname else "weight"
+            self._tensors[wkey], owner[wkey] = w, kind
 
     def infos(self) -> list[TensorInfo]:
         return [
@@ -100,6 +114,22 @@ class ModuleSource(TensorSource):
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name].detach()
+
+
+def _packed_weights(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
+    """``{module name: (quantised weight, class name)}`` of the torch.ao quantised modules
+    (dynamic or static Linear, Conv) under ``module``, whose weights live in packed params."""
+    out = {}
+    for mname, mod in module.named_modules():
+        w = getattr(mod, "weight", None)
+        if hasattr(mod, "_packed_params") and callable(w) and not isinstance(w, torch.Tensor):
+            try:
+                t = w()
+            except Exception:  # noqa: BLE001 - an unusual packed module: left to the state dict
+                continue
+            if isinstance(t, torch.Tensor):
+                out[mname] = (t.detach(), type(mod).__name__)
+    return out
 
 
 class DictSource(TensorSource):
