@@ -284,6 +284,36 @@ def test_torch_quantised_modules_are_analysed_from_their_packed_weights():
     assert not any(n.endswith("_packed_params") for n in res.skipped["name"])
 
 
+def test_parametrised_weights_are_analysed_as_the_model_uses_them():
+    # weight_norm stores g and v, spectral_norm the unnormalised weight: the layer is the
+    # effective weight, computed without the training-mode power-iteration step
+    from torch.nn.utils import parametrizations as P
+
+    torch.manual_seed(0)
+    model = nn.Sequential(P.weight_norm(nn.Linear(48, 64)), nn.ReLU(), P.spectral_norm(nn.Linear(64, 32)))
+    with torch.no_grad():
+        model[0].parametrizations.weight.original0.mul_(torch.rand(64, 1) + 0.5)  # g ≠ ‖v‖
+    sn = model[2].parametrizations.weight[0]
+    u0 = sn._u.clone()
+    res = analyze(model, keep_evals=True, precision="float64")
+    assert list(res.layers["name"]) == ["0", "2"] and sn.training and torch.equal(sn._u, u0)
+    g, v = (t.detach().double() for t in (model[0].parametrizations.weight.original0,
+                                          model[0].parametrizations.weight.original1))
+    w0 = (g * v / v.norm(dim=1, keepdim=True)).numpy()  # weight_norm's definition, by hand
+    np.testing.assert_allclose(res.evals["0"], np.sort(np.linalg.svd(w0, compute_uv=False) ** 2), rtol=1e-6)
+    orig = model[2].parametrizations.weight.original.detach().double()
+    sigma = float(sn._u.double() @ orig @ sn._v.double())  # spectral_norm's estimate in eval mode
+    w2 = (orig / sigma).numpy()
+    np.testing.assert_allclose(res.evals["2"], np.sort(np.linalg.svd(w2, compute_uv=False) ** 2), rtol=1e-6)
+    reasons = dict(zip(res.skipped["name"], res.skipped["reason"], strict=True))
+    assert reasons["0.parametrizations.weight.original1"].startswith("parametrisation piece (the effective")
+    # a checkpoint of such a model: the pieces are named, not analysed as if they were weights
+    ck = analyze(dict(model.state_dict()))
+    assert ck.layers.empty
+    assert "load the model" in dict(zip(ck.skipped["name"], ck.skipped["reason"], strict=True))[
+        "2.parametrizations.weight.original"]
+
+
 def test_summary_excludes_failed_fits_and_json_shape():
     torch.manual_seed(1)
     res = analyze({"a.weight": torch.randn(80, 40), "b.weight": torch.outer(torch.randn(80), torch.randn(40)),

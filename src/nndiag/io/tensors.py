@@ -91,19 +91,19 @@ class ModuleSource(TensorSource):
                         owner[f"{mname}.{pname}" if mname else pname] = kind
         self._owner = owner
         state = module.state_dict(keep_vars=True)
-        # torch.ao quantised Linear/Conv keep their weight packed (not a tensor in the state
-        # dict): the quantised weight itself, placed where the module's entries start
-        packed = _packed_weights(module)
+        # weights the state dict does not hold as such (:func:`_derived_tensors`), placed where
+        # their module's entries start
+        derived = _derived_tensors(module)
         self._tensors: dict[str, Any] = {}
         for key, value in state.items():
             owner_name = key.rpartition(".")[0]
-            for mname in [m for m in packed if m == owner_name or owner_name.startswith(f"{m}.")]:
-                wkey = f"{mname}.weight" if mname else "weight"
-                self._tensors[wkey], owner[wkey] = packed.pop(mname)
+            for mname in [m for m in derived if m == owner_name or owner_name.startswith(f"{m}.")]:
+                for dkey, t, kind in derived.pop(mname):
+                    self._tensors[dkey], owner[dkey] = t, kind
             self._tensors[key] = value
-        for mname, (w, kind) in packed.items():  # (a packed module without state entries)
-            wkey = f"{mname}.weight" if mname else "weight"
-            self._tensors[wkey], owner[wkey] = w, kind
+        for items in derived.values():  # (a module without state entries)
+            for dkey, t, kind in items:
+                self._tensors[dkey], owner[dkey] = t, kind
 
     def infos(self) -> list[TensorInfo]:
         return [
@@ -116,19 +116,46 @@ class ModuleSource(TensorSource):
         return self._tensors[name].detach()
 
 
-def _packed_weights(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
-    """``{module name: (quantised weight, class name)}`` of the torch.ao quantised modules
-    (dynamic or static Linear, Conv) under ``module``, whose weights live in packed params."""
-    out = {}
+def _derived_tensors(module: torch.nn.Module) -> dict[str, list[tuple[str, torch.Tensor, str]]]:
+    """``{module name: [(tensor name, tensor, module class)]}`` for the weights a module
+    computes rather than holds in its state dict:
+
+    - parametrised tensors (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``,
+      orthogonal...): their effective value, computed with the parametrisations in eval mode
+      (a training ``spectral_norm`` would run a power-iteration step and change the model);
+      the ``parametrizations.*.original*`` entries stay, as the pieces they are;
+    - torch.ao quantised Linear/Conv (dynamic or static): the quantised weight in their packed
+      params.
+    """
+    from torch.nn.utils import parametrize
+
+    out: dict[str, list[tuple[str, torch.Tensor, str]]] = {}
     for mname, mod in module.named_modules():
-        w = getattr(mod, "weight", None)
-        if hasattr(mod, "_packed_params") and callable(w) and not isinstance(w, torch.Tensor):
+        items = []
+        prefix = f"{mname}." if mname else ""
+        if parametrize.is_parametrized(mod):
+            for pname, plist in mod.parametrizations.items():
+                modes = [(m, m.training) for m in plist.modules()]
+                try:
+                    plist.eval()
+                    with torch.no_grad():
+                        t = getattr(mod, pname)
+                except Exception:  # noqa: BLE001 - a parametrisation that cannot run: pieces only
+                    continue
+                finally:
+                    for m, was in modes:
+                        m.training = was
+                items.append((f"{prefix}{pname}", t.detach(), type(mod).__name__))
+        elif hasattr(mod, "_packed_params") and callable(w := getattr(mod, "weight", None)) \
+                and not isinstance(w, torch.Tensor):
             try:
                 t = w()
             except Exception:  # noqa: BLE001 - an unusual packed module: left to the state dict
-                continue
+                t = None
             if isinstance(t, torch.Tensor):
-                out[mname] = (t.detach(), type(mod).__name__)
+                items.append((f"{prefix}weight", t.detach(), type(mod).__name__))
+        if items:
+            out[mname] = items
     return out
 
 

@@ -69,18 +69,24 @@ _FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 _QUANT_DTYPES = ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")
 
 
+#: ``original``, ``original0``... : the stored pieces of a ``torch.nn.utils.parametrize`` tensor.
+_ORIGINAL = re.compile(r"^original\d*$")
+
+
 def tensor_kind(info: TensorInfo) -> str:
     """A short kind for a tensor.
 
     One of ``linear``, ``conv1d``/``conv2d``/``conv3d``, ``embedding``,
     ``attention-qkv``, ``experts``, ``recurrent``, ``lora-a``, ``lora-b``, ``norm``, ``bias``, ``vector``,
-    ``buffer`` or ``tensorKd``.
+    ``buffer``, ``parametrization`` (the stored pieces of a parametrised tensor) or ``tensorKd``.
     """
     leaf = info.name.rsplit(".", 1)[-1]
     mt = info.module_type or ""
     lname = info.name.lower()
     if leaf in _BUFFER_SUFFIXES:
         return "buffer"
+    if mt == "ParametrizationList" or (".parametrizations." in lname and _ORIGINAL.search(leaf)):
+        return "parametrization"
     if any(mt.startswith(t) for t in _NORM_TYPES):
         return "norm"
     if len(info.shape) <= 1:
@@ -365,6 +371,10 @@ def plan_layers(
 def _basic_reason(info: TensorInfo, kind: str) -> str:
     if kind == "buffer":
         return "buffer (not a weight)"
+    if kind == "parametrization":
+        if info.module_type:
+            return "parametrisation piece (the effective tensor is analysed under the module's own name)"
+        return "parametrisation piece (weight_norm/spectral_norm in a checkpoint: load the model to analyse the weight)"
     if kind == "norm":
         return "normalisation layer parameter"
     if kind in ("bias", "vector"):
