@@ -190,6 +190,11 @@ class Stacked:
             elif node.op == "call_method":
                 if node.target not in _ELEMENTWISE_METHODS | _RESHAPE_METHODS | _AXIS_METHODS | {"size", "dim"}:
                     raise Unsupported(f"method {node.target}")
+        # every moving parameter must be one a linear or normalisation layer reads: one behind
+        # a parametrisation (weight_norm's g and v, say) would otherwise be held at the origin
+        unread = [k for k in self.bound.base_views if k not in self.moving]
+        if unread:
+            raise Unsupported(f"moving parameters the stacked pass does not read: {', '.join(unread[:3])}")
         if size > MAX_BYTES:
             raise Unsupported("the moving linear parameters are too large to stack")
         # a pass holds every moving parameter at its k points too
