@@ -47,6 +47,19 @@ def test_layers_json_lists_every_tensor_with_reasons(tmp_path):
     assert doc["summary"]["parameters"] == sum(p.numel() for p in m.parameters())
 
 
+def test_layers_of_a_parametrised_model_count_its_pieces_once(tmp_path, monkeypatch):
+    (tmp_path / "wn_factory.py").write_text(
+        "import torch.nn as nn\nfrom torch.nn.utils import parametrizations as P\n\n\n"
+        "def make():\n    return nn.Sequential(P.weight_norm(nn.Linear(64, 32)), nn.ReLU(), nn.Linear(32, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = _run("layers", "wn_factory:make", "--format", "json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    rows = {row["name"]: row for row in doc["tables"]["layers"]}
+    assert rows["0.weight"]["used"] and rows["0.parametrizations.weight.original1"]["kind"] == "parametrization"
+    assert doc["summary"]["parameters"] == 64 * 32 + 32 + 32 + 32 * 10 + 10  # g, v, biases: not 0.weight
+
+
 def test_layers_human_output():
     r = _run("layers", "resnet20")
     assert r.exit_code == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import typer
 
 from nndiag.cli.common import (
@@ -38,11 +40,16 @@ def register(app: typer.Typer) -> None:
         dev = resolve_device(device.value)
         lm = load_model(model, weights=weights, arch=arch)
         df = describe_layers(lm)
+        # a parametrised tensor is listed as analysed, but its parameters are its pieces
+        # (``A.parametrizations.weight.original0/1`` hold what ``A.weight`` is computed from)
+        pieces = df.loc[df["kind"] == "parametrization", "name"] if len(df) else []
+        computed = {re.sub(r"\.parametrizations\.([^.]+)\.original\d*$", r".\1", n) for n in pieces}
+        stored = ~df["name"].isin(computed) & (df["kind"] != "buffer") if len(df) else None
         summary = {
             "model": lm.name,
             "origin": lm.origin,
             "tensors": len(df),
-            "parameters": int(df.loc[df["kind"] != "buffer", "params"].sum()) if len(df) else 0,
+            "parameters": int(df.loc[stored, "params"].sum()) if len(df) else 0,
             "used": int(df["used"].sum()) if len(df) else 0,
             "runnable": lm.module is not None,
         }
