@@ -58,6 +58,11 @@ def test_layers_of_a_parametrised_model_count_its_pieces_once(tmp_path, monkeypa
     rows = {row["name"]: row for row in doc["tables"]["layers"]}
     assert rows["0.weight"]["used"] and rows["0.parametrizations.weight.original1"]["kind"] == "parametrization"
     assert doc["summary"]["parameters"] == 64 * 32 + 32 + 32 + 32 * 10 + 10  # g, v, biases: not 0.weight
+    (tmp_path / "old_wn.py").write_text(
+        "import torch.nn as nn\nfrom torch.nn.utils import weight_norm\n\n\n"
+        "def make():\n    return nn.Sequential(weight_norm(nn.Linear(64, 32)), nn.ReLU(), nn.Linear(32, 10))\n")
+    doc = json.loads(_run("layers", "old_wn:make", "--format", "json").stdout)
+    assert doc["summary"]["parameters"] == 64 * 32 + 32 + 32 + 32 * 10 + 10 and doc["summary"]["used"] == 2
 
 
 def test_layers_human_output():

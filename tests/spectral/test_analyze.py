@@ -314,6 +314,24 @@ def test_parametrised_weights_are_analysed_as_the_model_uses_them():
         "2.parametrizations.weight.original"]
 
 
+def test_the_deprecated_weight_norm_is_analysed_as_its_weight():
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated, still in use
+        model = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(48, 64)), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[0].weight_g.mul_(torch.rand(64, 1) + 0.5)
+    res = analyze(model, keep_evals=True, precision="float64")
+    assert list(res.layers["name"]) == ["0", "2"]
+    g, v = model[0].weight_g.detach().double(), model[0].weight_v.detach().double()
+    w0 = (g * v / v.norm(dim=1, keepdim=True)).numpy()
+    np.testing.assert_allclose(res.evals["0"], np.sort(np.linalg.svd(w0, compute_uv=False) ** 2), rtol=1e-6)
+    reasons = dict(zip(res.skipped["name"], res.skipped["reason"], strict=True))
+    assert reasons["0.weight_v"].startswith("parametrisation piece") and "0.weight_g" in reasons
+
+
 def test_summary_excludes_failed_fits_and_json_shape():
     torch.manual_seed(1)
     res = analyze({"a.weight": torch.randn(80, 40), "b.weight": torch.outer(torch.randn(80), torch.randn(40)),

@@ -20,6 +20,13 @@ from nndiag.cli.common import (
 )
 
 
+def _computed_from(piece: str) -> str:
+    """The tensor a parametrisation piece computes: ``A.parametrizations.weight.original0`` and
+    (the deprecated ``weight_norm``) ``A.weight_g`` → ``A.weight``."""
+    m = re.match(r"(.*)\.parametrizations\.([^.]+)\.original\d*$", piece)
+    return f"{m[1]}.{m[2]}" if m else re.sub(r"_[gv]$", "", piece)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("layers")
     @handle_errors
@@ -41,9 +48,10 @@ def register(app: typer.Typer) -> None:
         lm = load_model(model, weights=weights, arch=arch)
         df = describe_layers(lm)
         # a parametrised tensor is listed as analysed, but its parameters are its pieces
-        # (``A.parametrizations.weight.original0/1`` hold what ``A.weight`` is computed from)
+        # (``A.parametrizations.weight.original0/1`` or ``A.weight_g/_v`` hold what ``A.weight``
+        # is computed from)
         pieces = df.loc[df["kind"] == "parametrization", "name"] if len(df) else []
-        computed = {re.sub(r"\.parametrizations\.([^.]+)\.original\d*$", r".\1", n) for n in pieces}
+        computed = {_computed_from(n) for n in pieces}
         stored = ~df["name"].isin(computed) & (df["kind"] != "buffer") if len(df) else None
         summary = {
             "model": lm.name,

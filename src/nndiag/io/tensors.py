@@ -123,7 +123,8 @@ def _derived_tensors(module: torch.nn.Module) -> dict[str, list[tuple[str, torch
     - parametrised tensors (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``,
       orthogonal...): their effective value, computed with the parametrisations in eval mode
       (a training ``spectral_norm`` would run a power-iteration step and change the model);
-      the ``parametrizations.*.original*`` entries stay, as the pieces they are;
+      the ``parametrizations.*.original*`` entries stay, as the pieces they are; likewise the
+      deprecated ``torch.nn.utils.weight_norm``'s ``weight`` from ``weight_g`` and ``weight_v``;
     - torch.ao quantised Linear/Conv (dynamic or static): the quantised weight in their packed
       params.
     """
@@ -146,6 +147,12 @@ def _derived_tensors(module: torch.nn.Module) -> dict[str, list[tuple[str, torch
                     for m, was in modes:
                         m.training = was
                 items.append((f"{prefix}{pname}", t.detach(), type(mod).__name__))
+        elif old := [h for h in mod._forward_pre_hooks.values() if type(h).__name__ == "WeightNorm"]:
+            # the deprecated torch.nn.utils.weight_norm: ``weight_g``/``weight_v`` parameters and a
+            # pre-hook that computes ``weight`` from them
+            with torch.no_grad():
+                for h in old:
+                    items.append((f"{prefix}{h.name}", h.compute_weight(mod).detach(), type(mod).__name__))
         elif hasattr(mod, "_packed_params") and callable(w := getattr(mod, "weight", None)) \
                 and not isinstance(w, torch.Tensor):
             try:

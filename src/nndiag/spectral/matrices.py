@@ -71,6 +71,8 @@ _QUANT_DTYPES = ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")
 
 #: ``original``, ``original0``... : the stored pieces of a ``torch.nn.utils.parametrize`` tensor.
 _ORIGINAL = re.compile(r"^original\d*$")
+#: The pieces of the deprecated ``torch.nn.utils.weight_norm`` (``weight = g · v / ‖v‖``).
+_WEIGHT_NORM_PIECES = ("weight_g", "weight_v")
 
 
 def tensor_kind(info: TensorInfo) -> str:
@@ -85,7 +87,8 @@ def tensor_kind(info: TensorInfo) -> str:
     lname = info.name.lower()
     if leaf in _BUFFER_SUFFIXES:
         return "buffer"
-    if mt == "ParametrizationList" or (".parametrizations." in lname and _ORIGINAL.search(leaf)):
+    if (mt == "ParametrizationList" or (".parametrizations." in lname and _ORIGINAL.search(leaf))
+            or leaf in _WEIGHT_NORM_PIECES):
         return "parametrization"
     if any(mt.startswith(t) for t in _NORM_TYPES):
         return "norm"
