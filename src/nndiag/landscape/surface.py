@@ -325,9 +325,14 @@ class _Grid:
         return total
 
     def vmap(self, c: torch.Tensor) -> torch.Tensor:
+        import warnings
+
         from torch.func import vmap
 
-        with torch.inference_mode():  # (memory formats cannot be asked for inside vmap)
+        # an operation without a batching rule runs point by point; ``auto`` times vmap against the
+        # loop and keeps the faster, so PyTorch's "performance drop" warning says nothing to the user
+        with torch.inference_mode(), warnings.catch_warnings():  # (memory formats: not inside vmap)
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
             return vmap(lambda p: self._loss(p, channels_last=False), randomness="same")(self._params(c)).reshape(-1)
 
     def _bound_loss(self, c: torch.Tensor, bound: BoundCopy | None = None) -> torch.Tensor:
