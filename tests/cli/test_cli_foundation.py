@@ -47,6 +47,7 @@ def test_layers_json_lists_every_tensor_with_reasons(tmp_path):
     assert doc["summary"]["parameters"] == sum(p.numel() for p in m.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 def test_layers_of_a_parametrised_model_count_its_pieces_once(tmp_path, monkeypatch):
     (tmp_path / "wn_factory.py").write_text(
         "import torch.nn as nn\nfrom torch.nn.utils import parametrizations as P\n\n\n"
