@@ -63,13 +63,7 @@ def check_writable(path: str | Path, suffixes: Iterable[str] | None = None, what
             raise InputError(f"{p}: the {what} must end in {', '.join(allowed)}")
     if p.is_dir():
         raise InputError(f"{p}: is a folder; give a file name for the {what}")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".check", dir=p.parent)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        raise InputError(f"{p}: cannot write the {what} there ({exc.strerror or exc})") from None
+    _writes_in(p.parent, p, what)
     return p
 
 
@@ -78,14 +72,19 @@ def check_folder(path: str | Path, what: str = "output folder") -> Path:
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise InputError(f"{p}: is a file; the {what} must be a folder")
+    _writes_in(p, p, what)
+    return p
+
+
+def _writes_in(folder: Path, shown: Path, what: str) -> None:
+    """Create ``folder`` and a file in it (removed at once), or raise a one-line :class:`InputError`."""
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".nndiag.", suffix=".check", dir=p)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".nndiag.", suffix=".check", dir=folder)
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:
-        raise InputError(f"{p}: cannot write the {what} there ({exc.strerror or exc})") from None
-    return p
+        raise InputError(f"{shown}: cannot write the {what} there ({exc.strerror or exc})") from None
 
 
 @functools.cache

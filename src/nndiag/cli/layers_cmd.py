@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import typer
 
 from nndiag.cli.common import (
@@ -18,13 +16,6 @@ from nndiag.cli.common import (
     handle_errors,
     human_table,
 )
-
-
-def _computed_from(piece: str) -> str:
-    """The tensor a parametrisation piece computes: ``A.parametrizations.weight.original0`` and
-    (the deprecated ``weight_norm``) ``A.weight_g`` → ``A.weight``."""
-    m = re.match(r"(.*)\.parametrizations\.([^.]+)\.original\d*$", piece)
-    return f"{m[1]}.{m[2]}" if m else re.sub(r"_[gv]$", "", piece)
 
 
 def register(app: typer.Typer) -> None:
@@ -47,17 +38,11 @@ def register(app: typer.Typer) -> None:
         dev = resolve_device(device.value)
         lm = load_model(model, weights=weights, arch=arch)
         df = describe_layers(lm)
-        # a parametrised tensor is listed as analysed, but its parameters are its pieces
-        # (``A.parametrizations.weight.original0/1`` or ``A.weight_g/_v`` hold what ``A.weight``
-        # is computed from)
-        pieces = df.loc[df["kind"] == "parametrization", "name"] if len(df) else []
-        computed = {_computed_from(n) for n in pieces}
-        stored = ~df["name"].isin(computed) & (df["kind"] != "buffer") if len(df) else None
         summary = {
             "model": lm.name,
             "origin": lm.origin,
             "tensors": len(df),
-            "parameters": int(df.loc[stored, "params"].sum()) if len(df) else 0,
+            "parameters": int(df.loc[df["kind"] != "buffer", "params"].sum()) if len(df) else 0,
             "used": int(df["used"].sum()) if len(df) else 0,
             "runnable": lm.module is not None,
         }

@@ -58,7 +58,7 @@ def describe_layers(model: LoadedModel, conv_mode: str = "ww") -> pd.DataFrame:
                 "kind": tensor_kind(info),
                 "shape": "×".join(str(s) for s in info.shape) or "scalar",
                 "dtype": info.dtype,
-                "params": info.numel,
+                "params": 0 if info.computed else info.numel,  # (a parametrised weight: its pieces hold them)
                 "used": info.name in used_tensors,
                 "reason": reasons.get(info.name, ""),
             }

@@ -32,12 +32,16 @@ class TensorInfo:
         dtype name without the ``torch.`` prefix, e.g. ``"float32"``.
     module_type : str or None
         Class name of the owning module when known (``"Conv2d"``, ``"Linear"``...).
+    computed : bool
+        A value the module computes from other tensors (a parametrised weight), not one it
+        stores: it holds no parameters of its own.
     """
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     module_type: str | None = None
+    computed: bool = False
 
     @property
     def numel(self) -> int:
@@ -95,19 +99,25 @@ class ModuleSource(TensorSource):
         # their module's entries start
         derived = _derived_tensors(module)
         self._tensors: dict[str, Any] = {}
+        self._computed: set[str] = set()
+
+        def add(items: list[tuple[str, torch.Tensor, str, bool]]) -> None:
+            for dkey, t, kind, computed in items:
+                self._tensors[dkey], owner[dkey] = t, kind
+                if computed:
+                    self._computed.add(dkey)
+
         for key, value in state.items():
             owner_name = key.rpartition(".")[0]
             for mname in [m for m in derived if m == owner_name or owner_name.startswith(f"{m}.")]:
-                for dkey, t, kind in derived.pop(mname):
-                    self._tensors[dkey], owner[dkey] = t, kind
+                add(derived.pop(mname))
             self._tensors[key] = value
         for items in derived.values():  # (a module without state entries)
-            for dkey, t, kind in items:
-                self._tensors[dkey], owner[dkey] = t, kind
+            add(items)
 
     def infos(self) -> list[TensorInfo]:
         return [
-            TensorInfo(k, tuple(v.shape), _dtype_name(v.dtype), self._owner.get(k))
+            TensorInfo(k, tuple(v.shape), _dtype_name(v.dtype), self._owner.get(k), k in self._computed)
             for k, v in self._tensors.items()
             if isinstance(v, torch.Tensor)
         ]
@@ -116,9 +126,9 @@ class ModuleSource(TensorSource):
         return self._tensors[name].detach()
 
 
-def _derived_tensors(module: torch.nn.Module) -> dict[str, list[tuple[str, torch.Tensor, str]]]:
-    """``{module name: [(tensor name, tensor, module class)]}`` for the weights a module
-    computes rather than holds in its state dict:
+def _derived_tensors(module: torch.nn.Module) -> dict[str, list[tuple[str, torch.Tensor, str, bool]]]:
+    """``{module name: [(tensor name, tensor, module class, computed)]}`` for the weights the
+    state dict does not hold as such:
 
     - parametrised tensors (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``,
       orthogonal...): their effective value, computed with the parametrisations in eval mode
@@ -130,7 +140,7 @@ def _derived_tensors(module: torch.nn.Module) -> dict[str, list[tuple[str, torch
     """
     from torch.nn.utils import parametrize
 
-    out: dict[str, list[tuple[str, torch.Tensor, str]]] = {}
+    out: dict[str, list[tuple[str, torch.Tensor, str, bool]]] = {}
     for mname, mod in module.named_modules():
         items = []
         prefix = f"{mname}." if mname else ""
@@ -146,13 +156,13 @@ def _derived_tensors(module: torch.nn.Module) -> dict[str, list[tuple[str, torch
                 finally:
                     for m, was in modes:
                         m.training = was
-                items.append((f"{prefix}{pname}", t.detach(), type(mod).__name__))
+                items.append((f"{prefix}{pname}", t.detach(), type(mod).__name__, True))
         elif old := [h for h in mod._forward_pre_hooks.values() if type(h).__name__ == "WeightNorm"]:
             # the deprecated torch.nn.utils.weight_norm: ``weight_g``/``weight_v`` parameters and a
             # pre-hook that computes ``weight`` from them
             with torch.no_grad():
                 for h in old:
-                    items.append((f"{prefix}{h.name}", h.compute_weight(mod).detach(), type(mod).__name__))
+                    items.append((f"{prefix}{h.name}", h.compute_weight(mod).detach(), type(mod).__name__, True))
         elif hasattr(mod, "_packed_params") and callable(w := getattr(mod, "weight", None)) \
                 and not isinstance(w, torch.Tensor):
             try:
@@ -160,7 +170,7 @@ def _derived_tensors(module: torch.nn.Module) -> dict[str, list[tuple[str, torch
             except Exception:  # noqa: BLE001 - an unusual packed module: left to the state dict
                 t = None
             if isinstance(t, torch.Tensor):
-                items.append((f"{prefix}weight", t.detach(), type(mod).__name__))
+                items.append((f"{prefix}weight", t.detach(), type(mod).__name__, False))  # stored, packed
         if items:
             out[mname] = items
     return out
