@@ -19,7 +19,7 @@ from torch import nn
 
 from nndiag._utils.precision import full_precision
 from nndiag.errors import DataError, InputError
-from nndiag.io.data import misfit
+from nndiag.io.data import as_data, misfit, model_inputs
 
 #: Keys accepted in a user ``.npz`` (first match wins).
 EMBEDDING_KEYS = ("embeddings", "z", "x", "features")
@@ -168,7 +168,6 @@ def extract_embeddings(
     """
     from nndiag._utils.device import model_device, resolve_device
     from nndiag._utils.model_state import preserved
-    from nndiag.io.data import as_data, model_inputs
     from nndiag.landscape._setup import logits_of
 
     bundle = as_data(data)

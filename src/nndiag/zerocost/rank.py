@@ -114,6 +114,7 @@ def rank_models(
         raise InputError("no models to rank")
     rows = []
     errors: list[dict[str, str]] = []
+    ran: list[bool] = []  # scored at all: no model-level error and some proxy worked
     for name, module in models:
         row: dict[str, Any] = {"name": name}
         try:
@@ -125,9 +126,11 @@ def rank_models(
             res["errors"] = {"model": str(exc)}
         for p in proxies:
             row[p] = res[p]
-        errors.append(res["errors"])
         errs = res["errors"]
-        if len(proxies) > 1 and all(p in errs for p in proxies):  # one cause, not one line per proxy
+        every = all(p in errs for p in proxies)
+        errors.append(errs)
+        ran.append("model" not in errs and not every)
+        if len(proxies) > 1 and every:  # one cause, not one line per proxy
             first = next(iter(errs))
             row["error"] = f"every proxy failed, e.g. {first}: {errs[first]}"
         else:
@@ -135,13 +138,12 @@ def rank_models(
         rows.append(row)
     # a proxy that failed on every candidate that runs at all says nothing about any of them:
     # it is left out of the vote (a candidate on which every proxy fails is simply failed)
-    runs = [e for e in errors if "model" not in e and not all(p in e for p in proxies)]
+    runs = [e for e, r in zip(errors, ran, strict=True) if r]
     left_out = {p: next(e[p] for e in runs) for p in proxies
                 if len(proxies) > 1 and runs and all(p in e for e in runs)}
     voting = [p for p in proxies if p not in left_out]
-    for row, errs in zip(rows, errors, strict=True):
-        ran = "model" not in errs and not all(p in errs for p in proxies)
-        row["status"] = "ok" if ran and not any(p in errs for p in voting) else "failed"
+    for row, errs, r in zip(rows, errors, ran, strict=True):
+        row["status"] = "ok" if r and not any(p in errs for p in voting) else "failed"
     df = pd.DataFrame(rows)
     ok = df["status"] == "ok"  # a model with a failed proxy is listed, unranked
     df["vote"] = math.nan
