@@ -138,3 +138,35 @@ def test_options_and_train_data_reach_the_right_probes(monkeypatch, tmp_path):
     assert r.exit_code == 2 and "PROBE.KEY=VALUE" in r.output
     r = _run("diagnose", "digits-mlp", "-o", "nope.limit=3")
     assert r.exit_code == 2 and "unknown probe" in r.output
+
+
+def test_inputs_option_rescales_or_keeps_the_data(tmp_path):
+    from nndiag._utils.seeding import fork_rng
+    from nndiag._utils.threads import limit_threads
+    from nndiag._utils.training import train_classifier
+    from nndiag.io.data import load_data
+
+    with limit_threads(1), fork_rng(0):
+        model = build_model("digits-mlp")
+        train_classifier(model, load_data("digits?split=train&normalize=standard"), epochs=30, max_steps=400,
+                         lr=0.05, seed=0, progress=False)
+    ck = tmp_path / "std.pt"
+    torch.save(model.state_dict(), ck)
+    base = ["diagnose", ck, "--arch", "digits-mlp", "--data", "digits?split=test", "--probes", "evaluation",
+            "--format", "json"]
+    docs = {}
+    for how in ("auto", "as-given"):
+        r = _run(*base, "--inputs", how)
+        assert r.exit_code == 0, r.output
+        docs[how] = json.loads(r.stdout)
+        assert schema_errors(docs[how]) == []
+    auto, given = (docs[h]["models"][0] for h in ("auto", "as-given"))
+    assert auto["info"]["inputs"] == "normalised as 'standard'" and "inputs" not in given["info"]
+    f_auto, f_given = (m["probes"][0]["result"]["findings"][0] for m in (auto, given))
+    assert f_auto["code"] == f_given["code"] == "EVAL-INPUT-SCALE"
+    assert f_auto["evidence"]["applied"] is True and "applied" not in f_given["evidence"]
+    acc = {h: docs[h]["models"][0]["probes"][0]["result"]["summary"]["accuracy"] for h in docs}
+    assert acc["auto"] == f_auto["evidence"]["scores"]["standard"]["accuracy"]  # all 449 examples checked
+    assert acc["as-given"] == f_given["evidence"]["scores"]["as given"]["accuracy"]
+    bad = _run(*base, "--inputs", "scaled")
+    assert bad.exit_code == 2 and "--inputs scaled: choose one of auto, as-given" in bad.output

@@ -200,3 +200,66 @@ def test_images_in_the_other_channel_order_are_flagged_and_the_bgr_option_fixes_
         assert float((model(fixed.x).argmax(1) == yt).float().mean()) == pytest.approx(acc_rgb, abs=0.02)
     with pytest.raises(Exception, match="3-channel"):
         load_data("digits?bgr=1")
+
+
+def test_diagnose_runs_every_analysis_on_the_rescaled_inputs_and_says_so():
+    import nndiag
+    from nndiag.errors import InputError
+
+    with limit_threads(1):
+        model = _trained_on("digits?split=train&normalize=standard")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        opts = {"hessian": {"n_samples": 64, "top_k": 2}}
+        auto = nndiag.diagnose(model, data="digits?split=test", probes="evaluation,hessian", options=opts)
+        # the reference: the data given as the finding recommends, analysed as given
+        fixed = nndiag.diagnose(model, data="digits?split=test&normalize=standard", probes="evaluation,hessian",
+                                options=opts)
+        raw = nndiag.diagnose(model, data="digits?split=test", probes="evaluation,hessian", options=opts,
+                              inputs="as-given")
+        # without the evaluation the finding goes with the first analysis that read the data
+        alone = nndiag.diagnose(model, data="digits?split=test", probes="hessian", options=opts)
+        with pytest.raises(InputError, match="unknown inputs"):
+            nndiag.diagnose(model, data="digits?split=test", probes="evaluation", inputs="normalised")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    m = auto.models[0]
+    assert m.info["inputs"] == "normalised as 'standard'" and "inputs" not in raw.models[0].info
+    ev = m.result("evaluation")
+    assert [f.code for f in ev.findings] == ["EVAL-INPUT-SCALE"]
+    f = ev.findings[0]
+    assert f.evidence["applied"] is True and "every analysis of this report ran on the inputs" in f.message
+    # evaluation and Hessian equal the runs on the data normalised by the DATA option
+    for key in ("accuracy", "loss"):
+        assert ev.summary[key] == pytest.approx(fixed.models[0].result("evaluation").summary[key], rel=1e-6)
+    top = m.result("hessian").summary["eigenvalues"][0]
+    assert top == pytest.approx(fixed.models[0].result("hessian").summary["eigenvalues"][0], rel=1e-4)
+    assert fixed.models[0].result("evaluation").findings == []
+    # as given: the same finding, not applied, and the analyses on the raw inputs
+    r = raw.models[0]
+    got = [(g.code, g.evidence.get("applied")) for g in r.result("evaluation").findings]
+    assert got == [("EVAL-INPUT-SCALE", None)]
+    assert r.result("evaluation").summary["accuracy"] == pytest.approx(f.evidence["scores"]["as given"]["accuracy"])
+    assert ev.summary["accuracy"] > r.result("evaluation").summary["accuracy"] + 0.1
+    assert abs(r.result("hessian").summary["eigenvalues"][0] - top) > 0.1 * top
+    assert auto.options["inputs"] == "auto" and raw.options["inputs"] == "as-given"
+    hess = alone.models[0].result("hessian")
+    assert [g.code for g in hess.findings][0] == "EVAL-INPUT-SCALE" and hess.findings[0].evidence["applied"]
+    assert hess.summary["eigenvalues"][0] == pytest.approx(top, rel=1e-4)
+
+
+def test_rescale_divides_reverses_and_normalises_in_that_order():
+    from nndiag.io.data import DataBundle
+    from nndiag.report.input_scale import rescale
+    from nndiag.report.results import Finding
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 3, 2, 2), generator=gen).float()
+    b = DataBundle(x, torch.arange(4), "pixels.npz", 4, {"normalize": "none"})
+    f = Finding("EVAL-INPUT-SCALE", "warn", "m", {"normalize": "imagenet", "divide_by_255": True, "bgr": True})
+    out = rescale(b, f)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    ref = (x[:, [2, 1, 0]] / 255.0 - mean) / std
+    assert torch.allclose(out.x, ref, atol=1e-6)
+    assert out.name == "pixels.npz?normalize=imagenet&bgr=1" and out.meta["normalize"] == "imagenet"
+    assert out.meta["rescaled"] == {"divide_by_255": True, "normalize": "imagenet", "bgr": True}
+    assert b.meta == {"normalize": "none"} and torch.equal(b.x, x)  # the given bundle unchanged

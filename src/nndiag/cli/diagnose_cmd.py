@@ -49,6 +49,10 @@ OptionOpt = Annotated[list[str] | None, typer.Option(
     "--option", "-o", help="An analysis option as PROBE.KEY=VALUE (VALUE read as JSON when it "
     "parses, else as text), e.g. -o hessian.n_samples=256; repeatable.")]
 TopOpt = Annotated[int, typer.Option("--top", help="Findings to print.")]
+InputsOpt = Annotated[str, typer.Option(
+    "--inputs", help="auto: when a model does much better on its data divided by 255, normalised or "
+    "with colour channels reversed (EVAL-INPUT-SCALE), run every analysis on the data so rescaled; "
+    "as-given: keep the data as given.")]
 
 
 #: What a narrow terminal keeps of the summary table, most important first.
@@ -186,12 +190,16 @@ def register(app: typer.Typer) -> None:
         threads: ThreadsOpt = None,
         option: OptionOpt = None,
         top: TopOpt = 10,
+        inputs: InputsOpt = "auto",
     ) -> int:
         """Run every analysis that applies and write one report: what is wrong, how sure, what to change."""
         from nndiag._utils.files import check_writable
-        from nndiag.report.diagnose import diagnose, parse_probes
+        from nndiag.errors import InputError
+        from nndiag.report.diagnose import INPUTS, diagnose, parse_probes
 
         parse_probes(probes)  # bad names fail before any work
+        if inputs not in INPUTS:
+            raise InputError(f"--inputs {inputs}: choose one of {', '.join(INPUTS)}")
         options = parse_options(option)
         for p in (html, json_out):
             if p is not None:
@@ -211,7 +219,7 @@ def register(app: typer.Typer) -> None:
                               weights=weights,
                               second_seed=second_seed or None, n_samples=n_samples, seed=seed,
                               device=device.value, threads=threads, options=options,
-                              on_update=on_update)
+                              on_update=on_update, inputs=inputs)
         except KeyboardInterrupt:
             partial = latest.get("report")
             if partial is not None:

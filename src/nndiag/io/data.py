@@ -335,7 +335,9 @@ def reverse_channels(x: torch.Tensor, *, name: str = "data") -> torch.Tensor:
     return x.flip(1)
 
 
-def _apply_options(b: DataBundle, opts: dict[str, str]) -> DataBundle:
+def with_options(b: DataBundle, opts: dict[str, str]) -> DataBundle:
+    """``b`` with the DATA options ``bgr``, ``normalize`` and ``flatten`` applied (in that
+    order), its name carrying them, ``meta["normalize"]`` set."""
     norm = opts.get("normalize", "none")
     x = b.x
     if opts.get("bgr", "0") not in ("0", "false", ""):
@@ -409,7 +411,7 @@ def load_data(
         raise DataError(
             f"{spec}: names no data set; expected one of {', '.join(BUILTIN_DATA)}, a .npz file or an image folder"
         )
-    bundle = _apply_options(bundle, opts)
+    bundle = with_options(bundle, opts)
     return bundle.subset(n_samples, seed)
 
 

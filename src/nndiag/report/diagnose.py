@@ -212,6 +212,61 @@ def run_probe(name: str, lm: Any, data: Any, *, seed: int, device: Any,
     return ProbeRun(name, "ok", seconds, result)
 
 
+#: ``inputs=`` choices of :func:`diagnose`.
+INPUTS = ("auto", "as-given")
+
+
+class _Inputs:
+    """The data one model's probes get, after the input-scale check (see :func:`diagnose`'s
+    ``inputs``): ``data`` and ``train`` (rescaled when the check fired on them), ``check`` the
+    check on ``data`` as given, for the evaluation probe (finding or None, scores), or None,
+    and ``findings``: each applied ``EVAL-INPUT-SCALE`` finding with the probes that read
+    the data it was made on."""
+
+    def __init__(self, data: Any, train: Any) -> None:
+        self.data, self.train = data, train
+        self.check: tuple[Finding | None, dict[str, Any]] | None = None
+        self.findings: list[tuple[Finding, list[str]]] = []
+
+
+def _prepare_inputs(lm: Any, data: Any, train: Any, names: list[str], *, loss: Any, inputs: str) -> _Inputs:
+    """Check once per model whether its data are in the scale it takes
+    (:func:`~nndiag.report.input_scale.check_data`) and, with ``inputs="auto"``, rescale the
+    data it fires on (:func:`~nndiag.report.input_scale.rescale`)."""
+    from nndiag.report.input_scale import applied, check_data, rescale
+
+    out = _Inputs(data, train)
+    if inputs != "auto" or loss is not None or lm.module is None or data is None:
+        return out  # (the check compares cross-entropies of a classifier)
+    mods = {n: load_probe(n) for n in names}
+    reads = [n for n, m in mods.items() if m is not None and getattr(m, "NEEDS_DATA", False)]
+    on_train = [n for n in reads if train is not None and wants_train_data(n, mods[n])]
+    on_data = [n for n in reads if n not in on_train]
+    if on_data:
+        finding, scores = check_data(lm.module, data)
+        out.check = (finding, scores)
+        if finding is not None:
+            out.data = rescale(data, finding)
+            out.check = (applied(finding), scores)
+            out.findings.append((out.check[0], on_data))
+    if on_train:
+        finding, _ = check_data(lm.module, train)
+        if finding is not None:
+            out.train = rescale(train, finding)
+            out.findings.append((applied(finding), on_train))
+    return out
+
+
+def _attach(runs: list[ProbeRun], prepared: _Inputs) -> None:
+    """Put each applied input-scale finding into the first run that read those data, unless
+    the evaluation probe reported it already (a report without the evaluation still says
+    that the data were rescaled)."""
+    for finding, readers in prepared.findings:
+        done = [r for r in runs if r.probe in readers and r.status == "ok"]
+        if done and not any(f is finding for r in done for f in r.result.findings):
+            done[0].result.findings.insert(0, finding)
+
+
 def _per_model(value: Any, n: int, what: str) -> list[Any]:
     if value is None or isinstance(value, (str, Path)):
         return [value] * n
@@ -251,6 +306,7 @@ def diagnose(
     threads: int | None = None,
     progress: bool | None = None,
     on_update: Callable[[Report], None] | None = None,
+    inputs: str = "auto",
 ) -> Report:
     """Diagnose one or several models with every analysis that applies.
 
@@ -292,6 +348,14 @@ def diagnose(
         Progress on stderr (default: when stderr is a terminal).
     on_update : callable, optional
         Called with the (incomplete) report after every probe, e.g. to save it.
+    inputs : {"auto", "as-given"}
+        ``auto``: before the analyses that read data, check whether each model does much
+        better on its data divided by 255, normalised or with colour channels reversed
+        (:mod:`~nndiag.report.input_scale`; classifiers under the default loss, data not
+        normalised when loaded) and, when it does, run every analysis on the data so
+        rescaled: the finding ``EVAL-INPUT-SCALE`` says so (``evidence["applied"]``) and the
+        model's ``info["inputs"]`` says how. ``as-given``: the analyses read the data as given
+        (the evaluation still reports the finding).
 
     Returns
     -------
@@ -308,6 +372,8 @@ def diagnose(
     from nndiag.io.data import as_data
 
     names, explicit = parse_probes(probes)
+    if inputs not in INPUTS:
+        raise InputError(f"unknown inputs '{inputs}'; choose one of {', '.join(INPUTS)}")
     options = dict(options or {})
     unknown = [k for k in options if k not in _probes.PROBE_MODULES]
     if unknown:
@@ -339,7 +405,7 @@ def diagnose(
                 for n, lm in zip(_unique_names([lm.name for lm in lms]), lms, strict=True)],
         data=data_info,
         options={"probes": names, "explicit_probes": explicit, "seed": seed, "device": str(dev),
-                 "n_samples": n_samples, "arch": arches,
+                 "n_samples": n_samples, "arch": arches, "inputs": inputs,
                  "second_seed": [None if s is None else s.name for s in seconds_],
                  "probe_options": {k: {kk: repr(vv) if not isinstance(vv, (int, float, str, bool))
                                        else vv for kk, vv in v.items()} for k, v in options.items()}},
@@ -349,12 +415,23 @@ def diagnose(
     total = len(lms) * len(names)
     with limit_threads(threads), progress_bar(total, "diagnose", enabled=progress) as bar:
         for entry, lm, second in zip(report.models, lms, seconds_, strict=True):
+            bar.update(description=f"{entry.name}: input scale")
+            prepared = _prepare_inputs(lm, bundle, train_bundle, names, loss=loss, inputs=inputs)
+            rescaled = [b.meta["rescaled"] for b in (prepared.data, prepared.train)
+                        if b is not None and "rescaled" in (b.meta or {})]
+            if rescaled:
+                from nndiag.report.input_scale import describe
+
+                entry.info["inputs"] = describe(rescaled[0]["divide_by_255"], rescaled[0]["normalize"],
+                                                rescaled[0]["bgr"])
             for name in names:
                 bar.update(description=f"{entry.name}: {name}")
-                entry.runs.append(run_probe(name, lm, bundle, seed=seed, device=dev,
+                entry.runs.append(run_probe(name, lm, prepared.data, seed=seed, device=dev,
                                             options=options.get(name, {}),
-                                            shared={"loss": loss, "second_seed": second},
-                                            explicit=explicit, train_data=train_bundle))
+                                            shared={"loss": loss, "second_seed": second,
+                                                    "input_scale": prepared.check},
+                                            explicit=explicit, train_data=prepared.train))
+                _attach(entry.runs, prepared)
                 bar.advance()
                 if on_update is not None:
                     on_update(report)

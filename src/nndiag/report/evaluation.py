@@ -83,7 +83,7 @@ def _class_names(data: Any, k: int) -> list[str]:
 
 def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = None,
         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        batch_size: int = 256, **_: Any) -> Result:
+        batch_size: int = 256, input_scale: tuple[Finding | None, dict[str, Any]] | None = None, **_: Any) -> Result:
     """Evaluate ``model`` (in eval mode, without gradients) on ``data``.
 
     Parameters
@@ -101,6 +101,9 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
         cross-entropy by default.
     batch_size : int
         Examples per forward pass.
+    input_scale : (Finding or None, dict), optional
+        The input-scale check already made (by ``nndiag diagnose``, on the data as given:
+        :func:`~nndiag.report.input_scale.check_data`), reported instead of checking again.
 
     Returns
     -------
@@ -138,8 +141,13 @@ def run(model: Any, data: Any, *, seed: int = 0, device: torch.device | None = N
             per = per.reshape(-1) if per.numel() == len(yb) else per.mean().expand(len(yb))
             preds.append(out.argmax(1).cpu())
             losses.append(per.detach().float().cpu())
-        finding, scores = (None, {}) if loss is not None else input_scale_finding(
-            module, x, data.y, normalize=(data.meta or {}).get("normalize"), name=data.name, batch_size=batch_size)
+        if input_scale is not None:
+            finding, scores = input_scale
+        elif loss is not None:
+            finding, scores = None, {}
+        else:
+            finding, scores = input_scale_finding(module, x, data.y, normalize=(data.meta or {}).get("normalize"),
+                                                  name=data.name, batch_size=batch_size)
     y = data.y.cpu().numpy()
     p = torch.cat(preds).numpy()
     lo = torch.cat(losses).numpy()

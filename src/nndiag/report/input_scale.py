@@ -15,10 +15,15 @@ which are also tried divided by 255 — and a classifier under the default cross
 For 3-channel images the best of these is also tried with the colour channels reversed
 (BGR ↔ RGB: images read with OpenCV fed to a model trained on RGB, or the other way), and
 so are the inputs as given.
+
+``nndiag diagnose`` runs the check before the other analyses (:func:`check_data`) and, when it
+fires, runs all of them on the inputs so rescaled (:func:`rescale`), saying so in the finding
+(:func:`applied`); ``--inputs as-given`` keeps the data as given.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -117,14 +122,7 @@ def input_scale_finding(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
         return None, scores
     divide, how = variants[best]
     bgr = best.endswith("bgr")
-    parts = (["divided by 255"] if divide else []) + ([f"normalised as '{how}'"] if how != "none" else []) + (
-        ["in reversed colour-channel order (BGR ↔ RGB)"] if bgr else [])
-    told = " and ".join(parts)
-    query = "&".join(([f"normalize={how}"] if how != "none" else []) + (["bgr=1"] if bgr else []))
-    option = f"DATA?{query}"
-    fix = ("store the inputs as uint8 (nndiag reads them as [0, 1]) or divide them by 255"
-           + (f", and pass the data as {option}" if query else "")) if divide else (
-        f"pass the data as {option} (or prepare it as in training)")
+    told = describe(divide, how, bgr)
     finding = Finding(
         "EVAL-INPUT-SCALE", "warn",
         f"on the first {len(ys)} examples of {name} the model does much better with the inputs {told} "
@@ -132,31 +130,86 @@ def input_scale_finding(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
         f"{given_acc:.1%}): it was probably trained on inputs in that scale",
         {"normalize": how, "divide_by_255": divide, "bgr": bgr, "n_examples": len(ys),
          "scores": {h: {"loss": v[0], "accuracy": v[1]} for h, v in scores.items()}},
-        f"{fix}; the analyses that read data otherwise describe the model off its input distribution")
+        f"{_fix(divide, how, bgr)}; the analyses that read data otherwise describe the model off its input "
+        "distribution")
     return finding, scores
 
 
-def check_bundle(module: nn.Module, bundle: Any, *, batch_size: int = 256) -> Finding | None:
-    """:func:`input_scale_finding` for a model and a :class:`~nndiag.io.data.DataBundle`.
+def describe(divide: bool, how: str, bgr: bool) -> str:
+    """How inputs were changed, in words (``"divided by 255 and normalised as 'imagenet'"``)."""
+    parts = (["divided by 255"] if divide else []) + ([f"normalised as '{how}'"] if how != "none" else []) + (
+        ["in reversed colour-channel order (BGR ↔ RGB)"] if bgr else [])
+    return " and ".join(parts)
+
+
+def _fix(divide: bool, how: str, bgr: bool) -> str:
+    """What the user should do to give the data in the scale the model takes."""
+    query = "&".join(([f"normalize={how}"] if how != "none" else []) + (["bgr=1"] if bgr else []))
+    option = f"DATA?{query}"
+    if divide:
+        return ("store the inputs as uint8 (nndiag reads them as [0, 1]) or divide them by 255"
+                + (f", and pass the data as {option}" if query else ""))
+    return f"pass the data as {option} (or prepare it as in training)"
+
+
+def applied(finding: Finding) -> Finding:
+    """``finding`` (an ``EVAL-INPUT-SCALE``) as ``nndiag diagnose`` reports it after running every
+    analysis on the rescaled inputs (:func:`rescale`): ``evidence["applied"]`` is True."""
+    ev = finding.evidence
+    told = describe(ev["divide_by_255"], ev["normalize"], ev["bgr"])
+    return Finding(
+        finding.code, finding.severity,
+        f"{finding.message}; every analysis of this report ran on the inputs {told} (--inputs as-given "
+        "keeps them as given)",
+        {**ev, "applied": True},
+        f"{_fix(ev['divide_by_255'], ev['normalize'], ev['bgr'])}, for this and the other commands")
+
+
+def rescale(bundle: Any, finding: Finding) -> Any:
+    """The :class:`~nndiag.io.data.DataBundle` with its inputs as ``finding`` (an
+    ``EVAL-INPUT-SCALE`` on it) says the model takes them: divided by 255, colour channels
+    reversed and normalised as the DATA options ``bgr=1`` and ``normalize=`` do it, in that
+    order (as :func:`input_scale_finding` tried them). ``meta["rescaled"]`` records what was done.
+    """
+    from nndiag.io.data import with_options
+
+    ev = finding.evidence
+    x = bundle.x.float() / 255.0 if ev["divide_by_255"] else bundle.x
+    opts = ({"normalize": ev["normalize"]} if ev["normalize"] != "none" else {}) | (
+        {"bgr": "1"} if ev["bgr"] else {})
+    out = with_options(replace(bundle, x=x), opts)
+    out.meta["rescaled"] = {k: ev[k] for k in ("divide_by_255", "normalize", "bgr")}
+    return out
+
+
+def check_data(module: nn.Module, bundle: Any, *, batch_size: int = 256) -> tuple[Finding | None, dict[str, Any]]:
+    """:func:`input_scale_finding` for a model and a :class:`~nndiag.io.data.DataBundle`: the
+    finding (or None) and the scores (empty when the check does not apply).
 
     The model is evaluated in eval mode without gradients and left exactly as it was; the
     inputs go through :func:`~nndiag.io.data.model_inputs` (token ids are never checked).
-    Used by the commands that read data without evaluating the model first (``nndiag
-    hessian``, ``nndiag landscape``): the curvature or landscape of a model fed inputs off
-    its training scale describes the wrong function.
     """
     from nndiag._utils.model_state import preserved
     from nndiag.errors import DataError
     from nndiag.io.data import model_inputs
 
     if bundle is None or len(bundle) < 2:
-        return None
+        return None, {}
     with preserved(module, values=False):
         module.eval()
         try:
             x = model_inputs(module, bundle.x[:N_CHECK], name=bundle.name)
-            finding, _ = input_scale_finding(module, x, bundle.y[:N_CHECK], name=bundle.name,
-                                             batch_size=batch_size, normalize=(bundle.meta or {}).get("normalize"))
+            return input_scale_finding(module, x, bundle.y[:N_CHECK], name=bundle.name, batch_size=batch_size,
+                                       normalize=(bundle.meta or {}).get("normalize"))
         except (RuntimeError, ValueError, IndexError, DataError):
-            return None  # outputs that are not class logits for these labels: nothing to suggest
-    return finding
+            return None, {}  # outputs that are not class logits for these labels: nothing to suggest
+
+
+def check_bundle(module: nn.Module, bundle: Any, *, batch_size: int = 256) -> Finding | None:
+    """The finding of :func:`check_data`.
+
+    Used by the commands that read data without evaluating the model first (``nndiag
+    hessian``, ``nndiag landscape``): the curvature or landscape of a model fed inputs off
+    its training scale describes the wrong function.
+    """
+    return check_data(module, bundle, batch_size=batch_size)[0]
