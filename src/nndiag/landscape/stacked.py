@@ -138,8 +138,11 @@ class Stacked:
         #: input key -> ([Y₀; Y₁; …] flattened, output shape, features first)
         self._first: dict[Any, tuple[torch.Tensor, tuple[int, ...], bool]] = {}
         self.point_bytes = 0  # largest stacked activation or parameter per point (see points_per_pass)
+        #: whether passes update ``point_bytes`` (:func:`build_stacked`'s pass over every batch does)
+        self.measuring = True
         #: output buffers reused from pass to pass (see :meth:`_out`)
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._buffer_ptrs: set[int] = set()  # (their storages, for :meth:`_owned`)
         self._reuse = False
         self._check()
         #: ones rows (see :meth:`_plan_ones`): the first layer's, the linear layers that read one
@@ -309,6 +312,7 @@ class Stacked:
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = like.new_empty(shape)
+            self._buffer_ptrs.add(buf.untyped_storage().data_ptr())
         return buf
 
     def _owned(self, h: torch.Tensor) -> bool:
@@ -316,8 +320,7 @@ class Stacked:
         activation may overwrite it (not a cached first layer or a point-independent value)."""
         if not self._reuse:
             return False
-        ptr = h.untyped_storage().data_ptr()
-        return any(b.untyped_storage().data_ptr() == ptr for b in self._buffers.values())
+        return h.untyped_storage().data_ptr() in self._buffer_ptrs
 
     def _activation(self, m: nn.Module, h: torch.Tensor, sole: bool) -> torch.Tensor:
         """Element-wise module ``m`` on ``h``, in place when ``h`` is this pass's own buffer and
@@ -496,9 +499,10 @@ class Stacked:
                 env[node] = (torch.relu_(h), True, fm)  # (fresh activations: no copy)
                 continue
             env[node] = (_run(node, self.modules, arg), True, fm)  # element-wise: any layout
-        self.point_bytes = max(self.point_bytes, out.numel() * out.element_size() // c.shape[0],
-                               *(v.numel() * v.element_size() // c.shape[0]
-                                 for v, s, _ in env.values() if s and isinstance(v, torch.Tensor)))
+        if self.measuring:
+            self.point_bytes = max(self.point_bytes, out.numel() * out.element_size() // c.shape[0],
+                                   *(v.numel() * v.element_size() // c.shape[0]
+                                     for v, s, _ in env.values() if s and isinstance(v, torch.Tensor)))
         if fm_out and not classes_first:
             return out.transpose(1, 2), False
         return out, fm_out
@@ -582,6 +586,7 @@ def build_stacked(bound: BoundCopy, loss_fn: LossFn, batches: Batches) -> tuple[
         zero = next(iter(bound.base_views.values())).new_zeros(1, stacked.dim)
         with torch.inference_mode():
             origin = float(stacked(zero, batches)[0])
+        stacked.measuring = False
     except Exception:  # noqa: BLE001 - Unsupported, or any error of fx tracing or of the trial pass
         return None
     return stacked, origin
