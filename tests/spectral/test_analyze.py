@@ -543,3 +543,52 @@ def test_a_stacks_fits_are_made_together_with_the_single_fits_numbers(monkeypatc
             assert (row["alpha"], row["D"], row["xmin"], row["num_pl_spikes"]) == (
                 fit.alpha, fit.D, fit.xmin, fit.num_pl_spikes)
     assert (res.evals["1"] <= 1e-5).sum() > 0
+
+
+def _grouped_fused(parts: dict[str, torch.Tensor], groups: int, order: str) -> torch.Tensor:
+    """A fused Q/K/V weight assembled row by row as the models document it: ``groups`` blocks,
+    each with the next ``rows / groups`` rows of every part in ``order``."""
+    step = next(iter(parts.values())).shape[0] // groups
+    rows = []
+    for g in range(groups):
+        for letter in order:
+            rows.append(parts[letter][g * step:(g + 1) * step])
+    return torch.cat(rows)
+
+
+def test_fused_qkv_grouped_per_head_or_partition_split_with_the_model_config(tmp_path):
+    from nndiag.spectral.matrices import grouped_qkv
+
+    gen = torch.Generator().manual_seed(5)
+    parts = {k: torch.randn(32, 32, generator=gen) * s for k, s in zip("qkv", (1.0, 2.0, 0.5), strict=True)}
+    cases = [({"model_type": "gpt_neox", "num_attention_heads": 4}, "l.0.attention.query_key_value", 4, "qkv"),
+             ({"model_type": "bloom", "n_head": 8}, "h.0.self_attention.query_key_value", 8, "qkv"),
+             ({"model_type": "persimmon", "num_attention_heads": 2}, "l.0.self_attn.query_key_value", 2, "qkv"),
+             ({"model_type": "codegen", "n_head": 4}, "h.0.attn.qkv_proj", 4, "qvk")]
+    for cfg, name, groups, order in cases:
+        w = _grouped_fused(parts, groups, order)
+        r = analyze({f"{name}.weight": w}, hf_config=cfg, keep_evals=True, precision="float64")
+        assert list(r.layers["name"]) == [f"{name}.q", f"{name}.k", f"{name}.v"], cfg
+        for letter in "qkv":
+            np.testing.assert_allclose(r.evals[f"{name}.{letter}"], _svd2(parts[letter]), rtol=1e-8)
+        assert r.params["qkv_layout"] == {"suffix": f"{name.rsplit('.', 1)[1]}.weight", "groups": groups,
+                                          "order": order}
+    # without the config the weights do not say: query_key_value whole, qkv_proj as row blocks
+    w = _grouped_fused(parts, 4, "qkv")
+    r = analyze({"l.0.attention.query_key_value.weight": w})
+    assert list(r.layers["name"]) == ["l.0.attention.query_key_value"] and r.params["qkv_layout"] is None
+    assert grouped_qkv({"model_type": "gpt_neox"}) is None  # no head count: no layout
+    # a Hugging Face module and its saved folder carry the config themselves
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                     num_hidden_layers=1, vocab_size=50)
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(cfg)
+    fused = model.gpt_neox.layers[0].attention.query_key_value.weight.detach()
+    d = 32 // 4
+    q = torch.cat([fused[h * 3 * d:h * 3 * d + d] for h in range(4)])  # the query rows of each head
+    model.save_pretrained(tmp_path / "neox")
+    key = "gpt_neox.layers.0.attention.query_key_value.q"
+    for source in (model, tmp_path / "neox"):
+        r = analyze(source, keep_evals=True, precision="float64")
+        np.testing.assert_allclose(r.evals[key], _svd2(q), rtol=1e-8)

@@ -23,7 +23,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from nndiag.spectral.matrices import (
     MAX_N,
     MIN_EVALS,
     LayerSpec,
+    grouped_qkv,
     layer_matrices,
     plan_layers,
     tensor_kind,
@@ -109,24 +110,41 @@ class SpectralResult(Result):
         raise InputError(f"unknown plot kind '{kind}'; choose alpha, esd or mp")
 
 
-def _source(model: Any) -> tuple[Any, Any, str]:
-    """(TensorSource, module or None, display name) from whatever the user passed."""
+def _source(model: Any) -> tuple[Any, Any, str, dict[str, Any] | None]:
+    """(TensorSource, module or None, display name, Hugging Face config or None) from whatever
+    the user passed (the config from a folder's ``config.json`` or a module's ``config``)."""
     from nndiag.io.models import LoadedModel, load_model
     from nndiag.io.tensors import DictSource, TensorSource
 
     if isinstance(model, LoadedModel):
-        return model.tensors, model.module, model.name
+        return model.tensors, model.module, model.name, _hf_config(model.module, model.meta)
     if isinstance(model, TensorSource):
-        return model, None, type(model).__name__
+        return model, None, type(model).__name__, None
     if isinstance(model, torch.nn.Module):
         lm = load_model(model)
-        return lm.tensors, model, lm.name
+        return lm.tensors, model, lm.name, _hf_config(model, lm.meta)
     if isinstance(model, dict):
-        return DictSource(model), None, "state_dict"
+        return DictSource(model), None, "state_dict", None
     if isinstance(model, (str, Path)):
         lm = load_model(model)
-        return lm.tensors, lm.module, lm.name
+        return lm.tensors, lm.module, lm.name, _hf_config(lm.module, lm.meta)
     raise InputError(f"cannot analyse a {type(model).__name__}; pass an nn.Module, a path or a LoadedModel")
+
+
+def _hf_config(module: Any, meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A Hugging Face config as a dict: the loaded ``config.json``, else a module's ``config``."""
+    cfg = (meta or {}).get("config")
+    if isinstance(cfg, dict):
+        return cfg
+    cfg = getattr(module, "config", None)
+    to_dict = getattr(cfg, "to_dict", None)
+    if callable(to_dict):
+        try:
+            out = to_dict()
+        except Exception:  # noqa: BLE001 - a config that cannot serialise: no layout facts
+            return None
+        return out if isinstance(out, dict) else None
+    return None
 
 
 def _fingerprint(t: torch.Tensor) -> tuple[Any, ...]:
@@ -310,6 +328,7 @@ def analyze(
     batch_bytes: int = 128 << 20,
     dedup: bool = True,
     keep_evals: bool = False,
+    hf_config: dict[str, Any] | None = None,
 ) -> SpectralResult:
     """Diagnose every weight matrix of a model from its eigenvalue spectrum, without data.
 
@@ -342,6 +361,12 @@ def analyze(
         ``num_traps`` (shuffled-ESD eigenvalues above its MP bulk edge), ``ww_softrank``.
     layers : list of str, optional
         Only these layer names (or tensor names).
+    hf_config : dict, optional
+        A Hugging Face config (``config.json`` as a dict) for a model given without one (a
+        state dict or tensor source); a folder's ``config.json`` or a module's ``config`` is
+        read by itself. Its ``model_type`` tells the layout of fused Q/K/V weights whose rows
+        are grouped per head (GPT-NeoX, BLOOM, Persimmon) or per partition (CodeGen):
+        :data:`~nndiag.spectral.matrices.GROUPED_QKV`.
     scale_jump : float
         Decades of ``λmax`` between consecutive layers that count as a scale collapse.
     seed : int
@@ -380,7 +405,7 @@ def analyze(
     if fit not in ("PL", "TPL"):
         raise InputError(f"unknown fit '{fit}'; choose PL or TPL")
     t_start = time.perf_counter()
-    source, module, name = _source(model)
+    source, module, name, config = _source(model)
     dev = resolve_device(device)
     ww = conventions == "ww"
     if ww and precision == "auto":
@@ -391,8 +416,9 @@ def analyze(
     # (a short GIL interval: the eigen-solver worker hands back after each of its native calls)
     with ctx, limit_threads(threads), torch.no_grad(), gil_switch():
         infos = source.infos()
+        qkv_layout = grouped_qkv(config if hf_config is None else hf_config)
         specs, reasons = plan_layers(infos, conv_mode=conv_mode, min_evals=min_evals,
-                                     max_evals=max_evals, max_N=max_N)
+                                     max_evals=max_evals, max_N=max_N, qkv_layout=qkv_layout)
         if layers is not None:
             wanted = set(layers)
             specs = [s for s in specs if s.name in wanted or s.tensor in wanted]
@@ -521,6 +547,7 @@ def analyze(
         "max_fingers": max_fingers, "finger_thresh": finger_thresh, "fit": fit,
         "mp_fit": mp_fit, "randomize": randomize, "layers": layers, "scale_jump": scale_jump,
         "threads": threads, "dedup": dedup,
+        "qkv_layout": None if qkv_layout is None else asdict(qkv_layout),
         "eig_backend": cpu_backend() if dev.type == "cpu" else f"torch ({dev.type})",
     }
     # "eigenvalues" includes the fits run beside the eigen-solves (``fits_overlapped`` of them)

@@ -68,9 +68,11 @@ def compare(base: Any, other: Any, **options: Any) -> Result:
     from nndiag.io.tensors import DictSource
     from nndiag.spectral.analyze import _source, analyze
 
-    src_a, _, name_a = _source(base)
-    src_b, _, name_b = _source(other)
+    src_a, _, name_a, cfg_a = _source(base)
+    src_b, _, name_b, cfg_b = _source(other)
     src_b = aligned(src_a, src_b)
+    if cfg_a or cfg_b:  # (the layout of fused Q/K/V weights, from either model's config)
+        options.setdefault("hf_config", cfg_a or cfg_b)
     ra = analyze(src_a, **options)
     rb = analyze(src_b, **options)
     infos_b = {i.name: i for i in src_b.infos()}

@@ -18,7 +18,11 @@ Matrices
   timm-style ``qkv.weight``, ``Wqkv``, ``W_pack``, ``qkv_proj`` and Qwen-1's ``c_attn``
   (:data:`_QKV_ROW_BLOCKS`) are split into Q, K, V along dim 0; GPT-2
   ``c_attn.weight`` (``d × 3d``, HF ``Conv1D``) along dim 1. Each part is its own layer
-  named ``<module>.q`` / ``.k`` / ``.v``.
+  named ``<module>.q`` / ``.k`` / ``.v``. Fused weights whose rows are grouped per head
+  (GPT-NeoX, BLOOM, Persimmon ``query_key_value``) or per partition (CodeGen ``qkv_proj``)
+  are split when the model's Hugging Face config names its type and head count
+  (:class:`GroupedQKV`, :func:`grouped_qkv`); without it a ``query_key_value`` is analysed
+  whole.
 * LoRA / PEFT adapters: a ``lora_B`` weight (``out × r``) is multiplied with its
   ``lora_A`` partner (``r × in``) and analysed as ``B·A`` (named ``<module>.lora_BA``).
 * A tensor of 3 or more dimensions is a convolution kernel only when a convolution module
@@ -160,9 +164,69 @@ def squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 #: (``3d × d``): PyTorch's ``MultiheadAttention``, timm's ``qkv``, MPT's and Phi-2's ``Wqkv``,
 #: Baichuan's ``W_pack``, Phi-3's ``qkv_proj`` (without grouped K/V heads), Qwen-1's ``c_attn``.
 #: Not GPT-NeoX's or BLOOM's ``query_key_value``: their rows interleave Q, K, V per head, and the
-#: head count is not in the weights.
+#: head count is not in the weights (:data:`GROUPED_QKV` reads it from the model's config, as
+#: CodeGen's partitioned ``qkv_proj`` layout).
 _QKV_ROW_BLOCKS = ("in_proj_weight", ".qkv.weight", ".Wqkv.weight", ".W_pack.weight", ".qkv_proj.weight",
                    "c_attn.weight")
+
+
+@dataclass(frozen=True)
+class GroupedQKV:
+    """A fused Q/K/V weight whose output rows come in ``groups`` equal blocks, each holding
+    one slice of every part in ``order`` (``"qkv"``: per attention head, Q then K then V).
+
+    Attributes
+    ----------
+    suffix : str
+        The tensor names it applies to end with this.
+    groups : int
+        Number of row blocks (the head count, or CodeGen's 4 partitions).
+    order : str
+        The parts' letters in the order they sit inside a block.
+    """
+
+    suffix: str
+    groups: int
+    order: str = "qkv"
+
+
+#: Hugging Face model types whose fused Q/K/V rows are grouped (:class:`GroupedQKV`): the tensor
+#: suffix, the config keys (or fixed number) giving the group count, and the order in a group.
+#: GPT-NeoX, BLOOM and Persimmon view the projection's output as (heads, 3, head size); CodeGen
+#: as 4 partitions of (query, value, key) (``mp_num = 4``).
+GROUPED_QKV: dict[str, tuple[str, tuple[str, ...] | int, str]] = {
+    "gpt_neox": ("query_key_value.weight", ("num_attention_heads",), "qkv"),
+    "bloom": ("query_key_value.weight", ("n_head", "num_attention_heads"), "qkv"),
+    "persimmon": ("query_key_value.weight", ("num_attention_heads",), "qkv"),
+    "codegen": ("qkv_proj.weight", 4, "qvk"),
+}
+
+
+def grouped_qkv(config: dict | None) -> GroupedQKV | None:
+    """The grouped fused Q/K/V layout a Hugging Face ``config.json`` (as a dict) implies, else None.
+
+    Examples
+    --------
+    >>> grouped_qkv({"model_type": "gpt_neox", "num_attention_heads": 8})
+    GroupedQKV(suffix='query_key_value.weight', groups=8, order='qkv')
+    >>> grouped_qkv({"model_type": "llama"}) is None
+    True
+    """
+    if not isinstance(config, dict) or config.get("model_type") not in GROUPED_QKV:
+        return None
+    suffix, keys, order = GROUPED_QKV[config["model_type"]]
+    groups = keys if isinstance(keys, int) else next(
+        (config[k] for k in keys if isinstance(config.get(k), int) and config[k] > 0), None)
+    return None if groups is None else GroupedQKV(suffix, int(groups), order)
+
+
+def _grouped(info: TensorInfo, layout: GroupedQKV | None) -> bool:
+    """Whether ``info`` is a fused Q/K/V weight of the grouped ``layout`` (rows 3 × columns,
+    divisible into its groups)."""
+    if layout is None or len(info.shape) != 2 or not info.name.endswith(layout.suffix):
+        return False
+    a, b = (int(v) for v in info.shape)
+    return a == 3 * b and b % layout.groups == 0
 
 
 def _fused_qkv_dim(info: TensorInfo) -> int | None:
@@ -198,10 +262,14 @@ class LayerSpec:
         Larger and smaller matrix side, receptive field (kernel positions), and the
         number of eigenvalues the layer yields.
     part : int or None
-        Index of the Q/K/V part for split attention weights, of the expert for
-        stacked Mixture-of-Experts weights, or of the gate of a recurrent weight.
+        Index of the Q/K/V part for split attention weights (its position inside a group
+        for grouped ones), of the expert for stacked Mixture-of-Experts weights, or of the
+        gate of a recurrent weight.
     split_dim : int or None
         Dimension along which the fused attention weight splits.
+    groups : int or None
+        For a grouped fused Q/K/V weight (:class:`GroupedQKV`): the number of row blocks;
+        the part is the ``part``-th slice of every block.
     partner : str or None
         The ``lora_A`` tensor name for a LoRA ``B·A`` product.
     index : int
@@ -222,6 +290,7 @@ class LayerSpec:
     partner: str | None = None
     index: int = 0
     n_parts: int = 3
+    groups: int | None = None
 
 
 def recurrent_gates(info: TensorInfo, by_name: dict[str, TensorInfo]) -> str:
@@ -273,6 +342,7 @@ def plan_layers(
     min_evals: int = MIN_EVALS,
     max_evals: int | None = MAX_EVALS,
     max_N: int | None = MAX_N,
+    qkv_layout: GroupedQKV | None = None,
 ) -> tuple[list[LayerSpec], dict[str, str]]:
     """Decide which tensors are analysed and why the others are not.
 
@@ -285,6 +355,10 @@ def plan_layers(
     min_evals, max_evals, max_N : int
         Layers with fewer than ``min_evals`` or more than ``max_evals`` eigenvalues,
         or with a side longer than ``max_N``, are skipped (``None`` = no limit).
+    qkv_layout : GroupedQKV, optional
+        The model's grouped fused Q/K/V layout (:func:`grouped_qkv` of its Hugging Face
+        config): such weights are split into Q, K and V, each gathered from every group
+        (without it they are analysed whole, or for CodeGen's ``qkv_proj`` as row blocks).
 
     Returns
     -------
@@ -322,7 +396,15 @@ def plan_layers(
                 reasons[info.name] = "LoRA A factor without its B partner"
             continue
         candidates: list[LayerSpec] = []
-        if kind == "lora-b":
+        if _grouped(info, qkv_layout):
+            assert qkv_layout is not None
+            b = int(info.shape[1])
+            base = _display(info.name)
+            for p, letter in enumerate(qkv_layout.order):
+                candidates.append(LayerSpec(f"{base}.{letter}", info.name, "attention-qkv", info.shape, info.dtype,
+                                            b, b, 1, b, part=p, split_dim=0, groups=qkv_layout.groups))
+            candidates.sort(key=lambda c: "qkv".index(c.name[-1]))  # listed as q, k, v
+        elif kind == "lora-b":
             a_name = info.name.replace("lora_B", "lora_A").replace("lora_b", "lora_a")
             a_info = by_name.get(a_name)
             if a_info is None or len(a_info.shape) != 2 or a_info.shape[0] != info.shape[1]:
@@ -443,6 +525,9 @@ def layer_matrices(spec: LayerSpec, w: torch.Tensor, conv_mode: str = "ww",
     if spec.kind == "lora-b":
         assert partner is not None
         mats = (w @ to_float(partner).to(w.dtype))[None]
+    elif spec.groups is not None:
+        assert spec.part is not None
+        mats = w.reshape(spec.groups, spec.n_parts, -1, w.shape[1])[:, spec.part].reshape(-1, w.shape[1])[None]
     elif spec.kind in ("attention-qkv", "recurrent") and spec.part is not None:
         assert spec.split_dim is not None
         mats = w.chunk(spec.n_parts, dim=spec.split_dim)[spec.part][None]
