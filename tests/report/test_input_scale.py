@@ -263,3 +263,24 @@ def test_rescale_divides_reverses_and_normalises_in_that_order():
     assert out.name == "pixels.npz?normalize=imagenet&bgr=1" and out.meta["normalize"] == "imagenet"
     assert out.meta["rescaled"] == {"divide_by_255": True, "normalize": "imagenet", "bgr": True}
     assert b.meta == {"normalize": "none"} and torch.equal(b.x, x)  # the given bundle unchanged
+
+
+def test_diagnose_checks_the_training_data_on_their_own():
+    import nndiag
+
+    with limit_threads(1):
+        model = _trained_on("digits?split=train&normalize=standard")
+        opts = {"hessian": {"n_samples": 64, "top_k": 1}}
+        good = "digits?split=test&normalize=standard"
+        rep = nndiag.diagnose(model, data=good, train_data="digits?split=train", probes="evaluation,hessian",
+                              options=opts)
+        ref = nndiag.diagnose(model, data=good, train_data="digits?split=train&normalize=standard",
+                              probes="evaluation,hessian", options=opts)
+    m = rep.models[0]
+    assert m.info["inputs"] == "digits?split=train: normalised as 'standard'"
+    assert m.result("evaluation").findings == []  # its data were fine
+    hess = m.result("hessian")
+    assert hess.findings[0].code == "EVAL-INPUT-SCALE" and hess.findings[0].evidence["applied"]
+    assert "digits?split=train" in hess.findings[0].message
+    assert hess.summary["eigenvalues"][0] == pytest.approx(
+        ref.models[0].result("hessian").summary["eigenvalues"][0], rel=1e-4)

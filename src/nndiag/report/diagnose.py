@@ -257,6 +257,20 @@ def _prepare_inputs(lm: Any, data: Any, train: Any, names: list[str], *, loss: A
     return out
 
 
+def _rescaled_inputs(prepared: _Inputs, data: Any, train: Any) -> str:
+    """How the data were rescaled, in words, naming the data set when training data were given."""
+    from nndiag.report.input_scale import describe
+
+    parts = []
+    for new, given in ((prepared.data, data), (prepared.train, train)):
+        if new is not None and new is not given:
+            how = new.meta["rescaled"]
+            parts.append((given.name, describe(how["divide_by_255"], how["normalize"], how["bgr"])))
+    if train is None:
+        return parts[0][1]
+    return "; ".join(f"{name}: {how}" for name, how in parts)
+
+
 def _attach(runs: list[ProbeRun], prepared: _Inputs) -> None:
     """Put each applied input-scale finding into the first run that read those data, unless
     the evaluation probe reported it already (a report without the evaluation still says
@@ -417,13 +431,8 @@ def diagnose(
         for entry, lm, second in zip(report.models, lms, seconds_, strict=True):
             bar.update(description=f"{entry.name}: input scale")
             prepared = _prepare_inputs(lm, bundle, train_bundle, names, loss=loss, inputs=inputs)
-            rescaled = [b.meta["rescaled"] for b in (prepared.data, prepared.train)
-                        if b is not None and "rescaled" in (b.meta or {})]
-            if rescaled:
-                from nndiag.report.input_scale import describe
-
-                entry.info["inputs"] = describe(rescaled[0]["divide_by_255"], rescaled[0]["normalize"],
-                                                rescaled[0]["bgr"])
+            if prepared.findings:
+                entry.info["inputs"] = _rescaled_inputs(prepared, bundle, train_bundle)
             for name in names:
                 bar.update(description=f"{entry.name}: {name}")
                 entry.runs.append(run_probe(name, lm, prepared.data, seed=seed, device=dev,
