@@ -275,6 +275,34 @@ def test_auto_strategy_on_cpu_skips_vmap_for_convolutional_models():
     assert surface(tiny_mlp(), (xm, ym), dim=1, steps=5).params["strategy"] in ("stacked", "loop")
 
 
+def test_auto_strategy_times_each_candidate_twice_and_keeps_the_faster():
+    from nndiag._utils.threads import limit_threads
+
+    class Scalar(nn.Module):  # a Python float from a tensor: vmap cannot batch it
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(x) * float(self.fc.weight.abs().sum() > 0)
+
+    torch.manual_seed(0)
+    xm, ym = tiny_data("mlp", n=8)
+    with limit_threads(1):
+        # train mode: not stacked, so vmap and the loop are timed (two trials of 4 points each)
+        auto = surface(tiny_mlp(), (xm, ym), dim=1, steps=21, mode="train")
+        loop = surface(tiny_mlp(), (xm, ym), dim=1, steps=21, mode="train", strategy="loop")
+        x6, y6 = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        failed = surface(Scalar(), (x6, y6), dim=1, steps=9, mode="train")
+    per_point = auto.params["strategy_seconds_per_point"]
+    assert set(per_point) == {"vmap", "loop"} and all(v > 0 for v in per_point.values())
+    assert auto.params["strategy"] == min(per_point, key=per_point.get)
+    np.testing.assert_allclose(auto.losses, loop.losses, rtol=1e-5)
+    assert loop.params["strategy_seconds_per_point"] is None  # (asked for by name: nothing timed)
+    assert failed.params["strategy"] == "loop" and failed.params["strategy_seconds_per_point"]["vmap"] is None
+    assert np.isfinite(failed.losses).all()
+
+
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
 def test_token_model_surface_origin_is_the_models_loss(strategy):
     model = tiny_embedding()
