@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from nndiag.io.models import LoadedModel
+from nndiag.io.models import LoadedModel, hf_config
 from nndiag.io.tensors import TensorInfo
-from nndiag.spectral.matrices import MIN_EVALS, plan_layers, tensor_kind
+from nndiag.spectral.matrices import MIN_EVALS, grouped_qkv, plan_layers, tensor_kind
 
 __all__ = ["MIN_EVALS", "classify_tensor", "describe_layers", "tensor_kind"]
 
@@ -48,7 +48,9 @@ def classify_tensor(info: TensorInfo, min_evals: int = MIN_EVALS, conv_mode: str
 def describe_layers(model: LoadedModel, conv_mode: str = "ww") -> pd.DataFrame:
     """One row per tensor: ``name, kind, shape, dtype, params, used, reason``."""
     infos = model.tensors.infos()
-    specs, reasons = plan_layers(infos, conv_mode=conv_mode)
+    # (the same plan as the spectral analysis, fused Q/K/V layout from the config included)
+    specs, reasons = plan_layers(infos, conv_mode=conv_mode,
+                                 qkv_layout=grouped_qkv(hf_config(model.module, model.meta)))
     used_tensors = {s.tensor for s in specs}
     rows = []
     for info in infos:

@@ -313,3 +313,19 @@ def load_model(
     ignored = load_state_dict_into(module, _weights_state(weights), str(weights)) if weights is not None else []
     return LoadedModel(ModuleSource(module), module, spec, origin, str(weights) if weights else None,
                        {"ignored_keys": ignored} if ignored else {})
+
+
+def hf_config(module: Any, meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A Hugging Face config as a dict: the loaded ``config.json``, else a module's ``config``."""
+    cfg = (meta or {}).get("config")
+    if isinstance(cfg, dict):
+        return cfg
+    cfg = getattr(module, "config", None)
+    to_dict = getattr(cfg, "to_dict", None)
+    if callable(to_dict):
+        try:
+            out = to_dict()
+        except Exception:  # noqa: BLE001 - a config that cannot serialise: no layout facts
+            return None
+        return out if isinstance(out, dict) else None
+    return None

@@ -113,38 +113,22 @@ class SpectralResult(Result):
 def _source(model: Any) -> tuple[Any, Any, str, dict[str, Any] | None]:
     """(TensorSource, module or None, display name, Hugging Face config or None) from whatever
     the user passed (the config from a folder's ``config.json`` or a module's ``config``)."""
-    from nndiag.io.models import LoadedModel, load_model
+    from nndiag.io.models import LoadedModel, hf_config, load_model
     from nndiag.io.tensors import DictSource, TensorSource
 
     if isinstance(model, LoadedModel):
-        return model.tensors, model.module, model.name, _hf_config(model.module, model.meta)
+        return model.tensors, model.module, model.name, hf_config(model.module, model.meta)
     if isinstance(model, TensorSource):
         return model, None, type(model).__name__, None
     if isinstance(model, torch.nn.Module):
         lm = load_model(model)
-        return lm.tensors, model, lm.name, _hf_config(model, lm.meta)
+        return lm.tensors, model, lm.name, hf_config(model, lm.meta)
     if isinstance(model, dict):
         return DictSource(model), None, "state_dict", None
     if isinstance(model, (str, Path)):
         lm = load_model(model)
-        return lm.tensors, lm.module, lm.name, _hf_config(lm.module, lm.meta)
+        return lm.tensors, lm.module, lm.name, hf_config(lm.module, lm.meta)
     raise InputError(f"cannot analyse a {type(model).__name__}; pass an nn.Module, a path or a LoadedModel")
-
-
-def _hf_config(module: Any, meta: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A Hugging Face config as a dict: the loaded ``config.json``, else a module's ``config``."""
-    cfg = (meta or {}).get("config")
-    if isinstance(cfg, dict):
-        return cfg
-    cfg = getattr(module, "config", None)
-    to_dict = getattr(cfg, "to_dict", None)
-    if callable(to_dict):
-        try:
-            out = to_dict()
-        except Exception:  # noqa: BLE001 - a config that cannot serialise: no layout facts
-            return None
-        return out if isinstance(out, dict) else None
-    return None
 
 
 def _fingerprint(t: torch.Tensor) -> tuple[Any, ...]:
