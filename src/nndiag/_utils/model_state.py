@@ -14,10 +14,22 @@ from typing import Any
 import torch
 from torch import nn
 
+#: The hook dictionaries ``nn.Module.__init__`` gives every module (``_forward_hooks`` etc.).
+_HOOK_NAMES = tuple(n for n, v in vars(nn.Module()).items() if n.endswith("_hooks") and isinstance(v, dict))
+
 
 def _hook_dicts(module: nn.Module) -> dict[str, dict[Any, Any]]:
-    """Copies of the module's non-empty hook dictionaries (``_forward_hooks`` etc.)."""
-    return {n: dict(v) for n, v in vars(module).items() if n.endswith("_hooks") and isinstance(v, dict) and v}
+    """Copies of the module's non-empty hook dictionaries (``_forward_hooks`` etc.).
+
+    Only PyTorch's own (:data:`_HOOK_NAMES`, looked up by name: scanning every attribute of
+    every module cost 1.3 ms of each snapshot of a ResNet56)."""
+    d = vars(module)
+    out = {}
+    for n in _HOOK_NAMES:
+        v = d.get(n)
+        if isinstance(v, dict) and v:
+            out[n] = dict(v)
+    return out
 
 
 @contextlib.contextmanager
