@@ -400,10 +400,10 @@ def plan_layers(
             assert qkv_layout is not None
             b = int(info.shape[1])
             base = _display(info.name)
-            for p, letter in enumerate(qkv_layout.order):
+            for letter in "qkv":  # (listed as q, k, v; ``part`` is the place inside a group)
                 candidates.append(LayerSpec(f"{base}.{letter}", info.name, "attention-qkv", info.shape, info.dtype,
-                                            b, b, 1, b, part=p, split_dim=0, groups=qkv_layout.groups))
-            candidates.sort(key=lambda c: "qkv".index(c.name[-1]))  # listed as q, k, v
+                                            b, b, 1, b, part=qkv_layout.order.index(letter), split_dim=0,
+                                            groups=qkv_layout.groups))
         elif kind == "lora-b":
             a_name = info.name.replace("lora_B", "lora_A").replace("lora_b", "lora_a")
             a_info = by_name.get(a_name)
