@@ -548,10 +548,10 @@ def test_a_stacks_fits_are_made_together_with_the_single_fits_numbers(monkeypatc
 def _grouped_fused(parts: dict[str, torch.Tensor], groups: int, order: str) -> torch.Tensor:
     """A fused Q/K/V weight assembled row by row as the models document it: ``groups`` blocks,
     each with the next ``rows / groups`` rows of every part in ``order``."""
-    step = next(iter(parts.values())).shape[0] // groups
     rows = []
     for g in range(groups):
         for letter in order:
+            step = parts[letter].shape[0] // groups
             rows.append(parts[letter][g * step:(g + 1) * step])
     return torch.cat(rows)
 
@@ -560,21 +560,38 @@ def test_fused_qkv_grouped_per_head_or_partition_split_with_the_model_config(tmp
     from nndiag.spectral.matrices import grouped_qkv
 
     gen = torch.Generator().manual_seed(5)
-    parts = {k: torch.randn(32, 32, generator=gen) * s for k, s in zip("qkv", (1.0, 2.0, 0.5), strict=True)}
-    cases = [({"model_type": "gpt_neox", "num_attention_heads": 4}, "l.0.attention.query_key_value", 4, "qkv"),
-             ({"model_type": "bloom", "n_head": 8}, "h.0.self_attention.query_key_value", 8, "qkv"),
-             ({"model_type": "persimmon", "num_attention_heads": 2}, "l.0.self_attn.query_key_value", 2, "qkv"),
-             ({"model_type": "codegen", "n_head": 4}, "h.0.attn.qkv_proj", 4, "qvk")]
-    for cfg, name, groups, order in cases:
+    full = {k: torch.randn(32, 32, generator=gen) * s for k, s in zip("qkv", (1.0, 2.0, 0.5), strict=True)}
+    # Falcon with grouped K/V heads (4 query heads of size 8 sharing 2 K/V heads): K and V have 16 rows;
+    # multi-query Falcon: one K/V head of 8 rows, after all the query rows
+    gqa = {"q": full["q"], "k": full["k"][:16], "v": full["v"][:16]}
+    mq = {"q": full["q"], "k": full["k"][:8], "v": full["v"][:8]}
+    qkv = "query_key_value"
+    cases = [({"model_type": "gpt_neox", "hidden_size": 32, "num_attention_heads": 4}, f"l.0.attention.{qkv}",
+              full, 4, "qkv"),
+             ({"model_type": "bloom", "hidden_size": 32, "n_head": 8}, f"h.0.self_attention.{qkv}", full, 8, "qkv"),
+             ({"model_type": "persimmon", "hidden_size": 32, "num_attention_heads": 2}, f"l.0.self_attn.{qkv}",
+              full, 2, "qkv"),
+             ({"model_type": "codegen", "n_embd": 32}, "h.0.attn.qkv_proj", full, 4, "qvk"),
+             ({"model_type": "falcon", "hidden_size": 32, "num_attention_heads": 4, "multi_query": False},
+              f"h.0.self_attention.{qkv}", full, 4, "qkv"),
+             ({"model_type": "falcon", "hidden_size": 32, "num_attention_heads": 4, "num_kv_heads": 2,
+               "new_decoder_architecture": True}, f"h.0.self_attention.{qkv}", gqa, 2, "qkv"),
+             ({"model_type": "falcon", "hidden_size": 32, "num_attention_heads": 4, "multi_query": True},
+              f"h.0.self_attention.{qkv}", mq, 1, "qkv")]
+    for cfg, name, parts, groups, order in cases:
         w = _grouped_fused(parts, groups, order)
         r = analyze({f"{name}.weight": w}, hf_config=cfg, keep_evals=True, precision="float64")
         assert list(r.layers["name"]) == [f"{name}.q", f"{name}.k", f"{name}.v"], cfg
         for letter in "qkv":
             np.testing.assert_allclose(r.evals[f"{name}.{letter}"], _svd2(parts[letter]), rtol=1e-8)
-        assert r.params["qkv_layout"] == {"suffix": f"{name.rsplit('.', 1)[1]}.weight", "groups": groups,
-                                          "order": order}
+        assert r.params["qkv_layout"]["groups"] == groups
+        assert [b[0] for b in r.params["qkv_layout"]["blocks"]] == list(order)
+    # a config whose sizes do not match the weight: analysed whole
+    r = analyze({f"l.0.attention.{qkv}.weight": _grouped_fused(full, 4, "qkv")},
+                hf_config={"model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 4})
+    assert list(r.layers["name"]) == [f"l.0.attention.{qkv}"]
     # without the config the weights do not say: query_key_value whole, qkv_proj as row blocks
-    w = _grouped_fused(parts, 4, "qkv")
+    w = _grouped_fused(full, 4, "qkv")
     r = analyze({"l.0.attention.query_key_value.weight": w})
     assert list(r.layers["name"]) == ["l.0.attention.query_key_value"] and r.params["qkv_layout"] is None
     assert grouped_qkv({"model_type": "gpt_neox"}) is None  # no head count: no layout
@@ -592,3 +609,16 @@ def test_fused_qkv_grouped_per_head_or_partition_split_with_the_model_config(tmp
     for source in (model, tmp_path / "neox"):
         r = analyze(source, keep_evals=True, precision="float64")
         np.testing.assert_allclose(r.evals[key], _svd2(q), rtol=1e-8)
+    # Falcon's own head split as the reference: its queries for the identity input are Wqᵀ
+    for extra in ({"new_decoder_architecture": True, "num_kv_heads": 2}, {"multi_query": True},
+                  {"multi_query": False}):
+        fcfg = transformers.FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                                         vocab_size=50, **extra)
+        falcon = transformers.FalconForCausalLM(fcfg)
+        attn = falcon.transformer.h[0].self_attention
+        with torch.no_grad():
+            query = attn._split_heads(attn.query_key_value(torch.eye(32)[None]))[0]
+        wq = query[0].reshape(32, -1).T  # (query features, inputs)
+        r = analyze(falcon, keep_evals=True, precision="float64")
+        np.testing.assert_allclose(r.evals["transformer.h.0.self_attention.query_key_value.q"], _svd2(wq),
+                                   rtol=1e-8, err_msg=str(extra))

@@ -349,8 +349,8 @@ def analyze(
         A Hugging Face config (``config.json`` as a dict) for a model given without one (a
         state dict or tensor source); a folder's ``config.json`` or a module's ``config`` is
         read by itself. Its ``model_type`` tells the layout of fused Q/K/V weights whose rows
-        are grouped per head (GPT-NeoX, BLOOM, Persimmon) or per partition (CodeGen):
-        :data:`~nndiag.spectral.matrices.GROUPED_QKV`.
+        are grouped per head (GPT-NeoX, BLOOM, Persimmon, Falcon) or per partition (CodeGen):
+        :func:`~nndiag.spectral.matrices.grouped_qkv`.
     scale_jump : float
         Decades of ``λmax`` between consecutive layers that count as a scale collapse.
     seed : int

@@ -19,8 +19,8 @@ Matrices
   (:data:`_QKV_ROW_BLOCKS`) are split into Q, K, V along dim 0; GPT-2
   ``c_attn.weight`` (``d × 3d``, HF ``Conv1D``) along dim 1. Each part is its own layer
   named ``<module>.q`` / ``.k`` / ``.v``. Fused weights whose rows are grouped per head
-  (GPT-NeoX, BLOOM, Persimmon ``query_key_value``) or per partition (CodeGen ``qkv_proj``)
-  are split when the model's Hugging Face config names its type and head count
+  (GPT-NeoX, BLOOM, Persimmon, Falcon ``query_key_value``) or per partition (CodeGen
+  ``qkv_proj``) are split when the model's Hugging Face config names its type and head count
   (:class:`GroupedQKV`, :func:`grouped_qkv`); without it a ``query_key_value`` is analysed
   whole.
 * LoRA / PEFT adapters: a ``lora_B`` weight (``out × r``) is multiplied with its
@@ -164,7 +164,7 @@ def squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 #: (``3d × d``): PyTorch's ``MultiheadAttention``, timm's ``qkv``, MPT's and Phi-2's ``Wqkv``,
 #: Baichuan's ``W_pack``, Phi-3's ``qkv_proj`` (without grouped K/V heads), Qwen-1's ``c_attn``.
 #: Not GPT-NeoX's or BLOOM's ``query_key_value``: their rows interleave Q, K, V per head, and the
-#: head count is not in the weights (:data:`GROUPED_QKV` reads it from the model's config, as
+#: head count is not in the weights (:func:`grouped_qkv` reads it from the model's config, as
 #: CodeGen's partitioned ``qkv_proj`` layout).
 _QKV_ROW_BLOCKS = ("in_proj_weight", ".qkv.weight", ".Wqkv.weight", ".W_pack.weight", ".qkv_proj.weight",
                    "c_attn.weight")
@@ -172,61 +172,95 @@ _QKV_ROW_BLOCKS = ("in_proj_weight", ".qkv.weight", ".Wqkv.weight", ".W_pack.wei
 
 @dataclass(frozen=True)
 class GroupedQKV:
-    """A fused Q/K/V weight whose output rows come in ``groups`` equal blocks, each holding
-    one slice of every part in ``order`` (``"qkv"``: per attention head, Q then K then V).
+    """A fused Q/K/V weight whose output rows come in ``groups`` equal blocks, each block holding
+    consecutive rows of every part: ``blocks`` lists the parts in the order they sit inside a
+    block with their rows per block (``(("q", d), ("k", d), ("v", d))``: per attention head, Q
+    then K then V, ``d`` the head size). Q is then the ``q`` rows of every block, in order.
 
     Attributes
     ----------
     suffix : str
         The tensor names it applies to end with this.
     groups : int
-        Number of row blocks (the head count, or CodeGen's 4 partitions).
-    order : str
-        The parts' letters in the order they sit inside a block.
+        Number of row blocks (the head count, the K/V head count, or CodeGen's 4 partitions).
+    blocks : tuple of (str, int)
+        ``(part letter, rows per block)`` in the order they sit inside a block.
     """
 
     suffix: str
     groups: int
-    order: str = "qkv"
+    blocks: tuple[tuple[str, int], ...]
+
+    @property
+    def rows(self) -> int:
+        """Rows of the whole fused weight."""
+        return self.groups * sum(r for _, r in self.blocks)
+
+    def span(self, letter: str) -> tuple[int, int]:
+        """Where part ``letter``'s rows sit inside a block: ``(start, stop)``."""
+        start = 0
+        for name, r in self.blocks:
+            if name == letter:
+                return start, start + r
+            start += r
+        raise KeyError(letter)
 
 
-#: Hugging Face model types whose fused Q/K/V rows are grouped (:class:`GroupedQKV`): the tensor
-#: suffix, the config keys (or fixed number) giving the group count, and the order in a group.
-#: GPT-NeoX, BLOOM and Persimmon view the projection's output as (heads, 3, head size); CodeGen
-#: as 4 partitions of (query, value, key) (``mp_num = 4``).
-GROUPED_QKV: dict[str, tuple[str, tuple[str, ...] | int, str]] = {
-    "gpt_neox": ("query_key_value.weight", ("num_attention_heads",), "qkv"),
-    "bloom": ("query_key_value.weight", ("n_head", "num_attention_heads"), "qkv"),
-    "persimmon": ("query_key_value.weight", ("num_attention_heads",), "qkv"),
-    "codegen": ("qkv_proj.weight", 4, "qvk"),
-}
+def _first_int(config: dict, *keys: str) -> int | None:
+    """The first positive integer among ``config[key]`` for ``keys``, else None."""
+    return next((int(config[k]) for k in keys if isinstance(config.get(k), int) and config[k] > 0), None)
 
 
 def grouped_qkv(config: dict | None) -> GroupedQKV | None:
     """The grouped fused Q/K/V layout a Hugging Face ``config.json`` (as a dict) implies, else None.
 
+    GPT-NeoX, BLOOM and Persimmon (and Falcon without multi-query attention) view the
+    projection's output as (heads, 3, head size); CodeGen as 4 partitions of (query, value, key)
+    (``mp_num = 4``); Falcon's new decoder architecture as (K/V heads, query heads per K/V head
+    + 2, head size), its multi-query variant as (heads + 2, head size): all the query heads, then
+    one key and one value head. These are read from the models' ``_split_heads``/``view`` code
+    in ``transformers`` (facts about a file format, not code).
+
     Examples
     --------
-    >>> grouped_qkv({"model_type": "gpt_neox", "num_attention_heads": 8})
-    GroupedQKV(suffix='query_key_value.weight', groups=8, order='qkv')
+    >>> grouped_qkv({"model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 8}).blocks
+    (('q', 8), ('k', 8), ('v', 8))
+    >>> lay = grouped_qkv({"model_type": "falcon", "hidden_size": 64, "num_attention_heads": 8,
+    ...                    "new_decoder_architecture": True, "num_kv_heads": 2})
+    >>> lay.groups, lay.blocks, lay.rows
+    (2, (('q', 32), ('k', 8), ('v', 8)), 96)
     >>> grouped_qkv({"model_type": "llama"}) is None
     True
     """
-    if not isinstance(config, dict) or config.get("model_type") not in GROUPED_QKV:
+    if not isinstance(config, dict):
         return None
-    suffix, keys, order = GROUPED_QKV[config["model_type"]]
-    groups = keys if isinstance(keys, int) else next(
-        (config[k] for k in keys if isinstance(config.get(k), int) and config[k] > 0), None)
-    return None if groups is None else GroupedQKV(suffix, int(groups), order)
+    kind = config.get("model_type")
+    hidden = _first_int(config, "hidden_size", "n_embed", "n_embd")
+    heads = _first_int(config, "num_attention_heads", "n_head")
+    if kind == "codegen":
+        if hidden is None or hidden % 4:
+            return None
+        part = hidden // 4
+        return GroupedQKV("qkv_proj.weight", 4, (("q", part), ("v", part), ("k", part)))
+    if kind not in ("gpt_neox", "bloom", "persimmon", "falcon") or hidden is None or heads is None:
+        return None
+    if hidden % heads:
+        return None
+    d = _first_int(config, "head_dim") or hidden // heads
+    if kind == "falcon" and config.get("new_decoder_architecture"):
+        kv = _first_int(config, "num_kv_heads", "n_head_kv") or heads
+        if heads % kv:
+            return None
+        return GroupedQKV("query_key_value.weight", kv, (("q", heads // kv * d), ("k", d), ("v", d)))
+    if kind == "falcon" and config.get("multi_query", True):
+        return GroupedQKV("query_key_value.weight", 1, (("q", heads * d), ("k", d), ("v", d)))
+    return GroupedQKV("query_key_value.weight", heads, (("q", d), ("k", d), ("v", d)))
 
 
 def _grouped(info: TensorInfo, layout: GroupedQKV | None) -> bool:
-    """Whether ``info`` is a fused Q/K/V weight of the grouped ``layout`` (rows 3 × columns,
-    divisible into its groups)."""
-    if layout is None or len(info.shape) != 2 or not info.name.endswith(layout.suffix):
-        return False
-    a, b = (int(v) for v in info.shape)
-    return a == 3 * b and b % layout.groups == 0
+    """Whether ``info`` is a fused Q/K/V weight of the grouped ``layout`` (its name and row count)."""
+    return (layout is not None and len(info.shape) == 2 and info.name.endswith(layout.suffix)
+            and int(info.shape[0]) == layout.rows)
 
 
 def _fused_qkv_dim(info: TensorInfo) -> int | None:
@@ -262,14 +296,13 @@ class LayerSpec:
         Larger and smaller matrix side, receptive field (kernel positions), and the
         number of eigenvalues the layer yields.
     part : int or None
-        Index of the Q/K/V part for split attention weights (its position inside a group
-        for grouped ones), of the expert for stacked Mixture-of-Experts weights, or of the
-        gate of a recurrent weight.
+        Index of the Q/K/V part for split attention weights, of the expert for
+        stacked Mixture-of-Experts weights, or of the gate of a recurrent weight.
     split_dim : int or None
         Dimension along which the fused attention weight splits.
-    groups : int or None
-        For a grouped fused Q/K/V weight (:class:`GroupedQKV`): the number of row blocks;
-        the part is the ``part``-th slice of every block.
+    groups, rows : int and (int, int), or None
+        For a grouped fused Q/K/V weight (:class:`GroupedQKV`): the number of row blocks and
+        where this part's rows sit inside each block.
     partner : str or None
         The ``lora_A`` tensor name for a LoRA ``B·A`` product.
     index : int
@@ -291,6 +324,7 @@ class LayerSpec:
     index: int = 0
     n_parts: int = 3
     groups: int | None = None
+    rows: tuple[int, int] | None = None
 
 
 def recurrent_gates(info: TensorInfo, by_name: dict[str, TensorInfo]) -> str:
@@ -398,12 +432,14 @@ def plan_layers(
         candidates: list[LayerSpec] = []
         if _grouped(info, qkv_layout):
             assert qkv_layout is not None
-            b = int(info.shape[1])
+            cols = int(info.shape[1])
             base = _display(info.name)
-            for letter in "qkv":  # (listed as q, k, v; ``part`` is the place inside a group)
+            for letter in "qkv":
+                start, stop = qkv_layout.span(letter)
+                a = qkv_layout.groups * (stop - start)
                 candidates.append(LayerSpec(f"{base}.{letter}", info.name, "attention-qkv", info.shape, info.dtype,
-                                            b, b, 1, b, part=qkv_layout.order.index(letter), split_dim=0,
-                                            groups=qkv_layout.groups))
+                                            max(a, cols), min(a, cols), 1, min(a, cols), split_dim=0,
+                                            groups=qkv_layout.groups, rows=(start, stop)))
         elif kind == "lora-b":
             a_name = info.name.replace("lora_B", "lora_A").replace("lora_b", "lora_a")
             a_info = by_name.get(a_name)
@@ -525,9 +561,9 @@ def layer_matrices(spec: LayerSpec, w: torch.Tensor, conv_mode: str = "ww",
     if spec.kind == "lora-b":
         assert partner is not None
         mats = (w @ to_float(partner).to(w.dtype))[None]
-    elif spec.groups is not None:
-        assert spec.part is not None
-        mats = w.reshape(spec.groups, spec.n_parts, -1, w.shape[1])[:, spec.part].reshape(-1, w.shape[1])[None]
+    elif spec.groups is not None and spec.rows is not None:
+        start, stop = spec.rows
+        mats = w.reshape(spec.groups, -1, w.shape[1])[:, start:stop].reshape(-1, w.shape[1])[None]
     elif spec.kind in ("attention-qkv", "recurrent") and spec.part is not None:
         assert spec.split_dim is not None
         mats = w.chunk(spec.n_parts, dim=spec.split_dim)[spec.part][None]
