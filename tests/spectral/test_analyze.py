@@ -577,7 +577,15 @@ def test_fused_qkv_grouped_per_head_or_partition_split_with_the_model_config(tmp
              ({"model_type": "falcon", "hidden_size": 32, "num_attention_heads": 4, "num_kv_heads": 2,
                "new_decoder_architecture": True}, f"h.0.self_attention.{qkv}", gqa, 2, "qkv"),
              ({"model_type": "falcon", "hidden_size": 32, "num_attention_heads": 4, "multi_query": True},
-              f"h.0.self_attention.{qkv}", mq, 1, "qkv")]
+              f"h.0.self_attention.{qkv}", mq, 1, "qkv"),
+             # Phi-3 with grouped K/V heads: [Q; K; V] blocks of 32, 16, 16 rows (the name rule
+             # alone would leave it whole); GPT-BigCode's c_attn: multi-query or per head
+             ({"model_type": "phi3", "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2},
+              "l.0.self_attn.qkv_proj", gqa, 1, "qkv"),
+             ({"model_type": "gpt_bigcode", "hidden_size": 32, "num_attention_heads": 4, "multi_query": True},
+              "h.0.attn.c_attn", mq, 1, "qkv"),
+             ({"model_type": "gpt_bigcode", "hidden_size": 32, "num_attention_heads": 4, "multi_query": False},
+              "h.0.attn.c_attn", full, 4, "qkv")]
     for cfg, name, parts, groups, order in cases:
         w = _grouped_fused(parts, groups, order)
         r = analyze({f"{name}.weight": w}, hf_config=cfg, keep_evals=True, precision="float64")
@@ -622,3 +630,10 @@ def test_fused_qkv_grouped_per_head_or_partition_split_with_the_model_config(tmp
         r = analyze(falcon, keep_evals=True, precision="float64")
         np.testing.assert_allclose(r.evals["transformer.h.0.self_attention.query_key_value.q"], _svd2(wq),
                                    rtol=1e-8, err_msg=str(extra))
+    # StarCoder-style multi-query c_attn (an nn.Linear): its first hidden_size rows are the queries
+    bigcode = transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
+        n_embd=32, n_head=4, n_layer=1, vocab_size=50, n_positions=16, multi_query=True))
+    c_attn = bigcode.transformer.h[0].attn.c_attn.weight.detach()
+    r = analyze(bigcode, keep_evals=True, precision="float64")
+    for letter, rows in (("q", c_attn[:32]), ("k", c_attn[32:40]), ("v", c_attn[40:])):
+        np.testing.assert_allclose(r.evals[f"transformer.h.0.attn.c_attn.{letter}"], _svd2(rows), rtol=1e-8)

@@ -19,10 +19,11 @@ Matrices
   (:data:`_QKV_ROW_BLOCKS`) are split into Q, K, V along dim 0; GPT-2
   ``c_attn.weight`` (``d × 3d``, HF ``Conv1D``) along dim 1. Each part is its own layer
   named ``<module>.q`` / ``.k`` / ``.v``. Fused weights whose rows are grouped per head
-  (GPT-NeoX, BLOOM, Persimmon, Falcon ``query_key_value``) or per partition (CodeGen
-  ``qkv_proj``) are split when the model's Hugging Face config names its type and head count
-  (:class:`GroupedQKV`, :func:`grouped_qkv`); without it a ``query_key_value`` is analysed
-  whole.
+  (GPT-NeoX, BLOOM, Persimmon, Falcon ``query_key_value``, GPT-BigCode ``c_attn``), per
+  partition (CodeGen ``qkv_proj``) or with fewer K/V heads (Phi-3 ``qkv_proj``) are split
+  when the model's Hugging Face config names its type and head count (:class:`GroupedQKV`,
+  :func:`grouped_qkv`; the config's layout wins over the name rules above); without it a
+  ``query_key_value`` is analysed whole.
 * LoRA / PEFT adapters: a ``lora_B`` weight (``out × r``) is multiplied with its
   ``lora_A`` partner (``r × in``) and analysed as ``B·A`` (named ``<module>.lora_BA``).
 * A tensor of 3 or more dimensions is a convolution kernel only when a convolution module
@@ -206,6 +207,10 @@ class GroupedQKV:
         raise KeyError(letter)
 
 
+#: Model types whose fused Q/K/V layout follows from the head count (see :func:`grouped_qkv`).
+_PER_HEAD = ("gpt_neox", "bloom", "persimmon", "falcon", "phi3", "gpt_bigcode")
+
+
 def _first_int(config: dict, *keys: str) -> int | None:
     """The first positive integer among ``config[key]`` for ``keys``, else None."""
     return next((int(config[k]) for k in keys if isinstance(config.get(k), int) and config[k] > 0), None)
@@ -214,11 +219,12 @@ def _first_int(config: dict, *keys: str) -> int | None:
 def grouped_qkv(config: dict | None) -> GroupedQKV | None:
     """The grouped fused Q/K/V layout a Hugging Face ``config.json`` (as a dict) implies, else None.
 
-    GPT-NeoX, BLOOM and Persimmon (and Falcon without multi-query attention) view the
-    projection's output as (heads, 3, head size); CodeGen as 4 partitions of (query, value, key)
-    (``mp_num = 4``); Falcon's new decoder architecture as (K/V heads, query heads per K/V head
-    + 2, head size), its multi-query variant as (heads + 2, head size): all the query heads, then
-    one key and one value head. These are read from the models' ``_split_heads``/``view`` code
+    GPT-NeoX, BLOOM and Persimmon (and Falcon and GPT-BigCode without multi-query attention)
+    view the projection's output as (heads, 3, head size); CodeGen as 4 partitions of (query,
+    value, key) (``mp_num = 4``); Falcon's new decoder architecture as (K/V heads, query heads
+    per K/V head + 2, head size); multi-query Falcon and GPT-BigCode (StarCoder) as all the query
+    heads, then one key and one value head; Phi-3 as all the query heads, then the K heads, then
+    the V heads (grouped K/V heads: fewer K/V rows). These are read from the models' ``_split_heads``/``view`` code
     in ``transformers`` (facts about a file format, not code).
 
     Examples
@@ -242,11 +248,18 @@ def grouped_qkv(config: dict | None) -> GroupedQKV | None:
             return None
         part = hidden // 4
         return GroupedQKV("qkv_proj.weight", 4, (("q", part), ("v", part), ("k", part)))
-    if kind not in ("gpt_neox", "bloom", "persimmon", "falcon") or hidden is None or heads is None:
+    if kind not in _PER_HEAD or hidden is None or heads is None:
         return None
     if hidden % heads:
         return None
     d = _first_int(config, "head_dim") or hidden // heads
+    if kind == "phi3":  # [all query heads; K heads; V heads]
+        kv = _first_int(config, "num_key_value_heads") or heads
+        return GroupedQKV("qkv_proj.weight", 1, (("q", heads * d), ("k", kv * d), ("v", kv * d)))
+    if kind == "gpt_bigcode":  # multi-query: [queries; one K head; one V head], else per head
+        if config.get("multi_query", True):
+            return GroupedQKV("c_attn.weight", 1, (("q", hidden), ("k", d), ("v", d)))
+        return GroupedQKV("c_attn.weight", heads, (("q", d), ("k", d), ("v", d)))
     if kind == "falcon" and config.get("new_decoder_architecture"):
         kv = _first_int(config, "num_kv_heads", "n_head_kv") or heads
         if heads % kv:
