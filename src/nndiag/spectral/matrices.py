@@ -207,8 +207,8 @@ class GroupedQKV:
         raise KeyError(letter)
 
 
-#: Model types whose fused Q/K/V layout follows from the head count (see :func:`grouped_qkv`).
-_PER_HEAD = ("gpt_neox", "bloom", "persimmon", "falcon", "phi3", "gpt_bigcode")
+#: Model types whose fused Q/K/V layout follows from the head counts (see :func:`grouped_qkv`).
+_HEAD_LAYOUTS = ("gpt_neox", "bloom", "persimmon", "falcon", "phi3", "gpt_bigcode")
 
 
 def _first_int(config: dict, *keys: str) -> int | None:
@@ -224,8 +224,8 @@ def grouped_qkv(config: dict | None) -> GroupedQKV | None:
     value, key) (``mp_num = 4``); Falcon's new decoder architecture as (K/V heads, query heads
     per K/V head + 2, head size); multi-query Falcon and GPT-BigCode (StarCoder) as all the query
     heads, then one key and one value head; Phi-3 as all the query heads, then the K heads, then
-    the V heads (grouped K/V heads: fewer K/V rows). These are read from the models' ``_split_heads``/``view`` code
-    in ``transformers`` (facts about a file format, not code).
+    the V heads (grouped K/V heads: fewer K/V rows). These are read from the models'
+    ``_split_heads``/``view`` code in ``transformers`` (facts about a file format, not code).
 
     Examples
     --------
@@ -248,7 +248,7 @@ def grouped_qkv(config: dict | None) -> GroupedQKV | None:
             return None
         part = hidden // 4
         return GroupedQKV("qkv_proj.weight", 4, (("q", part), ("v", part), ("k", part)))
-    if kind not in _PER_HEAD or hidden is None or heads is None:
+    if kind not in _HEAD_LAYOUTS or hidden is None or heads is None:
         return None
     if hidden % heads:
         return None
