@@ -14,6 +14,7 @@ from nndiag.errors import InputError
 from nndiag.io.layers import describe_layers
 from nndiag.io.models import load_model
 from nndiag.spectral import analyze
+from nndiag.spectral.metrics import layer_metrics
 from nndiag.spectral.powerlaw import fit_powerlaw
 
 
@@ -477,7 +478,9 @@ def test_chunked_stacks_give_the_same_table(monkeypatch):
 def test_stacks_are_solved_while_later_layers_are_prepared(monkeypatch):
     # with two threads a shape group goes to the worker when a layer of another shape follows
     # it (and it holds enough work), not at the end: the first group's stack is submitted while
-    # the second group is being added, and fits run between layers; numbers unchanged
+    # the second group is being added; the fits of an in-memory model's stacks wait until every
+    # layer is handed over (each layer is ready at once: fitting between layers kept the worker
+    # waiting for its next stack); numbers unchanged
     import sys
 
     from nndiag.spectral import esd as esd_mod
@@ -497,10 +500,21 @@ def test_stacks_are_solved_while_later_layers_are_prepared(monkeypatch):
         events.append(("submit", tuple(k for k, _ in tag)))
         real_submit(self, mats, tag)
 
+    real_fit_all = mod._fit_all
+
+    def fit_all(todo, *args):
+        events.append(("fit", tuple(k for k, _ in todo)))
+        return real_fit_all(todo, *args)
+
     monkeypatch.setattr(mod._Batcher, "add", add)
     monkeypatch.setattr(esd_mod.TorchStream, "submit", submit)
+    monkeypatch.setattr(mod, "_fit_all", fit_all)
     two = analyze(m, threads=2, keep_evals=True, device="cpu")
     assert events.index(("submit", ("0", "1", "2", "3"))) == events.index(("add", "4")) + 1
+    fits = [e for e in events if e[0] == "fit"]
+    assert fits == [("fit", ("0", "1", "2", "3")), ("fit", ("4", "5", "6", "7")), ("fit", ("8",))]
+    assert events.index(fits[0]) > events.index(("add", "8"))
+    events[:] = [e for e in events if e[0] != "fit"]
     # the lone 48→8 layer (little work) waits for the flush
     assert events[-3:] == [("add", "8"), ("submit", ("4", "5", "6", "7")), ("submit", ("8",))]
     one = analyze(m, threads=1, keep_evals=True, device="cpu")
@@ -515,9 +529,10 @@ def test_stacks_are_solved_while_later_layers_are_prepared(monkeypatch):
 
 
 def test_a_stacks_fits_are_made_together_with_the_single_fits_numbers(monkeypatch):
-    # with one thread the layers of a stack are fitted by one fit_powerlaw_many call: the table
-    # equals fits of each layer's eigenvalues made one at a time (bit for bit), rank-deficient
-    # layers included, and so does the two-thread table
+    # the layers of a stack are fitted by one fit_powerlaw_many call and measured by one
+    # layer_metrics_many call (one thread, or two beside the solver worker): the table equals
+    # fits and metrics of each layer's eigenvalues made one at a time, rank-deficient layers
+    # included
     import sys
 
     mod = sys.modules[analyze.__module__]
@@ -534,14 +549,21 @@ def test_a_stacks_fits_are_made_together_with_the_single_fits_numbers(monkeypatc
         return real(evs, **kw)
 
     monkeypatch.setattr(mod, "fit_powerlaw_many", spy)
-    for threads in (1, 2):  # (together with one thread; beside a solver worker one at a time)
+    for threads in (1, 2):
         sizes.clear()
         res = analyze(m, threads=threads, keep_evals=True, device="cpu")
-        assert sizes == ([6] if threads == 1 else [])
+        assert sizes == [6]
         for _, row in res.layers.iterrows():
-            fit = fit_powerlaw(res.evals[row["name"]])
+            ev = res.evals[row["name"]]
+            fit = fit_powerlaw(ev)
             assert (row["alpha"], row["D"], row["xmin"], row["num_pl_spikes"]) == (
                 fit.alpha, fit.D, fit.xmin, fit.num_pl_spikes)
+            one = layer_metrics(ev, fit, row["N"], row["M"], row["rf"])
+            for key in ("matrix_rank", "rank_loss", "weak_rank_loss", "detX_num", "warning", "status"):
+                assert row[key] == one[key], key
+            for key in ("lambda_max", "norm", "log_norm", "stable_rank", "entropy", "log_alpha_norm",
+                        "alpha_weighted", "detX_val", "sv_min"):
+                assert row[key] == pytest.approx(one[key], rel=1e-13), key
     assert (res.evals["1"] <= 1e-5).sum() > 0
 
 

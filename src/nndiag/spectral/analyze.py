@@ -46,8 +46,8 @@ from nndiag.spectral.matrices import (
     plan_layers,
     tensor_kind,
 )
-from nndiag.spectral.metrics import layer_metrics
-from nndiag.spectral.powerlaw import EVALS_THRESH, PowerLawFit, fit_powerlaw
+from nndiag.spectral.metrics_many import layer_metrics_many
+from nndiag.spectral.powerlaw import EVALS_THRESH, PowerLawFit
 from nndiag.spectral.powerlaw_many import fit_powerlaw_many
 
 CONVENTIONS = ("nndiag", "ww")
@@ -167,12 +167,14 @@ class _Batcher:
     prepared: a shape group goes as soon as it holds :data:`_CHUNK_WORK`, or when a layer of
     another shape follows it and it holds a sixteenth of that. Which matrices share a stack
     depends on the layer order only, never on timing. Finished stacks' ``on_stack`` calls
-    run between layers; LAPACK-route matrices and what is left are solved in :meth:`flush`
+    run between layers when ``fit_between`` (weights read from files), else in :meth:`flush`
+    as the stacks finish; LAPACK-route matrices and what is left are solved in :meth:`flush`
     (after the streamed stacks: the two routes never run side by side).
     """
 
     def __init__(self, precision: str, device: torch.device, batch_bytes: int,
-                 on_stack: Callable[[list[tuple[str, np.ndarray]]], None] | None = None) -> None:
+                 on_stack: Callable[[list[tuple[str, np.ndarray]]], None] | None = None,
+                 fit_between: bool = True) -> None:
         self.precision = precision
         self.device = device
         self.batch_bytes = batch_bytes
@@ -184,6 +186,11 @@ class _Batcher:
         #: ``on_stack([(key, eigenvalues), ...])`` for the layers of a stack as soon as it is
         #: solved, possibly in a worker thread while other stacks are still being solved
         self.on_stack = on_stack
+        #: run ``on_stack`` for finished stacks between layers (weights read from files: the
+        #: fits overlap the reading); otherwise from :meth:`flush` only, once every layer is
+        #: handed over (weights in memory: each layer is ready at once, and fitting between
+        #: layers left the worker waiting for the next stack)
+        self.fit_between = fit_between
         self.stream = TorchStream(precision) if device.type == "cpu" else None
         self.last_shape: tuple[int, int] | None = None
         self.t_first: float | None = None  # first stream submission since the last flush
@@ -208,7 +215,8 @@ class _Batcher:
             self.work[shape] += mats.shape[0] * min(shape) ** 3
             if self.work[shape] >= _CHUNK_WORK:
                 self._submit(shape)
-            self.stream.collect(self._finish, wait=False)  # fits of finished stacks, between layers
+            if self.fit_between:
+                self.stream.collect(self._finish, wait=False)  # fits of finished stacks, between layers
         if self.bytes >= self.batch_bytes:
             self.flush()
 
@@ -416,11 +424,6 @@ def analyze(
         memo: dict[tuple[str, float], dict[str, Any]] = {}
         hists: dict[tuple[str, float], tuple[str, np.ndarray, np.ndarray] | None] = {}
 
-        # a stack's layers fitted together only with one thread: beside a solver worker, the
-        # batched fits' long NumPy calls hold the GIL the worker needs after each of its calls
-        # (ResNet56, two threads: 81.5 vs 72.5 ms one at a time; one thread: 97.5 vs 113.5 ms)
-        together = torch.get_num_threads() == 1
-
         def fit_early(stack: list[tuple[str, np.ndarray]]) -> None:
             # a stack's fits as soon as its eigenvalues are in, beside the eigen-solves still running
             todo_now = {}
@@ -430,12 +433,13 @@ def analyze(
                 scale = _ww_scale(ww, spec, conv_mode)
                 if ev.size and ev[-1] != 0.0:
                     todo_now[(key, scale)] = (ev * scale, spec)
-            memo.update(_fit_all(todo_now, fit_kw, fit, mp_fit, together))
+            memo.update(_fit_all(todo_now, fit_kw, fit, mp_fit))
             for (key, scale), (ev, _) in todo_now.items():
                 hists[(key, scale)] = _esd_hist(key, ev, thresh)
 
-        batcher = _Batcher(precision, dev, batch_bytes, on_stack=fit_early)
         in_memory = isinstance(source, ModuleSource) or type(source).__name__ == "DictSource"
+        batcher = _Batcher(precision, dev, batch_bytes, on_stack=fit_early,
+                           fit_between=not in_memory)
         seen: dict[tuple[Any, ...], list[tuple[torch.Tensor, str]]] = {}
         alias: dict[str, str] = {}
         analysed: list[LayerSpec] = []
@@ -488,7 +492,7 @@ def analyze(
             if ev.size and ev[-1] != 0.0 and (key, scale) not in memo:  # an identical matrix is fitted once
                 todo.setdefault((key, scale), (ev, spec))
         if todo:
-            memo.update(_fit_all(todo, fit_kw, fit, mp_fit, together))
+            memo.update(_fit_all(todo, fit_kw, fit, mp_fit))
         n_early = len(memo) - len(todo)
         for spec in analysed:
             ev = spectra.pop(spec.name)
@@ -550,26 +554,31 @@ def _ww_scale(ww: bool, spec: LayerSpec, conv_mode: str) -> float:
 
 
 def _fit_all(todo: dict[tuple[str, float], tuple[np.ndarray, LayerSpec]], fit_kw: dict[str, Any],
-             fit: str, mp_fit: bool, together: bool = True) -> dict[tuple[str, float], dict[str, Any]]:
+             fit: str, mp_fit: bool) -> dict[tuple[str, float], dict[str, Any]]:
     """Power-law fit, metrics and the optional TPL / MP columns of several ESDs.
 
-    With ``together`` the power laws of same-length ESDs are fitted together
-    (:func:`fit_powerlaw_many`, the same numbers as one at a time). ``analyze`` calls this for each stack as soon as its
-    eigenvalues are in (``fit_early``): beside the LAPACK solves of other matrices in the
-    worker threads, or in this thread while a worker solves the next stack of small matrices;
-    and afterwards for a shared matrix seen under another eigenvalue scale. (Fits in threads
-    of their own after all eigen-solves gained nothing: small fits are mostly Python-level
-    work that threads fight over the GIL for.)
+    Same-length ESDs are fitted and measured together (:func:`fit_powerlaw_many`,
+    :func:`layer_metrics_many`: the numbers of one at a time). ``analyze`` calls this for each
+    stack as soon as its eigenvalues are in (``fit_early``), beside the eigen-solves of later
+    stacks in the worker thread; and afterwards for a shared matrix seen under another
+    eigenvalue scale. (Fits in threads of their own after all eigen-solves gained nothing:
+    small fits are mostly Python-level work that threads fight over the GIL for. One layer at
+    a time beside the worker was faster while fits ran between layers; since the layers are
+    all handed over first, together is: ResNet56, two threads, medians of 20 interleaved
+    runs 81.0 vs 85.6 ms, 102.7 vs 106.2, 108.2 vs 113.7.)
     """
     keys = list(todo)
     evs = [todo[k][0] for k in keys]
-    plfs = fit_powerlaw_many(evs, **fit_kw) if together else [fit_powerlaw(ev, **fit_kw) for ev in evs]
-    return {k: _layer_row(todo[k][0], todo[k][1], plf, fit, mp_fit) for k, plf in zip(keys, plfs, strict=True)}
+    specs = [todo[k][1] for k in keys]
+    plfs = fit_powerlaw_many(evs, **fit_kw)
+    rows = layer_metrics_many(evs, plfs, [s.N for s in specs], [s.M for s in specs], [s.rf for s in specs])
+    return {k: _layer_row(row, ev, plf, fit, mp_fit, s)
+            for k, row, ev, plf, s in zip(keys, rows, evs, plfs, specs, strict=True)}
 
 
-def _layer_row(ev: np.ndarray, spec: LayerSpec, plf: PowerLawFit, fit: str, mp_fit: bool) -> dict[str, Any]:
-    """Metrics and the optional TPL / MP columns of one ESD and its power-law fit."""
-    row = layer_metrics(ev, plf, spec.N, spec.M, spec.rf)
+def _layer_row(row: dict[str, Any], ev: np.ndarray, plf: PowerLawFit, fit: str, mp_fit: bool,
+               spec: LayerSpec) -> dict[str, Any]:
+    """A layer's metrics ``row`` with the fit's status and the optional TPL / MP columns added."""
     row["reason"] = plf.reason
     if plf.ok and plf.num_fingers:
         row["num_fingers"], row["raw_alpha"] = plf.num_fingers, plf.raw_alpha
