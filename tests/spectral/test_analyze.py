@@ -607,7 +607,19 @@ def test_fused_qkv_grouped_per_head_or_partition_split_with_the_model_config(tmp
              ({"model_type": "gpt_bigcode", "hidden_size": 32, "num_attention_heads": 4, "multi_query": True},
               "h.0.attn.c_attn", mq, 1, "qkv"),
              ({"model_type": "gpt_bigcode", "hidden_size": 32, "num_attention_heads": 4, "multi_query": False},
-              "h.0.attn.c_attn", full, 4, "qkv")]
+              "h.0.attn.c_attn", full, 4, "qkv"),
+             # MPT's Wqkv split [d_model, kv·d, kv·d] (grouped or multi-query K/V heads); Falcon's first
+             # model types: RefinedWeb (40B) grouped as the new decoder architecture, RefinedWebModel
+             # (7B) multi-query
+             ({"model_type": "mpt", "d_model": 32, "n_heads": 4,
+               "attn_config": {"attn_type": "grouped_query_attention", "kv_n_heads": 2}},
+              "transformer.blocks.0.attn.Wqkv", gqa, 1, "qkv"),
+             ({"model_type": "mpt", "d_model": 32, "n_heads": 4, "attn_config": {"attn_type": "multiquery_attention"}},
+              "transformer.blocks.0.attn.Wqkv", mq, 1, "qkv"),
+             ({"model_type": "RefinedWeb", "hidden_size": 32, "n_head": 4, "n_head_kv": 2},
+              f"transformer.h.0.self_attention.{qkv}", gqa, 2, "qkv"),
+             ({"model_type": "RefinedWebModel", "hidden_size": 32, "n_head": 4, "multi_query": True},
+              f"transformer.h.0.self_attention.{qkv}", mq, 1, "qkv")]
     for cfg, name, parts, groups, order in cases:
         w = _grouped_fused(parts, groups, order)
         r = analyze({f"{name}.weight": w}, hf_config=cfg, keep_evals=True, precision="float64")
@@ -625,6 +637,13 @@ def test_fused_qkv_grouped_per_head_or_partition_split_with_the_model_config(tmp
     r = analyze({"l.0.attention.query_key_value.weight": w})
     assert list(r.layers["name"]) == ["l.0.attention.query_key_value"] and r.params["qkv_layout"] is None
     assert grouped_qkv({"model_type": "gpt_neox"}) is None  # no head count: no layout
+    # MPT with as many K/V heads as query heads: equal [Q; K; V] blocks, split by the name rule
+    mpt = {"model_type": "mpt", "d_model": 32, "n_heads": 4, "attn_config": {"attn_type": "multihead_attention"}}
+    assert grouped_qkv(mpt) is None
+    r = analyze({"b.0.attn.Wqkv.weight": _grouped_fused(full, 1, "qkv")}, hf_config=mpt, keep_evals=True,
+                precision="float64")
+    for letter in "qkv":
+        np.testing.assert_allclose(r.evals[f"b.0.attn.Wqkv.{letter}"], _svd2(full[letter]), rtol=1e-8)
     # a Hugging Face module and its saved folder carry the config themselves
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,

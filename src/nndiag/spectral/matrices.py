@@ -20,7 +20,7 @@ Matrices
   ``c_attn.weight`` (``d × 3d``, HF ``Conv1D``) along dim 1. Each part is its own layer
   named ``<module>.q`` / ``.k`` / ``.v``. Fused weights whose rows are grouped per head
   (GPT-NeoX, BLOOM, Persimmon, Falcon ``query_key_value``, GPT-BigCode ``c_attn``), per
-  partition (CodeGen ``qkv_proj``) or with fewer K/V heads (Phi-3 ``qkv_proj``) are split
+  partition (CodeGen ``qkv_proj``) or with fewer K/V heads (Phi-3 ``qkv_proj``, MPT ``Wqkv``) are split
   when the model's Hugging Face config names its type and head count (:class:`GroupedQKV`,
   :func:`grouped_qkv`; the config's layout wins over the name rules above); without it a
   ``query_key_value`` is analysed whole.
@@ -209,6 +209,10 @@ class GroupedQKV:
 
 #: Model types whose fused Q/K/V layout follows from the head counts (see :func:`grouped_qkv`).
 _HEAD_LAYOUTS = ("gpt_neox", "bloom", "persimmon", "falcon", "phi3", "gpt_bigcode")
+#: Falcon's first model types (remote code): ``RefinedWebModel`` (Falcon-7B: multi-query unless
+#: ``multi_query`` is false) and ``RefinedWeb`` (Falcon-40B: ``n_head_kv`` K/V heads, grouped as in
+#: the later ``new_decoder_architecture``).
+_REFINED_WEB = ("RefinedWebModel", "RefinedWeb")
 
 
 def _first_int(config: dict, *keys: str) -> int | None:
@@ -223,8 +227,10 @@ def grouped_qkv(config: dict | None) -> GroupedQKV | None:
     view the projection's output as (heads, 3, head size); CodeGen as 4 partitions of (query,
     value, key) (``mp_num = 4``); Falcon's new decoder architecture as (K/V heads, query heads
     per K/V head + 2, head size); multi-query Falcon and GPT-BigCode (StarCoder) as all the query
-    heads, then one key and one value head; Phi-3 as all the query heads, then the K heads, then
-    the V heads (grouped K/V heads: fewer K/V rows). These are read from the models'
+    heads, then one key and one value head; Phi-3 and MPT (``Wqkv`` with grouped or multi-query
+    K/V heads) as all the query heads, then the K heads, then the V heads (fewer K/V rows);
+    Falcon's first model types ``RefinedWebModel`` (7B, multi-query) and ``RefinedWeb`` (40B,
+    grouped K/V heads) as the later Falcon. These are read from the models'
     ``_split_heads``/``view`` code in ``transformers`` (facts about a file format, not code).
 
     Examples
@@ -241,6 +247,11 @@ def grouped_qkv(config: dict | None) -> GroupedQKV | None:
     if not isinstance(config, dict):
         return None
     kind = config.get("model_type")
+    if kind == "mpt":
+        return _mpt_qkv(config)
+    if kind in _REFINED_WEB:  # Falcon's first releases, as their remote code read them
+        config = {**config, "model_type": "falcon", "new_decoder_architecture": kind == "RefinedWeb"}
+        kind = "falcon"
     hidden = _first_int(config, "hidden_size", "n_embed", "n_embd")
     heads = _first_int(config, "num_attention_heads", "n_head")
     if kind == "codegen":
@@ -268,6 +279,28 @@ def grouped_qkv(config: dict | None) -> GroupedQKV | None:
     if kind == "falcon" and config.get("multi_query", True):
         return GroupedQKV("query_key_value.weight", 1, (("q", heads * d), ("k", d), ("v", d)))
     return GroupedQKV("query_key_value.weight", heads, (("q", d), ("k", d), ("v", d)))
+
+
+def _mpt_qkv(config: dict) -> GroupedQKV | None:
+    """MPT's ``Wqkv`` with fewer K/V heads than query heads (``attn_config.attn_type``
+    ``grouped_query_attention`` with ``kv_n_heads``, or ``multiquery_attention``): all the query
+    rows, then the K heads, then the V heads (split ``[d_model, kv·d, kv·d]``). Plain multi-head
+    ``Wqkv`` is ``[Q; K; V]`` of equal blocks, which the name rule splits by itself."""
+    hidden, heads = _first_int(config, "d_model"), _first_int(config, "n_heads")
+    attn = config.get("attn_config") if isinstance(config.get("attn_config"), dict) else {}
+    if hidden is None or heads is None or hidden % heads:
+        return None
+    kind = attn.get("attn_type", "multihead_attention")
+    if kind == "multiquery_attention":
+        kv = 1
+    elif kind == "grouped_query_attention":
+        kv = _first_int(attn, "kv_n_heads") or heads
+    else:
+        return None
+    if kv >= heads or heads % kv:
+        return None
+    d = hidden // heads
+    return GroupedQKV("Wqkv.weight", 1, (("q", hidden), ("k", kv * d), ("v", kv * d)))
 
 
 def _grouped(info: TensorInfo, layout: GroupedQKV | None) -> bool:

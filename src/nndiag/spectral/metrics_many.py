@@ -3,8 +3,9 @@
 :func:`layer_metrics_many` returns what :func:`~nndiag.spectral.metrics.layer_metrics` returns
 for each ESD, computed one row per ESD on a ``(B, n)`` array: the ~20 small NumPy calls of a
 layer become ~20 calls for the group (ResNet56's 56 layers, five lengths, one thread: 11.1 →
-4.7 ms; most of what is left is building the rows' dictionaries). Values agree with the one-at-a-time function to rounding (the row sums
-of a 2-D array may add in another order than a 1-D sum); counts and ranks are equal.
+4.7 ms; most of what is left is building the rows' dictionaries). Values agree with the
+one-at-a-time function to rounding (the row sums of a 2-D array may add in another order than
+a 1-D sum); counts and ranks are equal.
 """
 
 from __future__ import annotations
