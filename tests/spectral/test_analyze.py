@@ -478,9 +478,8 @@ def test_chunked_stacks_give_the_same_table(monkeypatch):
 def test_stacks_are_solved_while_later_layers_are_prepared(monkeypatch):
     # with two threads a shape group goes to the worker when a layer of another shape follows
     # it (and it holds enough work), not at the end: the first group's stack is submitted while
-    # the second group is being added; the fits of an in-memory model's stacks wait until every
-    # layer is handed over (each layer is ready at once: fitting between layers kept the worker
-    # waiting for its next stack); numbers unchanged
+    # the second group is being added; the stacks' fits wait until every layer is handed over
+    # (fitting between layers kept the worker waiting for its next stack); numbers unchanged
     import sys
 
     from nndiag.spectral import esd as esd_mod

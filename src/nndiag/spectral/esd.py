@@ -276,7 +276,7 @@ def eigvals_stacks(stacks: list[torch.Tensor], precision: str = "auto",
         if done is not None:
             done(i, ev)
 
-    stream.collect(finish, wait=True)
+    stream.collect(finish)
     return [ev.clamp_min_(0.0) for ev in out if ev is not None]
 
 
@@ -284,9 +284,9 @@ class TorchStream:
     """PyTorch's batched route, stack by stack, in submission order, beside the caller.
 
     :meth:`submit` hands a stack to one worker thread (when more than one thread is allowed)
-    and returns at once; :meth:`collect` passes the finished stacks' eigenvalues to a
-    callback in submission order, waiting or not. ``analyze`` submits stacks while it still
-    prepares later layers and fits the finished ones between layers. Stacks of one shape go
+    and returns at once; :meth:`collect` passes the stacks' eigenvalues to a callback in
+    submission order as they finish. ``analyze`` submits stacks while it still prepares later
+    layers and fits them in :meth:`collect` while the worker solves the next. Stacks of one shape go
     through one thread in order, so ``auto``'s float64 decision (:data:`AUTO_DIRECT`) depends
     on the model only, never on timing. Never run beside the LAPACK route's workers
     (:func:`eigvals_stacks`).
@@ -297,7 +297,7 @@ class TorchStream:
         See the module docstring.
     threaded : bool
         Solve in a worker thread when more than one thread is allowed; otherwise each stack
-        is solved here, in :meth:`collect` with ``wait=True``.
+        is solved here, in :meth:`collect`.
     """
 
     def __init__(self, precision: str, threaded: bool = True) -> None:
@@ -321,24 +321,12 @@ class TorchStream:
             fut = worker_pool(1).submit(solve)
         self.queue.append((fut, solve, tag))
 
-    def collect(self, done: Callable[[object, torch.Tensor], None], wait: bool) -> None:
-        """``done(tag, eigenvalues)`` for each finished stack, in submission order.
-
-        ``wait=False`` stops at the first stack not finished yet; ``wait=True`` returns when
-        all are done.
-        """
+    def collect(self, done: Callable[[object, torch.Tensor], None]) -> None:
+        """``done(tag, eigenvalues)`` for every stack, in submission order, each as soon as it
+        is solved (the queue is empty on return)."""
         while self.queue:
-            fut, solve, tag = self.queue[0]
-            if fut is None:
-                if not wait:
-                    return
-                ev = solve()
-            elif not wait and not fut.done():
-                return
-            else:
-                ev = fut.result()
-            self.queue.popleft()
-            done(tag, ev)
+            fut, solve, tag = self.queue.popleft()
+            done(tag, solve() if fut is None else fut.result())
 
 
 def eigvals_batched(mats: torch.Tensor, precision: str = "auto") -> torch.Tensor:
