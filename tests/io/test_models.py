@@ -105,6 +105,14 @@ def test_hugging_face_folder_without_hub(tmp_path):
     (d2 / "config.json").write_text("{}")
     torch.save(sd, d2 / "pytorch_model.bin")
     _assert_same(load_model(d2).tensors, sd)
+    # a weights file named inside the folder carries the folder's config too; a sibling
+    # config.json that is not a model config (no model_type, not JSON) is left out
+    assert load_model(tmp_path / "model.safetensors").meta["config"]["model_type"] == "custom"
+    assert "config" not in load_model(d2 / "pytorch_model.bin").meta
+    (d2 / "config.json").write_text("{not json")
+    lm3 = load_model(d2 / "pytorch_model.bin")
+    assert "config" not in lm3.meta
+    _assert_same(lm3.tensors, sd)
 
 
 def test_onnx_initializers(tmp_path):

@@ -654,7 +654,7 @@ def test_fused_qkv_grouped_per_head_or_partition_split_with_the_model_config(tmp
     q = torch.cat([fused[h * 3 * d:h * 3 * d + d] for h in range(4)])  # the query rows of each head
     model.save_pretrained(tmp_path / "neox")
     key = "gpt_neox.layers.0.attention.query_key_value.q"
-    for source in (model, tmp_path / "neox"):
+    for source in (model, tmp_path / "neox", tmp_path / "neox" / "model.safetensors"):
         r = analyze(source, keep_evals=True, precision="float64")
         np.testing.assert_allclose(r.evals[key], _svd2(q), rtol=1e-8)
     # Falcon's own head split as the reference: its queries for the identity input are Wqᵀ

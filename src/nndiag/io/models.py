@@ -111,16 +111,28 @@ def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], sour
     return ignored
 
 
+def _sibling_config(path: Path) -> dict[str, Any]:
+    """``{"config": ...}`` from a Hugging Face ``config.json`` beside a weights file (the file
+    named inside a model folder), else ``{}``: a sibling file that is not a readable JSON object
+    with a ``model_type`` is not the model's config, and the weights load without it."""
+    cfg = path.parent / "config.json"
+    try:
+        out = json.loads(cfg.read_text()) if cfg.is_file() else None
+    except (OSError, ValueError):
+        return {}
+    return {"config": out} if isinstance(out, dict) and isinstance(out.get("model_type"), str) else {}
+
+
 def _state_from_file(path: Path) -> tuple[TensorSource, str, dict[str, Any]]:
     suffix = path.suffix.lower()
     if path.name.endswith(".safetensors.index.json"):
-        return SafetensorsSource.from_index(path), "safetensors", {}
+        return SafetensorsSource.from_index(path), "safetensors", _sibling_config(path)
     if suffix == ".safetensors":
         if path.stat().st_size == 0:
             raise ModelLoadError(f"{path}: file is empty")
-        return SafetensorsSource([path]), "safetensors", {}
+        return SafetensorsSource([path]), "safetensors", _sibling_config(path)
     if suffix in CHECKPOINT_SUFFIXES:
-        return DictSource(read_checkpoint(path)), "checkpoint", {}
+        return DictSource(read_checkpoint(path)), "checkpoint", _sibling_config(path)
     if suffix == ".onnx":
         from nndiag.io.onnx_source import OnnxSource
 

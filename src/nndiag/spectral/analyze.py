@@ -352,10 +352,11 @@ def analyze(
         Only these layer names (or tensor names).
     hf_config : dict, optional
         A Hugging Face config (``config.json`` as a dict) for a model given without one (a
-        state dict or tensor source); a folder's ``config.json`` or a module's ``config`` is
-        read by itself. Its ``model_type`` tells the layout of fused Q/K/V weights whose rows
-        are grouped per head (GPT-NeoX, BLOOM, Persimmon, Falcon) or per partition (CodeGen):
-        :func:`~nndiag.spectral.matrices.grouped_qkv`.
+        state dict or tensor source); a folder's ``config.json`` (also when a weights file in
+        it is named) or a module's ``config`` is read by itself. Its ``model_type`` tells the
+        layout of fused Q/K/V weights whose rows are grouped per head (GPT-NeoX, BLOOM,
+        Persimmon, Falcon, GPT-BigCode), per partition (CodeGen) or with fewer K/V heads (Phi-3,
+        MPT): :func:`~nndiag.spectral.matrices.grouped_qkv`.
     scale_jump : float
         Decades of ``λmax`` between consecutive layers that count as a scale collapse.
     seed : int
