@@ -231,7 +231,8 @@ def grouped_qkv(config: dict | None) -> GroupedQKV | None:
     K/V heads) as all the query heads, then the K heads, then the V heads (fewer K/V rows);
     Falcon's first model types ``RefinedWebModel`` (7B, multi-query) and ``RefinedWeb`` (40B,
     grouped K/V heads) as the later Falcon. These are read from the models'
-    ``_split_heads``/``view`` code in ``transformers`` (facts about a file format, not code).
+    ``_split_heads``/``view``/``split`` code (``transformers``; MPT's grouped K/V heads in
+    llm-foundry, RefinedWeb in its own modelling file): facts about a file format, not code.
 
     Examples
     --------
@@ -250,8 +251,7 @@ def grouped_qkv(config: dict | None) -> GroupedQKV | None:
     if kind == "mpt":
         return _mpt_qkv(config)
     if kind in _REFINED_WEB:  # Falcon's first releases, as their remote code read them
-        config = {**config, "model_type": "falcon", "new_decoder_architecture": kind == "RefinedWeb"}
-        kind = "falcon"
+        config, kind = {**config, "new_decoder_architecture": kind == "RefinedWeb"}, "falcon"
     hidden = _first_int(config, "hidden_size", "n_embed", "n_embd")
     heads = _first_int(config, "num_attention_heads", "n_head")
     if kind == "codegen":
