@@ -101,7 +101,10 @@ def test_shared_resnet20_on_raw_cifar_pixels_is_flagged():
     assert res.findings == [] and np.isclose(res.summary["accuracy"], s["imagenet"]["accuracy"], atol=0.1)
 
 
-def test_hessian_and_landscape_commands_warn_about_the_input_scale(tmp_path):
+def test_hessian_and_landscape_commands_analyse_the_rescaled_inputs_or_warn(tmp_path):
+    # the check runs before the analysis: by default (--inputs auto) the analysis reads the data
+    # rescaled as the finding says, with the same numbers as the data given that way; with
+    # --inputs as-given the raw data are analysed and the finding only warns
     import json
 
     from typer.testing import CliRunner
@@ -112,24 +115,41 @@ def test_hessian_and_landscape_commands_warn_about_the_input_scale(tmp_path):
         model = _trained_on("digits?split=train&normalize=standard")
     path = tmp_path / "mlp.pt"
     torch.save(model.state_dict(), path)
-    base = [str(path), "--arch", "digits-mlp", "--n-samples", "128", "--format", "json"]
-    for cmd in (["hessian", *base], ["landscape", *base, "--steps", "3", "--dim", "1"]):
-        raw = CliRunner().invoke(app, [*cmd, "--data", "digits"])
-        assert raw.exit_code == 0, raw.output
-        codes = [f["code"] for f in json.loads(raw.stdout)["findings"]]
-        assert codes[0] == "EVAL-INPUT-SCALE", codes
-        ok = CliRunner().invoke(app, [*cmd, "--data", "digits?normalize=standard"])
-        assert ok.exit_code == 0, ok.output
-        assert "EVAL-INPUT-SCALE" not in [f["code"] for f in json.loads(ok.stdout)["findings"]]
+    # (all of digits: 'standard' normalisation uses the statistics of the data at hand, which the
+    # DATA option takes before a subset is drawn and the check after)
+    base = [str(path), "--arch", "digits-mlp", "--format", "json"]
+
+    def run(cmd: list[str], *extra: str) -> dict:
+        out = CliRunner().invoke(app, [*cmd, *extra])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout)
+
+    for cmd, value in ((["hessian", *base, "--top-k", "2"], lambda d: d["eigenvalues"][0]),
+                       (["landscape", *base, "--steps", "3", "--dim", "1"], lambda d: d["summary"]["max_loss"])):
+        auto = run(cmd, "--data", "digits")
+        given = run(cmd, "--data", "digits", "--inputs", "as-given")
+        fixed = run(cmd, "--data", "digits?normalize=standard")
+        f_auto, f_given = auto["findings"][0], given["findings"][0]
+        assert f_auto["code"] == f_given["code"] == "EVAL-INPUT-SCALE", cmd[0]
+        assert f_auto["evidence"]["applied"] is True
+        assert "the analysis ran on the inputs normalised" in f_auto["message"]
+        assert "applied" not in f_given["evidence"]
+        assert "EVAL-INPUT-SCALE" not in [f["code"] for f in fixed["findings"]]
+        assert auto["params"]["inputs"] == "auto" and given["params"]["inputs"] == "as-given"
+        assert value(auto) == pytest.approx(value(fixed), rel=1e-5), cmd[0]
+        assert abs(value(given) - value(fixed)) > 0.1 * abs(value(fixed)), cmd[0]
+    bad = CliRunner().invoke(app, ["hessian", *base, "--data", "digits", "--inputs", "normalised"])
+    assert bad.exit_code != 0 and "unknown inputs 'normalised'" in bad.output
 
 
-def test_check_bundle_says_nothing_for_outputs_that_are_not_class_logits():
-    from nndiag.report.input_scale import check_bundle
+def test_check_says_nothing_for_outputs_that_are_not_class_logits():
+    from nndiag.report.input_scale import prepared
 
     data = load_data("digits", n_samples=64)
     seg = torch.nn.Conv2d(1, 10, 3, padding=1)  # (N, 10, 8, 8): not (N, classes)
-    assert check_bundle(seg, data) is None
-    assert check_bundle(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), data) is None  # labels ≥ 3
+    assert prepared(seg, data) == (data, None)
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    assert prepared(head, data) == (data, None)  # labels ≥ 3
 
 
 def test_pixel_values_stored_as_floats_are_recognised():

@@ -45,6 +45,10 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every stochastic 
 FailOnOpt = Annotated[FailOn, typer.Option("--fail-on", help="Exit 1 when a finding is at least this severe.")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="DATA spec: digits, mnist1d, FILE.npz, image folder.")]
 NSamplesOpt = Annotated[int | None, typer.Option("--n-samples", help="Use a seeded subset of this many examples.")]
+InputsOpt = Annotated[str, typer.Option(
+    "--inputs", help="auto: when the model does much better on the data divided by 255, normalised or "
+    "with colour channels reversed (EVAL-INPUT-SCALE), analyse the data so rescaled; as-given: keep the "
+    "data as given (the finding only warns).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size for forward/backward passes.")]
 ArchOpt = Annotated[
     str | None,

@@ -21,6 +21,7 @@ from nndiag.cli.common import (
     FailOnOpt,
     Format,
     FormatOpt,
+    InputsOpt,
     NSamplesOpt,
     SeedOpt,
     WeightsOpt,
@@ -49,10 +50,6 @@ OptionOpt = Annotated[list[str] | None, typer.Option(
     "--option", "-o", help="An analysis option as PROBE.KEY=VALUE (VALUE read as JSON when it "
     "parses, else as text), e.g. -o hessian.n_samples=256; repeatable.")]
 TopOpt = Annotated[int, typer.Option("--top", help="Findings to print.")]
-InputsOpt = Annotated[str, typer.Option(
-    "--inputs", help="auto: when a model does much better on its data divided by 255, normalised or "
-    "with colour channels reversed (EVAL-INPUT-SCALE), run every analysis on the data so rescaled; "
-    "as-given: keep the data as given.")]
 
 
 #: What a narrow terminal keeps of the summary table, most important first.
@@ -195,7 +192,8 @@ def register(app: typer.Typer) -> None:
         """Run every analysis that applies and write one report: what is wrong, how sure, what to change."""
         from nndiag._utils.files import check_writable
         from nndiag.errors import InputError
-        from nndiag.report.diagnose import INPUTS, diagnose, parse_probes
+        from nndiag.report.diagnose import diagnose, parse_probes
+        from nndiag.report.input_scale import INPUTS
 
         parse_probes(probes)  # bad names fail before any work
         if inputs not in INPUTS:

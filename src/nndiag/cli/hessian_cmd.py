@@ -18,6 +18,7 @@ from nndiag.cli.common import (
     FailOnOpt,
     Format,
     FormatOpt,
+    InputsOpt,
     NSamplesOpt,
     SeedOpt,
     WeightsOpt,
@@ -105,6 +106,13 @@ def _load(model: str, arch: str | None, weights: str | None, data: str | None, n
     return lm, module, bundle, (None if loss == "ce" else LOSSES[loss])
 
 
+def _record(res: Any, scale: Any, inputs: str) -> None:
+    """The input-scale finding first among ``res``'s findings, and ``--inputs`` in its params."""
+    if scale is not None:
+        res.findings.insert(0, scale)
+    res.params["inputs"] = inputs
+
+
 def register(app: typer.Typer) -> None:
     @app.command("hessian")
     @handle_errors
@@ -137,30 +145,30 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = 0,
         fail_on: FailOnOpt = FailOn.never,
         loss: LossOpt = "auto",
+        inputs: InputsOpt = "auto",
     ) -> int:
         """Hessian spectrum of the loss: top eigenvalues, trace, density and LLA criteria."""
         import torch
 
         from nndiag.landscape.spectrum import hessian_spectrum
-        from nndiag.report.input_scale import check_bundle
+        from nndiag.report.input_scale import prepared
 
         if plot is not None:
             check_figure_path(plot, "--plot picture")
         _, module, bundle, loss_fn = _load(model, arch, weights, data, n_samples, seed, loss)
+        bundle, scale = prepared(module, bundle, inputs)  # checked before the analysis
         r = hessian_spectrum(module, bundle, loss=loss_fn, top_k=top_k, bottom_k=bottom_k, trace=trace, density=density,
                              batch_size=batch_size, seed=seed, tol=tol, slq_runs=slq_runs,
                              trace_rtol=trace_rtol, trace_probes=trace_probes, trace_method=trace_method,
                              slq_steps=slq_steps, mode=mode.value, device=device.value,
                              dtype=torch.float64 if float64 else torch.float32, hvp_engine=hvp_engine)
-        scale = check_bundle(module, bundle)
         if plot is not None:
             if r.density is None:
                 err("nndiag: --plot needs --density; no plot written")
             else:
                 save_figure(r.plot(), plot, dpi=120)
         res = r.to_result()
-        if scale is not None:
-            res.findings.insert(0, scale)
+        _record(res, scale, inputs)
         if fmt is Format.json:
             doc = res.to_dict()
             doc.update({k: doc["summary"].get(k) for k in
@@ -209,12 +217,13 @@ def register(app: typer.Typer) -> None:
         toward: Annotated[list[str] | None, typer.Option(
             "--toward", help="Another checkpoint or folder of the same architecture: the line to it "
                              "(given twice: the plane through the three models).")] = None,
+        inputs: InputsOpt = "auto",
     ) -> int:
         """Loss landscape around the weights: a 1-D line or 2-D plane, as a picture and a grid."""
         from nndiag.errors import InputError
         from nndiag.io.models import load_model
         from nndiag.landscape.surface import GRID_SUFFIXES, surface
-        from nndiag.report.input_scale import check_bundle
+        from nndiag.report.input_scale import prepared
 
         if out is None and grid is None and fmt is not Format.json:
             raise InputError("say where to write the result: --out FILE.png and/or --grid FILE.npz")
@@ -234,19 +243,18 @@ def register(app: typer.Typer) -> None:
             dim = len(toward)
         dim = 2 if dim is None else dim
         lm, module, bundle, loss_fn = _load(model, arch, weights, data, n_samples, seed, loss)
+        bundle, scale = prepared(module, bundle, inputs)  # checked before the analysis
         if toward:
             dirs = [load_model(t) for t in toward]  # only their tensors are read
         s = surface(module, bundle, loss=loss_fn, dim=dim, steps=steps, span=span, directions=dirs,
                     norm=norm.value, one_d=one_d.value, mode=mode.value, batch_size=batch_size, seed=seed,
                     resume=resume, device=device.value, name=lm.name if toward else None)
-        scale = check_bundle(module, bundle)
         if grid is not None:  # the grid first: the picture is drawn from it and could fail
             s.save(grid)
         if out is not None:
             save_figure(s.plot("line" if dim == 1 else plot.value), out, dpi=120)
         res = s.to_result()
-        if scale is not None:
-            res.findings.insert(0, scale)
+        _record(res, scale, inputs)
         if fmt is Format.json:
             emit_json(res.to_dict())
         else:

@@ -212,10 +212,6 @@ def run_probe(name: str, lm: Any, data: Any, *, seed: int, device: Any,
     return ProbeRun(name, "ok", seconds, result)
 
 
-#: ``inputs=`` choices of :func:`diagnose`.
-INPUTS = ("auto", "as-given")
-
-
 class _Inputs:
     """The data one model's probes get, after the input-scale check (see :func:`diagnose`'s
     ``inputs``): ``data`` and ``train`` (rescaled when the check fired on them), ``check`` the
@@ -384,6 +380,7 @@ def diagnose(
     from nndiag._utils.progress import progress_bar
     from nndiag._utils.threads import limit_threads
     from nndiag.io.data import as_data
+    from nndiag.report.input_scale import INPUTS
 
     names, explicit = parse_probes(probes)
     if inputs not in INPUTS:

@@ -16,9 +16,10 @@ For 3-channel images the best of these is also tried with the colour channels re
 (BGR ↔ RGB: images read with OpenCV fed to a model trained on RGB, or the other way), and
 so are the inputs as given.
 
-``nndiag diagnose`` runs the check before the other analyses (:func:`check_data`) and, when it
-fires, runs all of them on the inputs so rescaled (:func:`rescale`), saying so in the finding
-(:func:`applied`); ``--inputs as-given`` keeps the data as given.
+``nndiag diagnose``, ``nndiag hessian`` and ``nndiag landscape`` run the check before their
+analyses (:func:`check_data`, :func:`prepared`) and, when it fires, analyse the inputs so rescaled
+(:func:`rescale`), saying so in the finding (:func:`applied`); ``--inputs as-given`` keeps the data
+as given (the finding then only warns). The Python functions they call take the data as given.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from nndiag.io.data import NORMALIZATIONS, normalize_inputs, reverse_channels
 from nndiag.landscape._setup import logits_of
 from nndiag.report.results import Finding
 
+#: What the commands do when the check fires: rescale the data (``auto``) or keep them.
+INPUTS = ("auto", "as-given")
 #: Examples (the first ones, so that the check is deterministic) evaluated each way.
 N_CHECK = 512
 #: Report when a normalisation's mean loss is at most this fraction of the loss as given ...
@@ -152,15 +155,14 @@ def _fix(divide: bool, how: str, bgr: bool) -> str:
     return f"pass the data as {option} (or prepare it as in training)"
 
 
-def applied(finding: Finding) -> Finding:
-    """``finding`` (an ``EVAL-INPUT-SCALE``) as ``nndiag diagnose`` reports it after running every
-    analysis on the rescaled inputs (:func:`rescale`): ``evidence["applied"]`` is True."""
+def applied(finding: Finding, what: str = "every analysis of this report") -> Finding:
+    """``finding`` (an ``EVAL-INPUT-SCALE``) as a command reports it after running ``what`` on the
+    rescaled inputs (:func:`rescale`): ``evidence["applied"]`` is True."""
     ev = finding.evidence
     told = describe(ev["divide_by_255"], ev["normalize"], ev["bgr"])
     return Finding(
         finding.code, finding.severity,
-        f"{finding.message}; every analysis of this report ran on the inputs {told} (--inputs as-given "
-        "keeps them as given)",
+        f"{finding.message}; {what} ran on the inputs {told} (--inputs as-given keeps them as given)",
         {**ev, "applied": True},
         f"{_fix(ev['divide_by_255'], ev['normalize'], ev['bgr'])}, for this and the other commands")
 
@@ -205,11 +207,26 @@ def check_data(module: nn.Module, bundle: Any, *, batch_size: int = 256) -> tupl
             return None, {}  # outputs that are not class logits for these labels: nothing to suggest
 
 
-def check_bundle(module: nn.Module, bundle: Any, *, batch_size: int = 256) -> Finding | None:
-    """The finding of :func:`check_data`.
+def prepared(module: nn.Module, bundle: Any, inputs: str = "auto", *,
+             batch_size: int = 256) -> tuple[Any, Finding | None]:
+    """The data a command's analysis should read, and the ``EVAL-INPUT-SCALE`` finding on them.
 
-    Used by the commands that read data without evaluating the model first (``nndiag
-    hessian``, ``nndiag landscape``): the curvature or landscape of a model fed inputs off
-    its training scale describes the wrong function.
+    ``nndiag hessian`` and ``nndiag landscape`` call this before their analysis: the curvature or
+    landscape of a model fed inputs off its training scale describes the wrong function. With
+    ``inputs="auto"`` a check that fires (:func:`check_data`) rescales the data (:func:`rescale`)
+    and the finding says so (:func:`applied`); with ``"as-given"`` the data stay as given and the
+    finding only warns.
+
+    Raises
+    ------
+    InputError
+        ``inputs`` is not one of :data:`INPUTS`.
     """
-    return check_data(module, bundle, batch_size=batch_size)[0]
+    from nndiag.errors import InputError
+
+    if inputs not in INPUTS:
+        raise InputError(f"unknown inputs '{inputs}'; choose one of {', '.join(INPUTS)}")
+    finding = check_data(module, bundle, batch_size=batch_size)[0]
+    if finding is None or inputs != "auto":
+        return bundle, finding
+    return rescale(bundle, finding), applied(finding, "the analysis")
