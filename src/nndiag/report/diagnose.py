@@ -229,7 +229,7 @@ def _prepare_inputs(lm: Any, data: Any, train: Any, names: list[str], *, loss: A
     """Check once per model whether its data are in the scale it takes
     (:func:`~nndiag.report.input_scale.check_data`) and, with ``inputs="auto"``, rescale the
     data it fires on (:func:`~nndiag.report.input_scale.rescale`)."""
-    from nndiag.report.input_scale import applied, check_data, rescale
+    from nndiag.report.input_scale import applied, check_data, prepared, rescale
 
     out = _Inputs(data, train)
     if inputs != "auto" or loss is not None or lm.module is None or data is None:
@@ -246,10 +246,9 @@ def _prepare_inputs(lm: Any, data: Any, train: Any, names: list[str], *, loss: A
             out.check = (applied(finding), scores)
             out.findings.append((out.check[0], on_data))
     if on_train:
-        finding, _ = check_data(lm.module, train)
+        out.train, finding = prepared(lm.module, train, what="every analysis of this report")
         if finding is not None:
-            out.train = rescale(train, finding)
-            out.findings.append((applied(finding), on_train))
+            out.findings.append((finding, on_train))
     return out
 
 

@@ -207,7 +207,7 @@ def check_data(module: nn.Module, bundle: Any, *, batch_size: int = 256) -> tupl
             return None, {}  # outputs that are not class logits for these labels: nothing to suggest
 
 
-def prepared(module: nn.Module, bundle: Any, inputs: str = "auto", *,
+def prepared(module: nn.Module, bundle: Any, inputs: str = "auto", *, what: str = "the analysis",
              batch_size: int = 256) -> tuple[Any, Finding | None]:
     """The data a command's analysis should read, and the ``EVAL-INPUT-SCALE`` finding on them.
 
@@ -215,7 +215,7 @@ def prepared(module: nn.Module, bundle: Any, inputs: str = "auto", *,
     landscape of a model fed inputs off its training scale describes the wrong function. With
     ``inputs="auto"`` a check that fires (:func:`check_data`) rescales the data (:func:`rescale`)
     and the finding says so (:func:`applied`); with ``"as-given"`` the data stay as given and the
-    finding only warns.
+    finding only warns. ``what`` names what ran on the rescaled data, in the finding.
 
     Raises
     ------
@@ -229,4 +229,4 @@ def prepared(module: nn.Module, bundle: Any, inputs: str = "auto", *,
     finding = check_data(module, bundle, batch_size=batch_size)[0]
     if finding is None or inputs != "auto":
         return bundle, finding
-    return rescale(bundle, finding), applied(finding, "the analysis")
+    return rescale(bundle, finding), applied(finding, what)
