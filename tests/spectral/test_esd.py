@@ -190,6 +190,40 @@ def test_auto_solves_later_stacks_of_a_mostly_ill_conditioned_shape_in_float64()
     assert direct2 == {(40, 32): False}
 
 
+def test_auto_lets_the_first_matrices_of_a_shape_decide_for_the_rest_of_its_first_stack(monkeypatch):
+    # a first stack of mostly ill-conditioned matrices: AUTO_PROBE of them in float32 (the poorly
+    # resolved ones again in float64), the rest straight in float64; a well-conditioned one: the
+    # probe and the rest in float32; every eigenvalue as the SVD's either way
+    from nndiag.spectral import esd as esd_mod
+
+    rng = np.random.default_rng(7)
+    u, _, vt = np.linalg.svd(rng.normal(size=(40, 32)), full_matrices=False)
+    k = esd_mod.AUTO_PROBE
+    ill = [((u * np.geomspace(1, 1e-3, 32) * s) @ vt).astype(np.float32) for s in rng.uniform(0.5, 2, 3 * k)]
+    well = [rng.normal(size=(40, 32)).astype(np.float32) for _ in range(3 * k)]
+    calls = []
+    real = torch.linalg.eigvalsh
+
+    def spy(g):
+        calls.append((g.shape[0], g.dtype))
+        return real(g)
+
+    monkeypatch.setattr(esd_mod.torch.linalg, "eigvalsh", spy)
+    for mats, want in ((ill, [(k, torch.float32), (k, torch.float64), (2 * k, torch.float64)]),
+                       (well, [(k, torch.float32), (2 * k, torch.float32)])):
+        calls.clear()
+        direct: dict = {}
+        ev = esd_mod._eig_gram_torch(torch.from_numpy(np.stack(mats)), "auto", direct)
+        assert calls == want
+        assert direct == {(40, 32): mats is ill}
+        for e, w in zip(ev.numpy(), mats, strict=True):
+            ref = _ref(w.astype(np.float64))
+            if mats is ill:
+                np.testing.assert_allclose(e, ref, rtol=1e-5, atol=1e-9 * e[-1])
+            else:
+                np.testing.assert_allclose(e, ref, rtol=1e-3, atol=1e-5 * e[-1])
+
+
 def test_float64_gram_in_row_blocks_matches_svd(monkeypatch):
     # tall matrices get their float64 Gram matrix block by block (bounded extra memory)
     from nndiag.spectral import esd as esd_mod
