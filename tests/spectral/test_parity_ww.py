@@ -24,29 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Passing a dict to DataFrame.from
 PARITY = ["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank"]
 
 
-@pytest.fixture(scope="module")
-def ww():
-    """weightwatcher, imported without letting it change logging/warnings for the suite."""
-    if torch.cuda.is_available():
-        # seen on an H100: at import WW 0.7.7 swaps in float32 GPU SVDs and half-precision
-        # eigenvalue thresholds (EVALS_HALF_THRESH), so its results depend on whether a GPU
-        # is present; parity is defined against its CPU path
-        pytest.skip("WeightWatcher 0.7.7 changes its numerics when CUDA is present")
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    filters = list(warnings.filters)
-    try:
-        mod = pytest.importorskip("weightwatcher")
-    finally:
-        root.setLevel(level)
-        root.handlers[:] = handlers
-        warnings.filters[:] = filters
-        warnings._filters_mutated()  # type: ignore[attr-defined]
-    if mod.__version__ != "0.7.7":
-        pytest.skip(f"parity is pinned to weightwatcher 0.7.7, found {mod.__version__}")
-    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-    return mod
-
 
 def _ww_details(ww, model, **kw):
     import contextlib

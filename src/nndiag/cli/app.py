@@ -27,6 +27,7 @@ COMMAND_MODULES: list[str] = [
     "nndiag.cli.layers_cmd",
     "nndiag.cli.data_cmd",
     "nndiag.cli.spectral_cmd",
+    "nndiag.cli.smooth_cmd",
     "nndiag.cli.hessian_cmd",
     "nndiag.cli.mdtree_cmd",
     "nndiag.cli.zerocost_cmd",

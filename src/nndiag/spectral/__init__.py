@@ -1,7 +1,8 @@
 """Data-free weight-spectrum diagnosis (Heavy-Tailed Self-Regularization).
 
 ``analyze(model)`` gives per-layer ESD metrics (WeightWatcher's names), a summary over
-valid fits, a ``skipped`` table and findings. Pure functions underneath: :func:`esd`,
+valid fits, a ``skipped`` table and findings; ``smooth(model, method)`` / ``sharpen(model)`` a
+copy with each layer truncated to the components its spectrum selects. Pure functions underneath: :func:`esd`,
 :func:`fit_powerlaw`, :func:`fit_mp`, :func:`fit_truncated_powerlaw`.
 
 Examples
@@ -35,6 +36,9 @@ _LAZY = {
     "layer_metrics": "nndiag.spectral.metrics:layer_metrics",
     "plan_layers": "nndiag.spectral.matrices:plan_layers",
     "scale_collapse": "nndiag.spectral.findings:scale_collapse",
+    "smooth": "nndiag.spectral.smoothing:smooth",
+    "sharpen": "nndiag.spectral.smoothing:sharpen",
+    "SmoothResult": "nndiag.spectral.smoothing:SmoothResult",
 }
 
 __all__ = sorted([*_LAZY, "SpectralResult", "analyze", "compare", "correlation_flow", "summarize"])
