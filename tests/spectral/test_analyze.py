@@ -462,7 +462,10 @@ def test_chunked_stacks_give_the_same_table(monkeypatch):
     for threads in (2, 1):  # streamed as the layers come / chunked when flushed
         sizes.clear()
         parts = analyze(m, threads=threads, precision="float64", keep_evals=True, device="cpu")
-        assert sizes == [18, 18, 18, 9]  # six 16×16 layers in three chunks, the 16→32 layer alone
+        # six 16×16 layers in three chunks, the 16→32 layer alone; with a worker the larger
+        # matrices are read first (``_walk_order``), and the table stays in model order
+        assert sizes == ([9, 18, 18, 18] if threads == 2 else [18, 18, 18, 9])
+        assert list(parts.layers["name"]) == [str(i) for i in range(7)]
         cols = ["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank", "entropy"]
         np.testing.assert_array_equal(whole.layers[cols].to_numpy(), parts.layers[cols].to_numpy())
         for name, ev in whole.evals.items():
@@ -479,7 +482,9 @@ def test_stacks_are_solved_while_later_layers_are_prepared(monkeypatch):
     # with two threads a shape group goes to the worker when a layer of another shape follows
     # it (and it holds enough work), not at the end: the first group's stack is submitted while
     # the second group is being added; the stacks' fits wait until every layer is handed over
-    # (fitting between layers kept the worker waiting for its next stack); numbers unchanged
+    # (fitting between layers kept the worker waiting for its next stack); the larger matrices
+    # are read first (``_walk_order``: 48×48, then 32×32, then 48→8), the table stays in model
+    # order; numbers unchanged
     import sys
 
     from nndiag.spectral import esd as esd_mod
@@ -509,13 +514,15 @@ def test_stacks_are_solved_while_later_layers_are_prepared(monkeypatch):
     monkeypatch.setattr(esd_mod.TorchStream, "submit", submit)
     monkeypatch.setattr(mod, "_fit_all", fit_all)
     two = analyze(m, threads=2, keep_evals=True, device="cpu")
-    assert events.index(("submit", ("0", "1", "2", "3"))) == events.index(("add", "4")) + 1
+    assert [e[1] for e in events if e[0] == "add"] == ["4", "5", "6", "7", "0", "1", "2", "3", "8"]
+    assert events.index(("submit", ("4", "5", "6", "7"))) == events.index(("add", "0")) + 1
     fits = [e for e in events if e[0] == "fit"]
-    assert fits == [("fit", ("0", "1", "2", "3")), ("fit", ("4", "5", "6", "7")), ("fit", ("8",))]
+    assert fits == [("fit", ("4", "5", "6", "7")), ("fit", ("0", "1", "2", "3")), ("fit", ("8",))]
     assert events.index(fits[0]) > events.index(("add", "8"))
     events[:] = [e for e in events if e[0] != "fit"]
     # the lone 48→8 layer (little work) waits for the flush
-    assert events[-3:] == [("add", "8"), ("submit", ("4", "5", "6", "7")), ("submit", ("8",))]
+    assert events[-3:] == [("add", "8"), ("submit", ("0", "1", "2", "3")), ("submit", ("8",))]
+    assert list(two.layers["name"]) == [str(i) for i in range(9)]
     one = analyze(m, threads=1, keep_evals=True, device="cpu")
     cols = ["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank", "entropy"]
     np.testing.assert_array_equal(one.layers[cols].to_numpy(), two.layers[cols].to_numpy())
@@ -677,3 +684,33 @@ def test_fused_qkv_grouped_per_head_or_partition_split_with_the_model_config(tmp
     r = analyze(bigcode, keep_evals=True, precision="float64")
     for letter, rows in (("q", c_attn[:32]), ("k", c_attn[32:40]), ("v", c_attn[40:])):
         np.testing.assert_allclose(r.evals[f"transformer.h.0.attn.c_attn.{letter}"], _svd2(rows), rtol=1e-8)
+
+
+def test_walk_order_keeps_tables_in_model_order():
+    # with a worker (two threads, in memory) layers are read largest first; every table still
+    # lists them in model order, value-check skips included, and the numbers equal one thread's
+    import sys
+
+    import pandas as pd
+
+    from nndiag.io.tensors import ModuleSource
+    from nndiag.spectral.matrices import plan_layers
+
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(20, 16), nn.Linear(16, 48), nn.Linear(48, 48), nn.Linear(48, 24),
+                      nn.Linear(24, 64), nn.Linear(64, 10))
+    with torch.no_grad():
+        m[1].weight[0, 0] = float("nan")
+        m[4].weight[1, 1] = float("inf")
+    two = analyze(m, threads=2, device="cpu", precision="float64")
+    one = analyze(m, threads=1, device="cpu", precision="float64")
+    assert list(two.layers["name"]) == ["0", "2", "3", "5"] == list(one.layers["name"])
+    bad = two.skipped[two.skipped["reason"].str.startswith("non-finite")]
+    assert list(bad["name"]) == ["1.weight", "4.weight"]
+    pd.testing.assert_frame_equal(two.skipped, one.skipped)
+    cols = ["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank"]
+    np.testing.assert_array_equal(two.layers[cols].to_numpy(), one.layers[cols].to_numpy())
+    order = sys.modules[analyze.__module__]._walk_order
+    specs, _ = plan_layers(ModuleSource(m).infos())
+    assert [s.name for s in order(specs, True)] == ["2", "4", "3", "1", "0", "5"]
+    assert order(specs, False) == specs

@@ -272,6 +272,26 @@ class _Batcher:
         self.eig_seconds += time.perf_counter() - t0
 
 
+def _walk_order(specs: list[LayerSpec], reorder: bool) -> list[LayerSpec]:
+    """The order in which ``analyze`` reads the layers: model order, or (``reorder``: an in-memory
+    model solved by a worker thread) the layers of PyTorch's batched route first, largest matrices
+    first, then those solved one at a time in the flush. The worker then starts on the stacks that
+    take longest while this thread prepares the rest (pretrained ResNet56, two threads: 40 runs in
+    each of 7 processes alternating with the model-order code, median of the medians 71.1 → 68.5 ms,
+    fastest runs 64.2–65.7 → 61.8–64.9 ms; one thread unchanged). Same shapes are
+    read one after the other, so their stacks are whole; the order is the model's alone (never
+    timing), and the results are put back in model order.
+    """
+    if not reorder:
+        return specs
+    from nndiag.spectral.esd import LAPACK_MIN
+
+    def own(sp: LayerSpec) -> bool:  # (as _Batcher._own_stack decides from the matrices)
+        return sp.N * sp.M > _BATCH_MAX_ELEMS or (sp.M >= LAPACK_MIN and cpu_backend() == "lapack")
+
+    return sorted(specs, key=lambda sp: (own(sp), -sp.M, -sp.N))
+
+
 def _check_values(w: torch.Tensor) -> str:
     """"non-finite ..." when W holds NaN/Inf (one summing pass; the exact count only then).
 
@@ -413,7 +433,7 @@ def analyze(
             wanted = set(layers)
             specs = [s for s in specs if s.name in wanted or s.tensor in wanted]
         info_by_name = {i.name: i for i in infos}
-        skipped_rows: list[dict[str, Any]] = []  # value checks' skips; the plan's are put first below
+        value_skips: list[tuple[int, dict[str, Any]]] = []  # (model position, row) of the value checks
         fit_kw = dict(thresh=thresh, min_tail=min_tail, fix_fingers=fix_fingers, xmin_max=xmin_max,
                       max_fingers=max_fingers, finger_thresh=finger_thresh,
                       small_n="ww" if ww else None)
@@ -442,7 +462,8 @@ def analyze(
         analysed: list[LayerSpec] = []
         mats_for_random: dict[str, torch.Tensor] = {}
         cache: dict[str, torch.Tensor] = {}
-        for spec in specs:
+        pos = {id(sp): i for i, sp in enumerate(specs)}  # model order, restored below
+        for spec in _walk_order(specs, in_memory and batcher.stream is not None and batcher.stream.threaded):
             w = cache.get(spec.tensor)
             if w is None:
                 w = source.get(spec.tensor)
@@ -454,7 +475,7 @@ def analyze(
             if bad:
                 # tensor name, as for metadata skips; the layer name for one part of a split tensor
                 shown = spec.name if spec.part is not None else spec.tensor
-                skipped_rows.append(_skip_row(info_by_name[spec.tensor], bad, shown))
+                value_skips.append((pos[id(spec)], _skip_row(info_by_name[spec.tensor], bad, shown)))
                 continue
             analysed.append(spec)
             if randomize:
@@ -470,8 +491,10 @@ def analyze(
             batcher.add(spec.name, mats)
         # the plan's skips (ResNet56: ~280 BatchNorm tensors) listed while the worker solves, not
         # before its first stack
-        skipped_rows[:0] = [_skip_row(info_by_name[t], r) for t, r in reasons.items()]
+        skipped_rows = [_skip_row(info_by_name[t], r) for t, r in reasons.items()]
+        skipped_rows += [row for _, row in sorted(value_skips, key=lambda x: x[0])]
         batcher.flush()
+        analysed.sort(key=lambda sp: pos[id(sp)])
         cache.clear()
         seen.clear()
 
