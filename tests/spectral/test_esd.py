@@ -159,8 +159,10 @@ def test_eigvals_stacks_same_values_with_one_or_two_threads(monkeypatch):
             np.testing.assert_allclose(ev, _ref(w.astype(np.float64)), rtol=1e-4, atol=1e-6 * ev[-1])
 
 
-def test_auto_solves_later_stacks_of_a_mostly_ill_conditioned_shape_in_float64():
+def test_auto_solves_later_stacks_of_a_mostly_ill_conditioned_shape_in_float64(monkeypatch):
     from nndiag.spectral import esd as esd_mod
+
+    monkeypatch.setattr(esd_mod, "AUTO_F64_MAX", 0)  # (32×32 Gram matrices: float64 at once otherwise)
 
     rng = np.random.default_rng(4)
     u, _, vt = np.linalg.svd(rng.normal(size=(40, 32)), full_matrices=False)
@@ -196,6 +198,7 @@ def test_auto_lets_the_first_matrices_of_a_shape_decide_for_the_rest_of_its_firs
     # probe and the rest in float32; every eigenvalue as the SVD's either way
     from nndiag.spectral import esd as esd_mod
 
+    monkeypatch.setattr(esd_mod, "AUTO_F64_MAX", 0)
     rng = np.random.default_rng(7)
     u, _, vt = np.linalg.svd(rng.normal(size=(40, 32)), full_matrices=False)
     k = esd_mod.AUTO_PROBE
@@ -236,3 +239,27 @@ def test_float64_gram_in_row_blocks_matches_svd(monkeypatch):
     for precision in ("float64", "auto"):
         got = esd_mod.eigvals_batched(torch.from_numpy(w[None]), precision).numpy()[0]
         np.testing.assert_allclose(got, ref, rtol=1e-6)  # float32 would miss the small half by far
+
+
+def test_auto_solves_small_gram_matrices_in_float64_at_once(monkeypatch):
+    # up to AUTO_F64_MAX (64×64) one float64 solve, the float64 route's numbers bit for bit; above
+    # it float32 first
+    from nndiag.spectral import esd as esd_mod
+
+    calls = []
+    real = torch.linalg.eigvalsh
+
+    def spy(g):
+        calls.append((tuple(g.shape[1:]), g.dtype))
+        return real(g)
+
+    monkeypatch.setattr(esd_mod.torch.linalg, "eigvalsh", spy)
+    rng = np.random.default_rng(3)
+    for m, want in ((64, torch.float64), (16, torch.float64), (80, torch.float32)):
+        mats = torch.from_numpy(rng.normal(size=(12, 90, m)).astype(np.float32))
+        calls.clear()
+        ev = esd_mod._eig_gram_torch(mats, "auto", {})
+        assert calls[0] == ((m, m), want)
+        if want == torch.float64:
+            assert len(calls) == 1
+            np.testing.assert_array_equal(ev.numpy(), esd_mod._eig_gram_torch(mats, "float64", {}).numpy())
