@@ -21,9 +21,9 @@ Precision
     PyTorch's batched route, a shape whose stack needed that for more than
     :data:`AUTO_DIRECT` of its matrices has its later stacks solved in float64 directly
     (the first :data:`AUTO_PROBE` matrices of its first stack decide for the rest of it).
-    Gram matrices up to :data:`AUTO_F64_MAX` (64×64) are solved in float64 at once on the CPU:
-    float64 costs little more there. A random square matrix (a few eigenvalues near 0) stays in float32; a
-    rank-deficient or strongly ill-conditioned one goes to float64. On a CUDA device
+    Gram matrices up to :data:`AUTO_F64_MAX` (64×64) are solved in float64 at once: float64
+    costs little more there. A larger random square matrix (a few eigenvalues near 0) stays in
+    float32; a rank-deficient or strongly ill-conditioned one goes to float64. On a CUDA device
     ``auto`` means float64: GPU eigen-solvers on these sizes are bound by latency, not
     arithmetic, so float64 costs little there, and it makes GPU results agree with the
     CPU's float64 route instead of differing by float32 rounding between two libraries
@@ -189,7 +189,7 @@ AUTO_DIRECT = 0.3
 #: recomputed in float64); the float32 route kept where it pays (32×32: 36 of 153). Only the
 #: cost depends on it: each matrix is still checked, or solved in float64.
 AUTO_PROBE = 4
-#: ``auto`` solves Gram matrices up to this size in float64 directly on the CPU: there a float64
+#: ``auto`` solves Gram matrices up to this size in float64 directly: on the CPU a float64
 #: stack costs 1.1–1.4× a float32 one (one thread: 162 of 16×16 2.24 vs 1.87 ms, 153 of 32×32
 #: 7.57 vs 5.48 ms, 153 of 64×64 25.9 vs 22.8 ms) and pretrained weights send many of them to
 #: float64 anyway (ResNet56: 126 of its first 162 16×16 slices, 27 of 36 64×64). Its whole
